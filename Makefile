@@ -1,0 +1,46 @@
+# Two entry points a newcomer needs: `make demo` and `make test`.
+# TORCH picks the torch build installed first; the constraints file keeps pip from swapping it.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+CONSTRAINTS ?= constraints.txt
+BIN := $(VENV)/bin
+PIP := PIP_CONSTRAINT=$(abspath $(CONSTRAINTS)) $(BIN)/python -m pip
+
+.PHONY: demo test install install-test models benchmarks clean chromium
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml $(CONSTRAINTS)
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(PIP) install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+demo: install
+	$(BIN)/diffmamba-interp snr --out reports/snr.html --json reports/snr.json
+
+# Debian's chromium for the report test (skipped with a reason where it cannot be installed).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "chromium not installed: report browser test will be skipped"; }
+
+test: install-test chromium
+	$(BIN)/python -m pytest -n 2 -q
+
+models: install
+	$(BIN)/diffmamba-interp train --arch mamba2 --out models/mamba2-babi
+	$(BIN)/diffmamba-interp train --arch diffmamba2 --out models/diffmamba2-babi
+
+benchmarks: install
+	$(BIN)/python benchmarks/forward.py
+	$(BIN)/python benchmarks/attention.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

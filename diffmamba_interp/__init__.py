@@ -1,0 +1,42 @@
+"""diffmamba-interp: mechanistic interpretability for Mamba and Differential Mamba models.
+
+The public names below are imported lazily, so `import diffmamba_interp` (and the CLI's `--help`)
+stays fast and never touches the optional GPU kernels (mamba-ssm, causal-conv1d, triton).
+"""
+
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    "MambaConfig": "config",
+    "HookedMamba": "model",
+    "load_model": "loading",
+    "load_tokenizer": "loading",
+    "mamba_to_diffmamba": "loading",
+    "Lens": "analysis.lens",
+    "LogitLens": "analysis.lens",
+    "TunedLens": "analysis.lens",
+    "logit_lens": "analysis.lens",
+    "branch_lens": "analysis.branch_lens",
+    "target_probs": "analysis.snr",
+    "snr_summary": "analysis.snr",
+    "implicit_attention": "analysis.attention",
+    "differential_attention": "analysis.attention",
+    "compare": "analysis.compare",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'diffmamba_interp' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(__all__)
