@@ -1,0 +1,167 @@
+"""`HookedMamba`: embedding -> blocks -> norm_f (RMSNorm) -> lm_head, as a TransformerLens
+`HookedRootModule`. Hooks are identity modules named by their module path (`blocks.3.mixer_2.hook_dt`),
+so `run_with_cache`, `run_with_hooks`, `hooks()` and nnsight all find them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Iterator
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformer_lens import HookedRootModule
+from transformer_lens.hook_points import HookPoint
+
+from .blocks import make_block
+from .config import MambaConfig
+from .errors import DiffMambaError
+from .mixers import Mamba2Mixer, S6Core
+from .norms import RMSNorm
+
+log = logging.getLogger(__name__)
+
+
+class HookedMamba(HookedRootModule):
+    """A Mamba / Mamba-2 / Diff-Mamba-1 / Diff-Mamba-2 / Diff-S6 language model with hooks everywhere.
+
+    `model(input_ids [batch, pos]) -> logits [batch, pos, vocab]`. Build a random one with
+    `HookedMamba(MambaConfig(...))`, load a checkpoint with `diffmamba_interp.load_model(path)`.
+    """
+
+    def __init__(self, cfg: MambaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = None  # set by load_model when the checkpoint has one
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        self.hook_embed = HookPoint()  # [batch, pos, d]
+        self.blocks = nn.ModuleList(make_block(cfg, i) for i in range(cfg.n_layers))
+        self.norm_f = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.setup()
+
+    # -- forward ---------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, return_type: str | None = "logits"):
+        """input_ids [batch, pos] -> logits [batch, pos, vocab] (return_type "logits"), the mean
+        next-token cross-entropy ("loss"), both as a tuple ("both"), or None."""
+        self.check_input_ids(input_ids)
+        resid = self.hook_embed(self.embed(input_ids.to(self.embed.weight.device)))  # [batch, pos, d]
+        for block in self.blocks:
+            resid = block(resid)
+        logits = self.unembed(resid)
+        self._log_paths()
+        if return_type == "logits":
+            return logits
+        if return_type is None:
+            return None
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten().to(logits.device))
+        if return_type == "loss":
+            return loss
+        if return_type == "both":
+            return logits, loss
+        raise DiffMambaError(f"unknown return_type {return_type!r}; expected 'logits', 'loss', 'both' or None")
+
+    def unembed(self, resid: torch.Tensor) -> torch.Tensor:
+        """norm_f then lm_head: resid [..., d] -> logits [..., vocab] (the logit lens reuses this)."""
+        h = self.norm_f(resid.to(self.norm_f.weight.dtype))
+        logits = self.lm_head(h.to(self.lm_head.weight.dtype))
+        return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+
+    def check_input_ids(self, input_ids) -> None:
+        """Raise a one-line DiffMambaError (a ValueError) for anything but in-range token ids [batch, pos]."""
+        V = self.cfg.vocab_size
+        if not isinstance(input_ids, torch.Tensor):
+            raise DiffMambaError(f"input_ids must be a LongTensor [batch, pos], got {type(input_ids).__name__}")
+        if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise DiffMambaError(f"input_ids must be integer token ids (torch.long), got dtype {input_ids.dtype}")
+        if input_ids.ndim != 2 or input_ids.shape[1] == 0:
+            raise DiffMambaError(f"input_ids must have shape [batch, pos] with pos >= 1, got shape {tuple(input_ids.shape)}")
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= V:
+            bad = lo if lo < 0 else hi
+            raise DiffMambaError(f"token id {bad} is out of range for vocab size {V} (valid ids are 0..{V - 1})")
+
+    # -- introspection ---------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    def mixers(self) -> Iterator[tuple[str, nn.Module]]:
+        """(name, module) of every module that runs a scan (Mamba-1/2 mixers and Diff-S6 cores)."""
+        for name, module in self.named_modules():
+            if isinstance(module, (S6Core, Mamba2Mixer)):
+                yield name, module
+
+    @property
+    def last_path(self) -> str:
+        """Which scan path the last forward took: "torch", "numba" or "mamba_ssm" (comma-joined if mixed)."""
+        paths = sorted({m.last_path for _, m in self.mixers() if m.last_path})
+        return ",".join(paths)
+
+    def _log_paths(self) -> None:
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("scan path: %s", self.last_path)
+
+    @contextlib.contextmanager
+    def capture_states(self, on: bool = True):
+        """Materialise every `hook_ssm_state` inside the block (for nnsight, which adds no torch hook)."""
+        old = {name: m.capture_states for name, m in self.mixers()}
+        try:
+            for _, m in self.mixers():
+                m.capture_states = on
+            yield self
+        finally:
+            for name, m in self.mixers():
+                m.capture_states = old[name]
+
+    def run_with_cache(self, *args, names_filter=None, **kwargs):
+        """TransformerLens's run_with_cache; by default every hook except the large `hook_ssm_state`
+        ([batch, pos, E, N] per mixer). Pass a names_filter that names it to cache states too."""
+        if names_filter is None:
+            names_filter = lambda name: not name.endswith("hook_ssm_state")  # noqa: E731
+        return super().run_with_cache(*args, names_filter=names_filter, **kwargs)
+
+    def hook_shapes(self, pos: int = 4) -> pd.DataFrame:
+        """Every hook's name and the shape it sees on a [1, pos] input, as a DataFrame."""
+        shapes: dict[str, tuple[int, ...]] = {}
+
+        def record(t, hook):
+            shapes[hook.name] = tuple(t.shape)
+
+        ids = torch.zeros(1, pos, dtype=torch.long, device=self.device)
+        with torch.no_grad(), self.hooks(fwd_hooks=[(lambda n: True, record)]):
+            self(ids)
+        return pd.DataFrame({"hook": list(self.hook_dict), "shape": [shapes.get(n) for n in self.hook_dict]})
+
+    # -- tokens ----------------------------------------------------------------------------------
+    def to_tokens(self, text: str | list[str]) -> torch.Tensor:
+        """Tokenize with the checkpoint's tokenizer -> [batch, pos] (no special tokens added)."""
+        if self.tokenizer is None:
+            raise DiffMambaError("this model has no tokenizer; pass token ids or load a checkpoint that has one")
+        texts = [text] if isinstance(text, str) else list(text)
+        ids = [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+        if len({len(i) for i in ids}) > 1:
+            raise DiffMambaError("texts of different token lengths; tokenize them one at a time")
+        return torch.tensor(ids, dtype=torch.long, device=self.device)
+
+    def to_str_tokens(self, text_or_ids) -> list[str]:
+        if self.tokenizer is None:
+            raise DiffMambaError("this model has no tokenizer")
+        ids = self.to_tokens(text_or_ids)[0] if isinstance(text_or_ids, str) else torch.as_tensor(text_or_ids).flatten()
+        return self.tokenizer.convert_ids_to_tokens(ids.tolist())
+
+    def save_pretrained(self, path) -> None:
+        """Write config.json + model.safetensors (+ tokenizer) in the transformers / upstream layout."""
+        from .loading import save_pretrained
+
+        save_pretrained(self, path)
