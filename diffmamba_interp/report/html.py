@@ -1,0 +1,247 @@
+"""One self-contained, offline HTML report: plotly.js embedded once, no network references."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import html as _html
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import pandas as pd
+import plotly.graph_objects as go
+
+from ..errors import DiffMambaError
+from .figures import (
+    BRANCH_COLUMNS,
+    PAIRED_COLUMNS,
+    SUMMARY_COLUMNS,
+    attention_figure,
+    branch_figure,
+    check_columns,
+    how_to_read,
+    measure_curves_figure,
+    needle_prob_figure,
+    paired_figure,
+)
+
+__all__ = ["write_report", "FIGURE_DIV_CLASS"]
+
+#: class on the wrapper <div> of every figure in the report (one per figure).
+FIGURE_DIV_CLASS = "dm-figure"
+
+_MEASURE_ORDER = ("prob", "snr_db", "distractor_ratio", "logprob", "rank")
+_PLOTLY_CONFIG = {"responsive": True, "displaylogo": False,
+                  "toImageButtonOptions": {"format": "png", "scale": 2}}
+
+_CSS = """
+:root { color-scheme: light; }
+body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif;
+       margin: 0 auto; max-width: 1200px; padding: 1rem 1.5rem 3rem; color: #222;
+       line-height: 1.45; }
+h1 { font-size: 1.6rem; margin: .5rem 0 1rem; }
+h2 { font-size: 1.25rem; margin-top: 2.2rem; border-bottom: 1px solid #ddd; padding-bottom: .2rem; }
+h3 { font-size: 1.05rem; margin: 1.4rem 0 .4rem; }
+nav ul { margin: .2rem 0; padding-left: 1.2rem; }
+.dm-meta { border-collapse: collapse; font-size: .9rem; margin-bottom: 1rem; }
+.dm-meta th { text-align: left; padding: .15rem 1rem .15rem 0; color: #555; font-weight: 600;
+              vertical-align: top; }
+.dm-meta td { padding: .15rem 0; }
+.dm-figure { margin: .5rem 0 .3rem; }
+p.how { margin: 0 0 1.4rem; font-size: .92rem; color: #444; background: #f6f8fa;
+        border-left: 3px solid #0072B2; padding: .4rem .7rem; }
+table.dm-table { border-collapse: collapse; font-size: .85rem; margin: .3rem 0 1.2rem; }
+table.dm-table th, table.dm-table td { border: 1px solid #ddd; padding: .2rem .5rem; }
+table.dm-table th { background: #f3f3f3; }
+table.dm-table td { text-align: right; font-variant-numeric: tabular-nums; }
+.dm-scroll { overflow-x: auto; }
+code, pre { font-family: ui-monospace, "DejaVu Sans Mono", monospace; font-size: .85rem; }
+footer { margin-top: 3rem; color: #777; font-size: .8rem; }
+"""
+
+
+def _slug(text: str) -> str:
+    s = re.sub(r"[^a-z0-9]+", "-", str(text).lower()).strip("-")
+    return s or "x"
+
+
+class _Page:
+    """Accumulates sections and figures; embeds plotly.js with the first figure only."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.toc: list[tuple[str, str]] = []
+        self.n_figures = 0
+        self._ids: set[str] = set()
+
+    def _unique_id(self, base: str) -> str:
+        slug, k = _slug(base), 1
+        uid = slug
+        while uid in self._ids:
+            k += 1
+            uid = f"{slug}-{k}"
+        self._ids.add(uid)
+        return uid
+
+    def section(self, title: str) -> None:
+        sid = self._unique_id("sec-" + title)
+        self.toc.append((sid, title))
+        self.parts.append(f'<h2 id="{sid}">{_html.escape(title)}</h2>')
+
+    def heading(self, title: str) -> None:
+        self.parts.append(f"<h3>{_html.escape(title)}</h3>")
+
+    def figure(self, fig: go.Figure, name: str) -> None:
+        div_id = self._unique_id("fig-" + name)
+        body = fig.to_html(
+            full_html=False,
+            include_plotlyjs=(self.n_figures == 0),  # the bundle itself, inline, exactly once
+            include_mathjax=False,
+            div_id=div_id,
+            config=_PLOTLY_CONFIG,
+            default_width="100%",
+            default_height=f"{int(fig.layout.height or 450)}px",
+            validate=True,
+        )
+        self.n_figures += 1
+        self.parts.append(f'<div class="{FIGURE_DIV_CLASS}" data-figure="{div_id}">{body}</div>')
+        note = how_to_read(fig)
+        if note:
+            self.parts.append(f'<p class="how"><b>How to read this:</b> {_html.escape(note)}</p>')
+
+    def table(self, name: str, df: pd.DataFrame) -> None:
+        if not isinstance(df, pd.DataFrame):
+            raise DiffMambaError(f"table {name!r} must be a pandas DataFrame, "
+                                 f"got {type(df).__name__}")
+        keep_index = not (isinstance(df.index, pd.RangeIndex) and df.index.name is None)
+        body = df.to_html(classes="dm-table", border=0, index=keep_index, escape=True,
+                          na_rep="–", float_format=_fmt_float)
+        self.parts.append(f'<h3 id="{self._unique_id("tab-" + name)}">{_html.escape(name)}</h3>'
+                          f'<div class="dm-scroll">{body}</div>')
+
+
+def _fmt_float(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def _meta_value(v) -> str:
+    if isinstance(v, Mapping):
+        return "; ".join(f"{_html.escape(str(k))}: {_meta_value(x)}" for k, x in v.items())
+    if isinstance(v, (list, tuple, set)):
+        return ", ".join(_meta_value(x) for x in v)
+    if isinstance(v, float):
+        return _html.escape(f"{v:.6g}")
+    return _html.escape(str(v))
+
+
+def _meta_block(meta: Mapping | None, summary: pd.DataFrame) -> str:
+    from .. import __version__
+
+    info: dict = {}
+    info["models"] = list(dict.fromkeys(map(str, summary["model"])))
+    info.update(dict(meta or {}))
+    info.setdefault("version", f"diffmamba-interp {__version__}")
+    info.setdefault("date", _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+    rows = "".join(f"<tr><th>{_html.escape(str(k).replace('_', ' '))}</th>"
+                   f"<td>{_meta_value(v)}</td></tr>" for k, v in info.items())
+    return f'<table class="dm-meta" id="meta">{rows}</table>'
+
+
+def _ordered_measures(measures) -> list[str]:
+    present = list(dict.fromkeys(map(str, measures)))
+    return [m for m in _MEASURE_ORDER if m in present] + sorted(
+        m for m in present if m not in _MEASURE_ORDER)
+
+
+def _attention_entries(attention) -> list:
+    if attention is None:
+        return []
+    if isinstance(attention, Mapping):
+        return [attention]
+    if isinstance(attention, Sequence) and not isinstance(attention, (str, bytes)):
+        return list(attention)
+    raise DiffMambaError(f"attention must be a list of dicts, got {type(attention).__name__}")
+
+
+def write_report(path, *, title: str, summary: pd.DataFrame, paired: pd.DataFrame | None = None,
+                 branch: pd.DataFrame | None = None, attention=None,
+                 tables: Mapping[str, pd.DataFrame] | None = None,
+                 meta: Mapping | None = None) -> Path:
+    """Write one self-contained HTML report to ``path`` and return it as a Path.
+
+    Sections: meta block, needle probability (linear and log, if ``summary`` has "prob" rows),
+    every other summary measure as curves with CI bands, paired differences (one figure per
+    measure in ``paired``), branch decomposition, one attention figure per entry, and the
+    ``tables``. Optional inputs that are None or empty are omitted. plotly.js is embedded inline
+    once (with the first figure); nothing is fetched from the network. Missing required columns
+    raise DiffMambaError naming them; parent directories of ``path`` are created.
+    """
+    if summary is None:
+        raise DiffMambaError("summary is required (a DataFrame with columns "
+                             f"{', '.join(SUMMARY_COLUMNS)})")
+    check_columns(summary, SUMMARY_COLUMNS, "summary")
+    if summary.empty:
+        raise DiffMambaError("summary has no rows")
+    if paired is not None:
+        check_columns(paired, PAIRED_COLUMNS, "paired")
+    if branch is not None:
+        check_columns(branch, BRANCH_COLUMNS, "branch")
+    entries = _attention_entries(attention)
+    if tables is not None and not isinstance(tables, Mapping):
+        raise DiffMambaError(f"tables must be a dict name -> DataFrame, got {type(tables).__name__}")
+
+    # Build every figure before writing anything, so bad input leaves no half-written file.
+    page = _Page()
+    measures = _ordered_measures(summary["measure"])
+    if "prob" in measures:
+        page.section("Needle probability per layer")
+        page.figure(needle_prob_figure(summary, log_scale=False), "needle-prob-linear")
+        page.figure(needle_prob_figure(summary, log_scale=True), "needle-prob-log")
+    others = [m for m in measures if m != "prob"]
+    if others:
+        page.section("Signal-to-noise and other lens measures")
+        for m in others:
+            page.figure(measure_curves_figure(summary, m), f"curves-{m}")
+    if paired is not None and not paired.empty:
+        page.section("Paired differences between models")
+        for m in _ordered_measures(paired["measure"]):
+            page.figure(paired_figure(paired, m), f"paired-{m}")
+    if branch is not None and not branch.empty:
+        page.section("Branch decomposition of differential blocks")
+        page.figure(branch_figure(branch), "branch")
+    if entries:
+        page.section("Implicit attention maps")
+        for k, entry in enumerate(entries):
+            fig = attention_figure(entry)
+            page.figure(fig, f"attention-{k}")
+    if tables:
+        page.section("Tables")
+        for name, df in tables.items():
+            page.table(str(name), df)
+
+    toc = "".join(f'<li><a href="#{sid}">{_html.escape(t)}</a></li>' for sid, t in page.toc)
+    doc = "\n".join([
+        "<!DOCTYPE html>",
+        '<html lang="en">',
+        "<head>",
+        '<meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f'<meta name="diffmamba-figures" content="{page.n_figures}">',
+        f"<title>{_html.escape(title)}</title>",
+        f"<style>{_CSS}</style>",
+        "</head>",
+        "<body>",
+        f"<h1>{_html.escape(title)}</h1>",
+        _meta_block(meta, summary),
+        f"<nav><b>Contents</b><ul>{toc}</ul></nav>" if toc else "",
+        *page.parts,
+        f"<footer>{page.n_figures} figure(s). Layer 0 = embeddings, layer k = residual stream "
+        "after block k. Self-contained page: plotly.js is embedded, nothing is loaded from the "
+        "network.</footer>",
+        "</body>",
+        "</html>",
+    ])
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(doc, encoding="utf-8")
+    return out
