@@ -76,7 +76,7 @@ class DiffBlock(nn.Module):
         self.hook_resid_post = HookPoint()  # [batch, pos, d]
 
     def lam(self) -> torch.Tensor:
-        """λ as a 0-d float32 tensor."""
+        """λ as a 0-d float32 tensor (float64 in a float64 model)."""
         return self._lambda(self, self.layer_idx)
 
     def forward(self, resid: torch.Tensor) -> torch.Tensor:

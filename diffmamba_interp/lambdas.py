@@ -13,9 +13,15 @@ def lambda_init(i: int) -> float:
     return 0.8 - 0.6 * math.exp(-0.3 * i)
 
 
+def _param(module: nn.Module, name: str) -> torch.Tensor:
+    """A λ parameter in float32 (float64 stays float64)."""
+    p = getattr(module, name)
+    return p if p.dtype == torch.float64 else p.float()
+
+
 def lambda_q1(module: nn.Module, i: int) -> torch.Tensor:
-    """Diff-Mamba-2: λ = sigmoid(Σ_k lambda_q1[k]) + λ_init (a 0-d float32 tensor)."""
-    return torch.sigmoid(module.lambda_q1.float().sum()) + lambda_init(i)
+    """Diff-Mamba-2: λ = sigmoid(Σ_k lambda_q1[k]) + λ_init (a 0-d float32/float64 tensor)."""
+    return torch.sigmoid(_param(module, "lambda_q1").sum()) + lambda_init(i)
 
 
 def init_lambda_vectors(module: nn.Module, n: int, std: float = 0.1) -> None:
@@ -25,6 +31,6 @@ def init_lambda_vectors(module: nn.Module, n: int, std: float = 0.1) -> None:
 
 
 def lambda_qk(module: nn.Module, i: int) -> torch.Tensor:
-    """Diff-Mamba-1 / Diff-S6: λ = exp(q1·k1) − exp(q2·k2) + λ_init (a 0-d float32 tensor)."""
-    f = lambda name: getattr(module, name).float()  # noqa: E731
-    return torch.exp(f("lambda_q1") @ f("lambda_k1")) - torch.exp(f("lambda_q2") @ f("lambda_k2")) + lambda_init(i)
+    """Diff-Mamba-1 / Diff-S6: λ = exp(q1·k1) − exp(q2·k2) + λ_init (a 0-d float32/float64 tensor)."""
+    q1, k1, q2, k2 = (_param(module, n) for n in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2"))
+    return torch.exp(q1 @ k1) - torch.exp(q2 @ k2) + lambda_init(i)
