@@ -1,0 +1,77 @@
+"""`save_pretrained`: config.json + model.safetensors (+ tokenizer files), readable by `load_model`.
+
+mamba1 / mamba2 / diffmamba2 are written in the transformers / upstream Diff-Mamba layout
+(`MambaConfig.to_hf_dict`, keys via `keys.to_checkpoint`), so transformers' MambaForCausalLM /
+Mamba2ForCausalLM load the plain ones. diffmamba1 and diffs6 have no such layout: their config.json
+is our own marker, {"diffmamba_interp": {"format_version": 1, "config": MambaConfig.to_dict()}}.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .. import keys
+from ..errors import DiffMambaError
+from .formats import ours_marker
+
+HF_ARCHS = ("mamba1", "mamba2", "diffmamba2")
+
+
+def _is_tied(model) -> bool:
+    """Whether lm_head really is the embedding (same storage, or equal values)."""
+    emb, lm = model.embed.weight, model.lm_head.weight
+    return lm is emb or (lm.shape == emb.shape and lm.data_ptr() == emb.data_ptr()) or (
+        lm.shape == emb.shape and bool(torch.equal(lm.detach(), emb.detach()))
+    )
+
+
+def save_pretrained(model, path: str | Path) -> None:
+    """Write `model` to the directory `path` (created if needed) so that `load_model(path)` returns
+    an equal model: config.json, model.safetensors (contiguous tensors; a tied lm_head is written
+    once, as the embedding, as transformers does) and the tokenizer files when `model.tokenizer` is set.
+    """
+    directory = Path(path).expanduser()
+    if directory.exists() and not directory.is_dir():
+        raise DiffMambaError(f"{directory}: exists and is not a directory")
+    directory.mkdir(parents=True, exist_ok=True)
+
+    cfg = model.cfg
+    tied = cfg.tie_embeddings and _is_tied(model)
+    if cfg.tie_embeddings and not tied:  # untied after construction: save what the model computes
+        cfg = dataclasses.replace(cfg, tie_embeddings=False)
+    dtype_name = str(model.dtype).removeprefix("torch.")
+    if cfg.arch in HF_ARCHS:
+        config = cfg.to_hf_dict()
+        config["dtype"] = dtype_name
+        if "torch_dtype" in config:
+            config["torch_dtype"] = dtype_name
+    else:
+        config = ours_marker(cfg)
+
+    state = keys.to_checkpoint(model.state_dict())
+    if tied:
+        state.pop("lm_head.weight", None)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+
+    from safetensors.torch import save_file
+
+    _atomic(directory / "model.safetensors", lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+    _atomic(directory / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
+    if getattr(model, "tokenizer", None) is not None:
+        model.tokenizer.save_pretrained(str(directory))
+
+
+def _atomic(target: Path, write) -> None:
+    """Write to a temporary file beside `target`, then rename it over `target`."""
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
