@@ -236,30 +236,30 @@ class MambaConfig:
                 tie_embeddings=bool(d.get("tie_word_embeddings", True)),
                 residual_in_fp32=bool(d.get("residual_in_fp32", True)),
             )
+            if model_type == "mamba":
+                rank = d.get("time_step_rank", "auto")
+                kw["dt_rank"] = math.ceil(hidden / 16) if rank in (None, "auto") else int(rank)
+                kw["arch"] = "mamba1"
+                if "intermediate_size" in d and int(d["intermediate_size"]) != kw["expand"] * hidden:
+                    raise DiffMambaError(f"intermediate_size {d['intermediate_size']} != expand * hidden_size")
+            else:
+                kw["head_dim"] = int(d.get("head_dim", 64))
+                kw["n_groups"] = int(d.get("n_groups", 1))
+                kw["chunk_size"] = int(d.get("chunk_size", 256))
+                kw["time_step_limit"] = _read_limit(d.get("time_step_limit"))
+                if "num_heads" in d and int(d["num_heads"]) * kw["head_dim"] != kw["expand"] * hidden:
+                    raise DiffMambaError(
+                        f"num_heads {d['num_heads']} * head_dim {kw['head_dim']} != expand * hidden_size {kw['expand'] * hidden}"
+                    )
+                if d.get("diffmamba"):
+                    kw["arch"] = "diffmamba2"
+                    kw["diff_layers"] = d.get("diffmamba_settings", "alternate")
+                else:
+                    kw["arch"] = "mamba2"
         except KeyError as e:
             raise DiffMambaError(f"config.json lacks the field {e.args[0]!r}") from None
         except (TypeError, ValueError) as e:
             raise DiffMambaError(f"config.json has a field of the wrong type: {e}") from None
-        if model_type == "mamba":
-            rank = d.get("time_step_rank", "auto")
-            kw["dt_rank"] = math.ceil(hidden / 16) if rank in (None, "auto") else int(rank)
-            kw["arch"] = "mamba1"
-            if "intermediate_size" in d and int(d["intermediate_size"]) != kw["expand"] * hidden:
-                raise DiffMambaError(f"intermediate_size {d['intermediate_size']} != expand * hidden_size")
-        else:
-            kw["head_dim"] = int(d.get("head_dim", 64))
-            kw["n_groups"] = int(d.get("n_groups", 1))
-            kw["chunk_size"] = int(d.get("chunk_size", 256))
-            kw["time_step_limit"] = _read_limit(d.get("time_step_limit"))
-            if "num_heads" in d and int(d["num_heads"]) * kw["head_dim"] != kw["expand"] * hidden:
-                raise DiffMambaError(
-                    f"num_heads {d['num_heads']} * head_dim {kw['head_dim']} != expand * hidden_size {kw['expand'] * hidden}"
-                )
-            if d.get("diffmamba"):
-                kw["arch"] = "diffmamba2"
-                kw["diff_layers"] = d.get("diffmamba_settings", "alternate")
-            else:
-                kw["arch"] = "mamba2"
         known = {
             "vocab_size", "hidden_size", "state_size", "num_hidden_layers", "layer_norm_epsilon", "expand",
             "conv_kernel", "use_bias", "use_conv_bias", "tie_word_embeddings", "residual_in_fp32",

@@ -142,16 +142,13 @@ def selective_scan_torch(u, dt, A, B, C, D, *, return_states: bool = False, chun
 
 
 # -- Mamba-2: chunked SSD ----------------------------------------------------------------------
-def segsum(x: Tensor) -> Tensor:
-    """x [..., T] -> [..., T, T] with out[i, j] = Σ_{j<k≤i} x[k] for j ≤ i and −inf above the
-    diagonal: masked before any exponential (ssd_minimal's stable segment sum)."""
-    T = x.shape[-1]
-    xx = x.unsqueeze(-1).expand(*x.shape, T)  # [..., T(i), T(j)] = x[i]
-    strict = torch.tril(torch.ones(T, T, dtype=torch.bool, device=x.device), diagonal=-1)
-    xx = xx.masked_fill(~strict, 0)
-    out = torch.cumsum(xx, dim=-2)
-    keep = torch.tril(torch.ones(T, T, dtype=torch.bool, device=x.device))
-    return out.masked_fill(~keep, -torch.inf)
+def decay_matrix(cum: Tensor) -> Tensor:
+    """cum [..., T] (a cumulative sum of log decays) -> [..., T, T] with out[l, s] = exp(cum[l] − cum[s])
+    for s ≤ l and 0 above the diagonal, masked to −inf before the exponential (as mamba-ssm's kernels)."""
+    T = cum.shape[-1]
+    diff = cum.unsqueeze(-1) - cum.unsqueeze(-2)  # [..., l, s]
+    causal = torch.ones(T, T, dtype=torch.bool, device=cum.device).tril()
+    return torch.exp(diff.masked_fill(~causal, -torch.inf))
 
 
 def ssd(x, dt, A, B, C, D, *, chunk_size: int, return_states: bool = False):
@@ -196,7 +193,7 @@ def ssd_torch(x, dt, A, B, C, D, *, chunk_size: int, return_states: bool = False
     Acum = torch.cumsum(Acs, dim=-1)  # [b, h, c, l]
 
     # 1. within chunks: y_l = Σ_{s≤l} (C_l·B_s) exp(A_{s+1..l}) Δ_s x_s
-    Lmask = torch.exp(segsum(Acs)).view(b, G, H // G, c, T, T)  # [b, g, j, c, l, s]
+    Lmask = decay_matrix(Acum).view(b, G, H // G, c, T, T)  # [b, g, j, c, l, s]
     CB = torch.einsum("bclgn,bcsgn->bgcls", Cc, Bc)  # [b, g, c, l, s]
     M = CB.unsqueeze(2) * Lmask  # [b, g, j, c, l, s]
     Y = torch.einsum("bgjcls,bcsgjp->bclgjp", M, Xdt)
@@ -208,7 +205,8 @@ def ssd_torch(x, dt, A, B, C, D, *, chunk_size: int, return_states: bool = False
     # 3. carry states across chunks (c is small: a segment-sum over chunk boundaries)
     zeros = torch.zeros_like(chunk_states[:, :1])
     chunk_states = torch.cat([zeros, chunk_states], dim=1)  # [b, c+1, g, j, p, n]
-    decay_chunk = torch.exp(segsum(F.pad(Acum[..., -1], (1, 0)))).view(b, G, H // G, c + 1, c + 1)
+    chunk_cum = torch.cumsum(F.pad(Acum[..., -1], (1, 0)), dim=-1)  # [b, h, c+1]
+    decay_chunk = decay_matrix(chunk_cum).view(b, G, H // G, c + 1, c + 1)
     starts = torch.einsum("bgjzc,bcgjpn->bzgjpn", decay_chunk, chunk_states)[:, :-1]  # [b, c, g, j, p, n]
 
     # 4. start state -> output within each chunk

@@ -138,7 +138,8 @@ def _meta_block(meta: Mapping | None, summary: pd.DataFrame) -> str:
     from .. import __version__
 
     info: dict = {}
-    info["models"] = list(dict.fromkeys(map(str, summary["model"])))
+    if summary is not None:
+        info["models"] = list(dict.fromkeys(map(str, summary["model"])))
     info.update(dict(meta or {}))
     info.setdefault("version", f"diffmamba-interp {__version__}")
     info.setdefault("date", _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
@@ -163,7 +164,7 @@ def _attention_entries(attention) -> list:
     raise DiffMambaError(f"attention must be a list of dicts, got {type(attention).__name__}")
 
 
-def write_report(path, *, title: str, summary: pd.DataFrame, paired: pd.DataFrame | None = None,
+def write_report(path, *, title: str, summary: pd.DataFrame | None = None, paired: pd.DataFrame | None = None,
                  branch: pd.DataFrame | None = None, attention=None,
                  tables: Mapping[str, pd.DataFrame] | None = None,
                  meta: Mapping | None = None) -> Path:
@@ -176,12 +177,10 @@ def write_report(path, *, title: str, summary: pd.DataFrame, paired: pd.DataFram
     once (with the first figure); nothing is fetched from the network. Missing required columns
     raise DiffMambaError naming them; parent directories of ``path`` are created.
     """
-    if summary is None:
-        raise DiffMambaError("summary is required (a DataFrame with columns "
-                             f"{', '.join(SUMMARY_COLUMNS)})")
-    check_columns(summary, SUMMARY_COLUMNS, "summary")
-    if summary.empty:
-        raise DiffMambaError("summary has no rows")
+    if summary is not None:
+        check_columns(summary, SUMMARY_COLUMNS, "summary")
+        if summary.empty:
+            raise DiffMambaError("summary has no rows")
     if paired is not None:
         check_columns(paired, PAIRED_COLUMNS, "paired")
     if branch is not None:
@@ -192,7 +191,7 @@ def write_report(path, *, title: str, summary: pd.DataFrame, paired: pd.DataFram
 
     # Build every figure before writing anything, so bad input leaves no half-written file.
     page = _Page()
-    measures = _ordered_measures(summary["measure"])
+    measures = _ordered_measures(summary["measure"]) if summary is not None else []
     if "prob" in measures:
         page.section("Needle probability per layer")
         page.figure(needle_prob_figure(summary, log_scale=False), "needle-prob-linear")
@@ -219,6 +218,8 @@ def write_report(path, *, title: str, summary: pd.DataFrame, paired: pd.DataFram
         for name, df in tables.items():
             page.table(str(name), df)
 
+    if page.n_figures == 0 and not tables:
+        raise DiffMambaError("nothing to report: give a summary, paired, branch, attention or tables")
     toc = "".join(f'<li><a href="#{sid}">{_html.escape(t)}</a></li>' for sid, t in page.toc)
     doc = "\n".join([
         "<!DOCTYPE html>",
