@@ -1,0 +1,128 @@
+"""Branch lens: the direct contribution of each differential branch to a target token's logit.
+
+For a differential block (Diff-Mamba-1/2, SPEC §1) with o1 = `mixer_1.hook_out`,
+o2 = `mixer_2.hook_out`, λ = `hook_lambda` and s_sub = `subln.hook_scale` at the read position,
+
+    block out = (1 − λ_init) · w_subln ⊙ ((o1 − λ·o2) · s_sub)
+              = (1 − λ_init) · w_subln ⊙ (o1 · s_sub)          <- "mixer_1"
+              + (1 − λ_init) · w_subln ⊙ (−λ · o2 · s_sub)     <- "-λ·mixer_2"
+
+(exact, because the subln scale is read from the forward pass, i.e. frozen). Any vector v written
+to the residual is mapped to the target logit with the final norm frozen at that position
+(direct logit attribution): dla(v) = (w_norm_f ⊙ v · s_f) · W_U[target], s_f = `norm_f.hook_scale`.
+Since the final residual is embed + Σ_blocks mixer_out and norm_f is linear given s_f, the
+embedding's and all blocks' "block" contributions add up to the model's target logit (lm_head has
+no bias).
+
+Rows use block indices (block i writes into lens layer i + 1); plain blocks (Mamba, the plain layers
+of Diff-Mamba, Diff-S6) get a "block" row only, so a Mamba model can be compared block by block.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from ..errors import DiffMambaError
+from .snr import _prompt_ids, first_token, length_batches
+
+__all__ = ["BRANCH_COMPONENTS", "branch_lens", "direct_logit"]
+
+BRANCH_COMPONENTS = ("mixer_1", "-λ·mixer_2", "block")
+
+
+def direct_logit(model, vec: torch.Tensor, scale_f: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """vec [b, d] written to the residual, scale_f [b, 1] (norm_f.hook_scale), targets [b] -> [b]."""
+    w_f = model.norm_f.weight.to(vec.dtype)  # [d]
+    w_u = model.lm_head.weight.to(vec.dtype)[targets]  # [b, d]
+    return ((w_f * vec * scale_f.to(vec.dtype)) * w_u).sum(-1)
+
+
+def _is_diff_block(block) -> bool:
+    return hasattr(block, "mixer_1") and hasattr(block, "mixer_2") and hasattr(block, "subln")
+
+
+def _batch_contributions(model, ids: torch.Tensor, tids: torch.Tensor, position: int, include_embed: bool):
+    """-> list of (block index, component, values [b]) for one batch of equal-length prompts."""
+    L = ids.shape[1]
+    pos = position + L if position < 0 else position
+    if not 0 <= pos < L:
+        raise DiffMambaError(f"position {position} is out of range for a prompt of {L} tokens")
+    diff = [i for i, b in enumerate(model.blocks) if _is_diff_block(b)]
+    names = {"hook_embed", "norm_f.hook_scale"} | {f"blocks.{i}.hook_mixer_out" for i in range(model.cfg.n_layers)}
+    for i in diff:
+        names |= {f"blocks.{i}.mixer_1.hook_out", f"blocks.{i}.mixer_2.hook_out", f"blocks.{i}.hook_lambda",
+                  f"blocks.{i}.subln.hook_scale"}
+    cache: dict[str, torch.Tensor] = {}
+    dt = torch.float64 if model.dtype == torch.float64 else torch.float32
+
+    def grab(t, hook):
+        cache[hook.name] = (t if t.ndim == 0 else t[:, pos]).detach().to(dt)
+
+    with torch.no_grad(), model.hooks(fwd_hooks=[(lambda n: n in names, grab)]):
+        model(ids)
+        s_f = cache["norm_f.hook_scale"]  # [b, 1]
+        dla = lambda v: direct_logit(model, v, s_f, tids)  # noqa: E731
+        out = []
+        if include_embed:
+            out.append((-1, "embed", dla(cache["hook_embed"])))
+        for i, block in enumerate(model.blocks):
+            if i in diff:
+                o1, o2 = cache[f"blocks.{i}.mixer_1.hook_out"], cache[f"blocks.{i}.mixer_2.hook_out"]  # [b, d]
+                lam, s = cache[f"blocks.{i}.hook_lambda"], cache[f"blocks.{i}.subln.hook_scale"]  # [], [b, 1]
+                g = (1 - block.lambda_init) * block.subln.weight.to(dt)  # [d]
+                out.append((i, "mixer_1", dla(g * (o1 * s))))
+                out.append((i, "-λ·mixer_2", dla(g * (-lam * o2 * s))))
+            out.append((i, "block", dla(cache[f"blocks.{i}.hook_mixer_out"])))
+    return out
+
+
+def branch_lens(model, input_ids, targets, position: int = -1, include_embed: bool = False,
+                tokenizer=None, batch_size: int = 8, progress: bool = True) -> pd.DataFrame:
+    """Direct logit contribution of mixer_1, −λ·mixer_2 and the whole block, per example and block.
+
+    input_ids: a LongTensor [batch, pos], or a list of prompts (texts or id sequences; grouped by
+    length, never padded). targets: one per example, token ids or strings (first token of
+    " " + target). position: where to read (default the last token of each prompt).
+    include_embed: also a row (layer −1, component "embed") for the embedding's direct contribution,
+    so that per example the embed and "block" rows sum to the target logit.
+    Returns columns example, layer (block index), component, value.
+    """
+    tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    if isinstance(input_ids, torch.Tensor):
+        model.check_input_ids(input_ids)
+        seqs = input_ids.tolist()
+    else:
+        seqs = [_prompt_ids(p, tok) for p in input_ids]
+    if isinstance(targets, torch.Tensor):
+        targets = targets.flatten().tolist()
+    elif isinstance(targets, (int, str)):
+        targets = [targets]
+    targets = list(targets)
+    if len(targets) != len(seqs):
+        raise DiffMambaError(f"{len(seqs)} examples but {len(targets)} targets")
+    tids = [first_token(t, tok, what="target")[0] for t in targets]
+    bad = [t for t in tids if not 0 <= t < model.cfg.vocab_size]
+    if bad:
+        raise DiffMambaError(f"target token id {bad[0]} is out of range for vocab size {model.cfg.vocab_size}")
+
+    rows: list[tuple[int, int, str, float]] = []
+    bar = tqdm(total=len(seqs), desc="branch lens", file=sys.stderr, disable=not progress)
+    for idx in length_batches(seqs, batch_size):
+        ids = torch.tensor([seqs[i] for i in idx], dtype=torch.long, device=model.device)
+        model.check_input_ids(ids)
+        t = torch.tensor([tids[i] for i in idx], device=model.device)
+        for layer, comp, vals in _batch_contributions(model, ids, t, position, include_embed):
+            rows.extend((ex, layer, comp, float(v)) for ex, v in zip(idx, vals.cpu().tolist()))
+        bar.update(len(idx))
+    bar.close()
+    df = pd.DataFrame(rows, columns=["example", "layer", "component", "value"])
+    order = {c: k for k, c in enumerate(("embed", *BRANCH_COMPONENTS))}
+    df = df.sort_values(["example", "layer", "component"], kind="stable",
+                        key=lambda s: s.map(order) if s.name == "component" else s)
+    df["value"] = df["value"].astype(np.float64)
+    return df.reset_index(drop=True)

@@ -1,0 +1,148 @@
+"""Compare models layer by layer on the same prompts: summaries with bootstrap CIs and paired differences.
+
+`compare` runs `target_probs` for each model, stacks the rows with a `model` column
+(`per_example`), summarises them with `snr_summary` (`summary`), and for every pair of models with
+the same n_layers (a = the earlier one, b = the later one) runs a paired bootstrap over examples of
+b − a per layer and measure (`paired`). Models of different depth are not paired layer by layer
+(a note says so); their summaries are still comparable, e.g. on relative depth layer / n_layers.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from ..errors import DiffMambaError
+from .lens import Lens, TunedLens
+from .snr import MEASURES, SUMMARY_COLUMNS, TARGET_COLUMNS, resolve_lens, snr_summary, target_probs
+from .stats import paired_bootstrap
+
+__all__ = ["PAIRED_COLUMNS", "CompareResult", "compare", "paired_summary"]
+
+PAIRED_COLUMNS = ("model_a", "model_b", "layer", "measure", "diff_mean", "ci_low", "ci_high")
+
+
+def _check_columns(df: pd.DataFrame, cols: Sequence[str], what: str) -> None:
+    missing = [c for c in cols if c not in df.columns]
+    if missing:
+        raise DiffMambaError(f"{what} lacks columns {', '.join(missing)}")
+
+
+@dataclass
+class CompareResult:
+    """summary: model, layer, measure, mean, median, ci_low, ci_high.
+    paired: model_a, model_b, layer, measure, diff_mean (b − a), ci_low, ci_high (empty when no
+    two models share n_layers). per_example: the `target_probs` rows plus a `model` column.
+    labels: the model names in input order; notes: anything the user should know (e.g. unpaired)."""
+
+    summary: pd.DataFrame
+    paired: pd.DataFrame
+    per_example: pd.DataFrame
+    labels: list[str]
+    notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _check_columns(self.summary, SUMMARY_COLUMNS, "summary")
+        _check_columns(self.paired, PAIRED_COLUMNS, "paired")
+        _check_columns(self.per_example, ("model", *TARGET_COLUMNS), "per_example")
+        if len(set(self.labels)) != len(self.labels):
+            raise DiffMambaError(f"model labels must be unique, got {self.labels}")
+        unknown = set(self.summary["model"]) - set(self.labels)
+        if unknown:
+            raise DiffMambaError(f"summary has models {sorted(unknown)} not among labels {self.labels}")
+
+    def difference(self, layer: int, measure: str = "prob") -> pd.DataFrame:
+        """The paired rows (b − a with CI) at one layer for one measure."""
+        p = self.paired
+        return p[(p["layer"] == layer) & (p["measure"] == measure)].reset_index(drop=True)
+
+
+def paired_summary(per_example: pd.DataFrame, a: str, b: str, n_boot: int = 1000, seed: int = 0,
+                   measures: Sequence[str] = MEASURES, ci: float = 0.95) -> pd.DataFrame:
+    """Paired bootstrap of model b − model a per layer and measure over shared examples -> PAIRED_COLUMNS."""
+    rows = []
+    ga = per_example[per_example["model"] == a]
+    gb = per_example[per_example["model"] == b]
+    for m in measures:
+        wa = ga.pivot(index="example", columns="layer", values=m)
+        wb = gb.pivot(index="example", columns="layer", values=m)
+        if list(wa.columns) != list(wb.columns):
+            raise DiffMambaError(f"models {a!r} and {b!r} have different layers; they cannot be paired")
+        wb = wb.reindex(index=wa.index)
+        res = paired_bootstrap(wa.to_numpy(np.float64), wb.to_numpy(np.float64), n_boot=n_boot, seed=seed, ci=ci)
+        for j, layer in enumerate(wa.columns):
+            rows.append((a, b, int(layer), m, res.mean[j], res.ci_low[j], res.ci_high[j]))
+    return pd.DataFrame(rows, columns=list(PAIRED_COLUMNS))
+
+
+def _label(item) -> str:
+    if isinstance(item, (str, os.PathLike)):
+        return Path(item).name or str(item)
+    return getattr(item, "name", None) or item.cfg.arch
+
+
+def compare(models_or_paths, prompts, answers=None, lens="logit", labels: Sequence[str] | None = None,
+            candidates=None, n_boot: int = 1000, seed: int = 0, tokenizer=None, batch_size: int = 8,
+            progress: bool = True) -> CompareResult:
+    """Run the same prompts through several models (HookedMamba objects or checkpoint paths).
+
+    lens: "logit", "tuned" (for a path: `TunedLens.load(path, model)`; for a model object: see
+    `snr.resolve_lens`), a Lens, or one lens per model. Paths are loaded with
+    `diffmamba_interp.loading.load_model`. Labels default to the checkpoint directory name or the
+    arch (made unique with a suffix). See the module docstring for the pairing rule.
+    """
+    items = list(models_or_paths)
+    prompts = list(prompts)
+    answers = list(answers) if answers is not None else None
+    if not items:
+        raise DiffMambaError("compare needs at least one model")
+    lenses = list(lens) if isinstance(lens, (list, tuple)) else [lens] * len(items)
+    if len(lenses) != len(items):
+        raise DiffMambaError(f"{len(items)} models but {len(lenses)} lenses")
+    if labels is None:
+        labels = [_label(x) for x in items]
+        total = {lab: labels.count(lab) for lab in labels}
+        count: dict[str, int] = {}
+        for i, lab in enumerate(labels):
+            if total[lab] > 1:  # "mamba2", "mamba2" -> "mamba2_1", "mamba2_2"
+                count[lab] = count.get(lab, 0) + 1
+                labels[i] = f"{lab}_{count[lab]}"
+    labels = [str(x) for x in labels]
+    if len(labels) != len(items):
+        raise DiffMambaError(f"{len(items)} models but {len(labels)} labels")
+    if len(set(labels)) != len(labels):
+        raise DiffMambaError(f"model labels must be unique, got {labels}")
+
+    frames, depth = [], {}
+    for item, lab, ln in zip(items, labels, lenses):
+        if isinstance(item, (str, os.PathLike)):
+            from ..loading import load_model  # written in parallel; imported lazily
+
+            model = load_model(item)
+            if ln == "tuned":
+                ln = TunedLens.load(item, model)
+        else:
+            model = item
+        ln = ln if isinstance(ln, Lens) else resolve_lens(model, ln)
+        df = target_probs(model, prompts, answers, lens=ln, candidates=candidates, tokenizer=tokenizer,
+                          batch_size=batch_size, progress=progress)
+        frames.append(df.assign(model=lab)[["model", *TARGET_COLUMNS]])
+        depth[lab] = model.cfg.n_layers
+    per_example = pd.concat(frames, ignore_index=True)
+    summary = snr_summary(per_example, n_boot=n_boot, seed=seed)
+
+    notes, pairs = [], []
+    for i, a in enumerate(labels):
+        for b in labels[i + 1:]:
+            if depth[a] == depth[b]:
+                pairs.append(paired_summary(per_example, a, b, n_boot=n_boot, seed=seed))
+            else:
+                notes.append(f"{a} ({depth[a]} layers) and {b} ({depth[b]} layers) have different depths: "
+                             "no paired layer-by-layer comparison")
+    paired = pd.concat(pairs, ignore_index=True) if pairs else pd.DataFrame(columns=list(PAIRED_COLUMNS))
+    return CompareResult(summary=summary, paired=paired, per_example=per_example, labels=labels, notes=notes)
