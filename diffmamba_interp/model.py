@@ -36,6 +36,7 @@ class HookedMamba(HookedRootModule):
         super().__init__()
         self.cfg = cfg
         self.tokenizer = None  # set by load_model when the checkpoint has one
+        self.checkpoint_path: str | None = None  # set by load_model
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         nn.init.normal_(self.embed.weight, std=0.02)
         self.hook_embed = HookPoint()  # [batch, pos, d]

@@ -212,6 +212,7 @@ def load_model(path: str | Path, device: Any = None, dtype: Any = None, strict: 
     model.eval()
     model.load_report = report
     model.tokenizer = _tokenizer_or_none(directory)
+    model.checkpoint_path = str(directory)  # lets lens="tuned" find tuned_lens.* next to the weights
     log.info("loaded %s (%s, %s) from %s", ckpt.config.arch, fmt, torch_dtype, directory)
     return model
 
