@@ -113,7 +113,7 @@ def answer_logits(model: HookedMamba, ids: torch.Tensor, last: torch.Tensor) -> 
     return logits[torch.arange(ids.shape[0]), last]
 
 
-def train(cfg: TrainConfig, tokenizer, progress: bool = True) -> tuple[HookedMamba, TrainResult]:
+def train(cfg: TrainConfig, tokenizer, progress: bool = True, eval_n: int | None = None) -> tuple[HookedMamba, TrainResult]:
     """Train one model from scratch; returns it (eval mode) and the run's numbers."""
     from .data import training_stream
 
@@ -146,19 +146,21 @@ def train(cfg: TrainConfig, tokenizer, progress: bool = True) -> tuple[HookedMam
         bar.set_postfix(loss=f"{ema:.3f}")
     wall = time.time() - start
     model.eval()
-    acc = evaluate(model, tokenizer, cfg.tasks, progress=progress)
+    acc = evaluate(model, tokenizer, cfg.tasks, n=eval_n, progress=progress)
     n_params = sum(p.numel() for p in model.parameters())
     return model, TrainResult(cfg, n_params, len(examples), wall, float(ema or float("nan")), acc)
 
 
 @torch.no_grad()
-def evaluate(model: HookedMamba, tokenizer, tasks=TASKS, split: str = "test", batch_size: int = 64, progress: bool = True) -> pd.DataFrame:
-    """Answer accuracy (argmax at the last prompt token == first answer token) per task."""
+def evaluate(model: HookedMamba, tokenizer, tasks=TASKS, split: str = "test", n: int | None = None,
+             batch_size: int = 64, progress: bool = True) -> pd.DataFrame:
+    """Answer accuracy (argmax at the last prompt token == first answer token) per task, on the
+    first n test questions of each task (all when n is None)."""
     from .data import babilong
 
     rows = []
     for task in tasks:
-        prompts = babilong(task, "0k", split=split)
+        prompts = babilong(task, "0k", split=split, n=n)
         examples = encode_examples(tokenizer, [(p.prompt, p.answer) for p in prompts], max_len=10**9)
         examples.sort(key=lambda e: len(e[0]))
         correct = 0

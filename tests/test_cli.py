@@ -1,0 +1,160 @@
+"""The `diffmamba-interp` commands on tiny checkpoints built here (and the console script itself)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import perturb_
+from diffmamba_interp import HookedMamba, MambaConfig
+from diffmamba_interp.analysis.lens import TunedLens
+from diffmamba_interp.cli import app
+from diffmamba_interp.data import build_babi_tokenizer
+
+runner = CliRunner()
+PROMPT = "<context> \nMary went to the kitchen. John moved to the garden.\n</context>\n\nQuestion: Where is Mary? Answer:"
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """Two tiny random checkpoints with the bAbI tokenizer and a tuned lens: Mamba-2, Diff-Mamba-2."""
+    tok = build_babi_tokenizer()
+    root = tmp_path_factory.mktemp("ckpts")
+    paths = []
+    for k, arch in enumerate(["mamba2", "diffmamba2"]):
+        torch.manual_seed(k)
+        model = perturb_(HookedMamba(MambaConfig(arch=arch, d_model=32, n_layers=2, vocab_size=len(tok), d_state=8, head_dim=16)))
+        model.tokenizer = tok
+        path = root / f"{arch}-tiny"
+        model.save_pretrained(path)
+        TunedLens(model).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def run(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_help_and_version():
+    code, out, _ = run("--help")
+    assert code == 0
+    for cmd in ("snr", "lens", "attention", "compare", "report", "hooks", "train"):
+        assert cmd in out
+    code, out, _ = run("--version")
+    assert code == 0 and out.startswith("diffmamba-interp ")
+
+
+def test_snr_json_schema_and_report(ckpts, tmp_path):
+    out_json, out_html = tmp_path / "snr.json", tmp_path / "snr.html"
+    code, out, err = run("snr", "--ckpt", ckpts[0], "--ckpt", ckpts[1], "--data", "babi:qa1", "--n", 6,
+                         "--json", out_json, "--out", out_html, "-q")
+    assert code == 0, err
+    assert "prob_mean" in out and "paired difference" in out
+    doc = json.loads(out_json.read_text())
+    assert doc["lens"] == "logit" and doc["n_examples"] == 6 and doc["data"]["spec"] == "babi:qa1"
+    assert [m["arch"] for m in doc["models"]] == ["mamba2", "diffmamba2"]
+    for m in doc["models"]:
+        assert m["n_layers"] == 2 and len(m["layers"]) == 3  # layer 0 = embeddings
+        assert [r["layer"] for r in m["layers"]] == [0, 1, 2]
+        for r in m["layers"]:
+            assert set(r) >= {"layer", "prob_mean", "prob_ci_low", "prob_ci_high", "prob_median", "snr_db_mean",
+                              "rank_mean", "distractor_ratio_mean"}
+            assert r["prob_ci_low"] <= r["prob_mean"] <= r["prob_ci_high"]
+    assert {p["measure"] for p in doc["paired"]} >= {"prob", "snr_db"}
+    html = out_html.read_text()
+    assert "Needle probability" in html and html.count("plotly.js v") <= 2
+
+
+def test_snr_tuned_lens(ckpts, tmp_path):
+    code, out, err = run("snr", "--ckpt", ckpts[1], "--n", 3, "--lens", "tuned", "--json", tmp_path / "t.json", "-q")
+    assert code == 0, err
+    assert json.loads((tmp_path / "t.json").read_text())["lens"] == "tuned"
+
+
+def test_lens_command(ckpts):
+    code, out, err = run("lens", "--ckpt", ckpts[1], "--prompt", PROMPT, "--answer", "kitchen", "--top", 3)
+    assert code == 0, err
+    assert "kitchen" in out and "top_tokens" in out
+    assert len([line for line in out.splitlines() if line.strip().startswith(("0 ", "1 ", "2 "))]) == 3
+
+
+def test_attention_command(ckpts, tmp_path):
+    out_html = tmp_path / "att.html"
+    code, out, err = run("attention", "--ckpt", ckpts[1], "--prompt", PROMPT, "--layer", 0, "--out", out_html)
+    assert code == 0, err
+    assert "branch 1, branch 2, differential" in out
+    assert out_html.exists()
+    code, out, err = run("attention", "--ckpt", ckpts[1], "--prompt", PROMPT, "--layer", 1, "--kind", "block", "--out", out_html)
+    assert code == 0, err
+    assert "maps layer" in out
+
+
+def test_compare_command(ckpts):
+    code, out, err = run("compare", "--ckpt", ckpts[0], "--ckpt", ckpts[1], "--n", 4, "--measure", "snr_db", "-q")
+    assert code == 0, err
+    assert "mamba2-tiny" in out and "diffmamba2-tiny" in out and "paired difference of snr_db" in out
+
+
+def test_hooks_command(ckpts):
+    code, out, err = run("hooks", "--ckpt", ckpts[1], "--pos", 3)
+    assert code == 0, err
+    assert "blocks.0.hook_diff" in out and "[1, 3, 32]" in out and "blocks.0.mixer_2.hook_ssm_state" in out
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["snr", "--ckpt", "/no/such/dir", "-q"], "/no/such/dir: no such file or directory"),
+        (["snr", "--data", "babi:qa99", "-q"], "qa99"),
+        (["snr", "--data", "bogus:qa1", "-q"], "bogus"),
+        (["snr", "--n", "0", "-q"], "--n must be a positive"),
+        (["attention", "--prompt", PROMPT, "--layer", "7"], "layer 7 is out of range"),
+        (["attention", "--prompt", PROMPT, "--layer", "1", "--branch", "1"], "not differential"),
+        (["lens", "--prompt", PROMPT, "--answer", ""], "answer"),
+    ],
+)
+def test_bad_input_is_one_line(ckpts, args, needle):
+    # point the model-taking commands at the tiny checkpoints (the shipped ones may not exist yet)
+    if "--ckpt" not in args:
+        args = args[:1] + ["--ckpt", ckpts[0], "--ckpt", ckpts[1]] + args[1:] if args[0] in ("snr",) else args[:1] + ["--ckpt", ckpts[1]] + args[1:]
+    code, out, err = run(*args)
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert needle in lines[0]
+    assert "Traceback" not in err + out
+
+
+def test_malformed_checkpoint(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    code, out, err = run("hooks", "--ckpt", tmp_path)
+    assert code == 2 and err.startswith("error: ") and "config.json" in err and "Traceback" not in err
+
+
+def test_console_script_runs_as_a_process(ckpts):
+    proc = subprocess.run([sys.executable, "-m", "diffmamba_interp.cli", "--help"], capture_output=True, text=True, timeout=120)
+    exe = subprocess.run(["diffmamba-interp", "hooks", "--ckpt", "/nope"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "snr" in proc.stdout
+    assert exe.returncode == 2 and exe.stderr.startswith("error: ") and "Traceback" not in exe.stderr
+
+
+def test_train_a_few_steps(tmp_path):
+    out = tmp_path / "m"
+    code, stdout, err = run("train", "--arch", "diffmamba2", "--out", out, "--steps", 3, "--d-model", 16, "--eval-n", 20,
+                            "--n-layers", 2, "--lens-steps", 2, "-q")
+    assert code == 0, err
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tuned_lens.safetensors", "README.md", "training.json"):
+        assert (out / name).exists(), name
+    card = (out / "README.md").read_text()
+    assert "seed: 0; steps: 3" in card and "| qa1 | 20 |" in card
+    from diffmamba_interp import load_model
+
+    model = load_model(out)
+    assert model.cfg.arch == "diffmamba2" and model.tokenizer is not None
+    training = json.loads((out / "training.json").read_text())
+    assert [r["task"] for r in training["accuracy"]] == ["qa1", "qa2", "qa3", "qa4", "qa5"]
