@@ -21,7 +21,7 @@ from transformer_lens.hook_points import HookPoint
 from .config import MixerDims
 from .lambdas import init_lambda_vectors, lambda_init, lambda_qk
 from .norms import GatedRMSNorm, RMSNorm
-from .scan import causal_conv1d, selective_scan, ssd
+from .scan import causal_conv1d, compute_dtype, selective_scan, ssd
 
 
 def is_hooked(hp: HookPoint) -> bool:
@@ -60,7 +60,7 @@ class S6Core(nn.Module):
         dt_low, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = self.hook_dt(F.softplus(self.dt_proj(dt_low)))  # [batch, pos, E]
         B, C = self.hook_B(B), self.hook_C(C)  # [batch, pos, N]
-        A = -torch.exp(self.A_log.float())  # [E, N]
+        A = -torch.exp(self.A_log.to(compute_dtype(self.A_log.dtype)))  # [E, N]
         want = self.capture_states or is_hooked(self.hook_ssm_state)
         y, states, self.last_path = selective_scan(u, dt, A, B, C, self.D, return_states=want)
         if want:
@@ -140,9 +140,13 @@ class DiffS6Mixer(_ConvFront):
         self.hook_lambda = HookPoint()  # []  λ
         self.hook_diff = HookPoint()  # [batch, pos, E]  S6₁ − λ·S6₂
 
+    def lam(self) -> torch.Tensor:
+        """λ as a 0-d float32 tensor (float64 in a float64 model)."""
+        return lambda_qk(self, self.layer_idx)
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         u, z = self.front(h)
-        lam = self.hook_lambda(lambda_qk(self, self.layer_idx))
+        lam = self.hook_lambda(self.lam())
         diff = self.hook_diff(self.ssm_1(u) - lam.to(u.dtype) * self.ssm_2(u))
         y = (1 - lambda_init(self.layer_idx)) * self.subln(diff)
         return self.back(y, z)
@@ -199,7 +203,7 @@ class Mamba2Mixer(nn.Module):
         C = self.hook_C(C.reshape(b, L, G, N))
         lo, hi = self.time_step_limit
         dt = self.hook_dt(F.softplus(dt + self.dt_bias).clamp(lo, hi))  # [batch, pos, H]
-        A = -torch.exp(self.A_log.float())  # [H]
+        A = -torch.exp(self.A_log.to(compute_dtype(self.A_log.dtype)))  # [H]
         want = self.capture_states or is_hooked(self.hook_ssm_state)
         y, states, self.last_path = ssd(x, dt, A, B, C, self.D, chunk_size=self.chunk_size, return_states=want)
         if want:

@@ -55,12 +55,12 @@ class HookedMamba(HookedRootModule):
         resid = self.hook_embed(self.embed(input_ids.to(self.embed.weight.device)))  # [batch, pos, d]
         for block in self.blocks:
             resid = block(resid)
-        logits = self.unembed(resid)
         self._log_paths()
-        if return_type == "logits":
-            return logits
         if return_type is None:
             return None
+        logits = self.unembed(resid)
+        if return_type == "logits":
+            return logits
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten().to(logits.device))
         if return_type == "loss":
             return loss

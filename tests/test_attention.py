@@ -173,7 +173,7 @@ def test_matches_naive_triple_loop(arch, G):
     _, cache = model.run_with_cache(ids)
     mix = model.blocks[0].mixer
     p = "blocks.0.mixer"
-    A = -torch.exp(mix.A_log.detach().float()).double()
+    A = -torch.exp(mix.A_log.detach().double())
     dt, B, C = cache[f"{p}.hook_dt"], cache[f"{p}.hook_B"], cache[f"{p}.hook_C"]
     ref = naive_s6(dt, A, B, C) if arch == "mamba1" else naive_ssd(dt, A, B, C)
     alpha = implicit_attention(model, ids, 0)

@@ -324,7 +324,7 @@ def _compute(tg: _Target, cache: dict[str, Tensor], kind: str, reduce, chunk, f:
     b, L = dt.shape[:2]
     dev = dt.device
     masks = _masks(L, dev)
-    A = -torch.exp(tg.core_mod.A_log.detach().float()).to(f)  # exactly as the mixers compute A
+    A = -torch.exp(tg.core_mod.A_log.detach().to(compute_dtype(tg.core_mod.A_log.dtype))).to(f)  # as the mixers compute A
     D = tg.core_mod.D.detach().to(f)
     step = chunk or _default_chunk(b, L)
     B, C = g(f"{tg.core}.hook_B"), g(f"{tg.core}.hook_C")
