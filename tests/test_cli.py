@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -138,7 +139,8 @@ def test_malformed_checkpoint(tmp_path):
 
 def test_console_script_runs_as_a_process(ckpts):
     proc = subprocess.run([sys.executable, "-m", "diffmamba_interp.cli", "--help"], capture_output=True, text=True, timeout=120)
-    exe = subprocess.run(["diffmamba-interp", "hooks", "--ckpt", "/nope"], capture_output=True, text=True, timeout=120)
+    script = str(Path(sys.executable).parent / "diffmamba-interp")
+    exe = subprocess.run([script, "hooks", "--ckpt", "/nope"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "snr" in proc.stdout
     assert exe.returncode == 2 and exe.stderr.startswith("error: ") and "Traceback" not in exe.stderr
 
