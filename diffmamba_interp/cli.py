@@ -239,6 +239,7 @@ def train(
     d_model: int = typer.Option(64, "--d-model"), n_layers: int = typer.Option(4, "--n-layers"),
     batch_size: int = typer.Option(32, "--batch-size"), lr: float = typer.Option(3e-3, "--lr"),
     lens_steps: int = typer.Option(300, "--lens-steps", help="Tuned-lens training steps (0: none)."),
+    init: Optional[Path] = typer.Option(None, "--init", help="Continue training from this checkpoint's weights."),
     eval_n: Optional[int] = typer.Option(None, "--eval-n", help="Test examples per task for the accuracy (default: all)."),
     quiet: bool = QUIET,
 ) -> None:
@@ -250,7 +251,7 @@ def train(
     if steps <= 0:
         raise DiffMambaError(f"--steps must be positive, got {steps}")
     cfg = TrainConfig(arch=arch.value, steps=steps, seed=seed, d_model=d_model, n_layers=n_layers,
-                      batch_size=batch_size, lr=lr)
+                      batch_size=batch_size, lr=lr, init=str(init) if init else None)
     model, result = run_training(cfg, build_babi_tokenizer(), progress=not quiet, eval_n=eval_n)
     command = "diffmamba-interp " + " ".join(sys.argv[1:])
     save_run(model, result, out, command)

@@ -12,7 +12,7 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
@@ -46,6 +46,7 @@ class TrainConfig:
     max_len: int = 256  # prompts longer than this (some qa3 stories) are skipped
     seed: int = 0
     tasks: tuple[str, ...] = TASKS
+    init: str | None = None  # continue from this checkpoint's weights (a new schedule of `steps`)
 
     def model_config(self, vocab_size: int) -> MambaConfig:
         if self.arch not in ("mamba1", "mamba2", "diffmamba1", "diffmamba2", "diffs6"):
@@ -64,6 +65,7 @@ class TrainResult:
     wall_s: float
     final_loss: float
     accuracy: pd.DataFrame = field(repr=False)  # task, n, accuracy
+    earlier: list = field(default_factory=list)  # training.json of the stages this run continued
 
 
 def encode_examples(tokenizer, pairs, max_len: int) -> list[tuple[list[int], int]]:
@@ -120,6 +122,13 @@ def train(cfg: TrainConfig, tokenizer, progress: bool = True, eval_n: int | None
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     model = HookedMamba(cfg.model_config(len(tokenizer)))
+    if cfg.init:
+        from .loading import load_model
+
+        start_from = load_model(cfg.init)
+        if replace(start_from.cfg, extra={}) != replace(model.cfg, extra={}):
+            raise DiffMambaError(f"--init {cfg.init}: its config differs from the requested model ({start_from.cfg.arch}, d_model {start_from.cfg.d_model})")
+        model.load_state_dict(start_from.state_dict())
     model.tokenizer = tokenizer
     pairs = [pair for task in cfg.tasks for pair in training_stream(tasks=(task,))]
     examples = encode_examples(tokenizer, pairs, cfg.max_len)
@@ -148,7 +157,11 @@ def train(cfg: TrainConfig, tokenizer, progress: bool = True, eval_n: int | None
     model.eval()
     acc = evaluate(model, tokenizer, cfg.tasks, n=eval_n, progress=progress)
     n_params = sum(p.numel() for p in model.parameters())
-    return model, TrainResult(cfg, n_params, len(examples), wall, float(ema or float("nan")), acc)
+    earlier = []
+    if cfg.init and (Path(cfg.init) / "training.json").exists():
+        before = json.loads((Path(cfg.init) / "training.json").read_text())
+        earlier = before.pop("earlier", []) + [before]
+    return model, TrainResult(cfg, n_params, len(examples), wall, float(ema or float("nan")), acc, earlier)
 
 
 @torch.no_grad()
@@ -174,6 +187,11 @@ def evaluate(model: HookedMamba, tokenizer, tasks=TASKS, split: str = "test", n:
 def model_card(result: TrainResult, command: str) -> str:
     cfg = result.config
     table = "\n".join(f"| {r.task} | {r.n} | {r.accuracy:.3f} |" for r in result.accuracy.itertuples())
+    stages = "".join(
+        f"- earlier stage {k + 1}: `{e.get('command', '?')}` — {e['steps']} steps, lr {e['lr']}, {e['wall_s'] / 60:.1f} min, "
+        f"qa1 accuracy then {next((a['accuracy'] for a in e['accuracy'] if a['task'] == 'qa1'), float('nan')):.3f}\n"
+        for k, e in enumerate(result.earlier)
+    )
     return f"""# {cfg.arch}-babi
 
 A small {cfg.arch} language model trained by `diffmamba-interp train` on the bAbI tasks
@@ -181,8 +199,8 @@ A small {cfg.arch} language model trained by `diffmamba-interp train` on the bAb
 command has a real default. Word-level tokenizer over the bAbI vocabulary. bAbI data: CC BY 3.0
 (Facebook AI Research; see `diffmamba_interp/data/babi/LICENSE.txt`).
 
-- command: `{command}`
-- seed: {cfg.seed}; steps: {cfg.steps}; batch size: {cfg.batch_size}; lr: {cfg.lr} (warm-up {cfg.warmup}, cosine)
+{stages}- command: `{command}`
+- seed: {cfg.seed}; steps: {cfg.steps}{f" (continuing from {cfg.init})" if cfg.init else ""}; batch size: {cfg.batch_size}; lr: {cfg.lr} (warm-up {cfg.warmup}, cosine)
 - training examples: {result.n_examples} (prompts up to {cfg.max_len} tokens)
 - parameters: {result.n_params:,}; d_model {cfg.d_model}, {cfg.n_layers} layers, d_state {cfg.d_state}, head_dim {cfg.head_dim}{", differential layers: " + cfg.diff_layers if cfg.arch.startswith("diff") else ""}
 - wall time: {result.wall_s / 60:.1f} min on CPU ({torch.get_num_threads()} threads)
@@ -202,7 +220,7 @@ def save_run(model: HookedMamba, result: TrainResult, out: str | Path, command: 
     out = Path(out)
     model.save_pretrained(out)
     (out / "README.md").write_text(model_card(result, command))
-    summary = {**asdict(result.config), "n_params": result.n_params, "n_examples": result.n_examples,
+    summary = {**asdict(result.config), "command": command, "earlier": result.earlier, "n_params": result.n_params, "n_examples": result.n_examples,
                "wall_s": round(result.wall_s, 1), "final_loss": result.final_loss,
                "accuracy": result.accuracy.to_dict(orient="records")}
     (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
