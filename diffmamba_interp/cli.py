@@ -16,6 +16,7 @@ from typing import List, Optional
 import typer
 
 from . import __version__
+from .config import ARCHS
 from .errors import DiffMambaError
 
 app = typer.Typer(
@@ -43,12 +44,7 @@ class Reduce(str, Enum):
     absmean = "absmean"
 
 
-class Arch(str, Enum):
-    mamba1 = "mamba1"
-    mamba2 = "mamba2"
-    diffmamba1 = "diffmamba1"
-    diffmamba2 = "diffmamba2"
-    diffs6 = "diffs6"
+Arch = Enum("Arch", {a: a for a in ARCHS}, type=str)
 
 
 def _version(value: bool) -> None:
@@ -233,7 +229,7 @@ def hooks(ckpt: Optional[List[str]] = CKPT, pos: int = typer.Option(4, "--pos", 
 @app.command()
 @_errors
 def train(
-    arch: Arch = typer.Option(Arch.mamba2, "--arch"),
+    arch: Arch = typer.Option("mamba2", "--arch"),
     out: Path = typer.Option(..., "--out", help="Output checkpoint directory."),
     steps: int = typer.Option(2000, "--steps"), seed: int = SEED,
     d_model: int = typer.Option(64, "--d-model"), n_layers: int = typer.Option(4, "--n-layers"),
