@@ -258,8 +258,11 @@ def selective_scan_numba(u, delta, A, B, C, D, return_states: bool = False):
     AT_np = arr(A.detach().t())  # [N, E]: contiguous over channels, like the kernel's inner loop
     y = torch.empty((b, L, E), dtype=acc)
     states = torch.empty((b, L, E, N) if return_states else (0, 0, 0, 0), dtype=acc)
-    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    numba.set_num_threads(threads)
+    torch_threads = torch.get_num_threads()
+    threads = max(1, min(torch_threads, numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(threads)  # the first call also starts numba's thread pool, which (omp layer)
+    if torch.get_num_threads() != torch_threads:  # sets OpenMP's thread count to NUMBA_NUM_THREADS,
+        torch.set_num_threads(torch_threads)  # the count torch reads: put the user's setting back
     ntiles = -(-E // _TILE)
     # Without states: one tile per job (its state stays in L1). With states: one run of tiles per
     # thread, so that every step writes one contiguous stretch of the [b, L, E, N] output.

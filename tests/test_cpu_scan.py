@@ -245,3 +245,22 @@ def test_benchmark_chunked_scan_matches():
         assert_close_scaled(h, ref_h, 1e-12)
         assert torch.equal(bench.selective_scan_chunked(*inputs, chunk_size=T), y)
         assert_close_scaled(bench.selective_scan_loop(*inputs), ref_y, 1e-12)
+
+
+def test_first_call_keeps_torchs_thread_count():
+    """Starting numba's pool (omp layer) resets OpenMP's thread count; torch's setting must survive."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, numba\n"
+        "torch.set_num_threads(1)\n"
+        "from diffmamba_interp.cpu_scan import selective_scan_numba\n"
+        "x = torch.ones(1, 2, 3)\n"
+        "y = selective_scan_numba(x, x, -torch.ones(3, 2), torch.ones(1, 2, 2), torch.ones(1, 2, 2), torch.ones(3))\n"
+        "print(torch.get_num_threads(), numba.get_num_threads(), float(y.sum()))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    torch_threads, numba_threads, total = out.stdout.split()
+    assert (torch_threads, numba_threads) == ("1", "1")
+    assert float(total) == pytest.approx(6 * (1 + 1 + torch.exp(torch.tensor(-1.0)).item() + 1))
