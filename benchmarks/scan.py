@@ -12,6 +12,10 @@ float32, after one warm-up call each (which also compiles or loads the numba ker
 alternate between the methods so that load from other processes hits all of them alike. The script
 prints a markdown table (median and min seconds, speed-up of the median vs the loop) and checks that
 the three outputs agree.
+
+Run it on an otherwise idle machine. With both cores busy elsewhere, (b) slowed down 10-25x in our
+runs (its large ops run on 2 OpenMP threads that wait for each other; with --threads 1 it was back
+to ~0.25 s), while (a), whose per-step ops are below torch's parallel grain size, and (c) slowed ~2x.
 """
 
 from __future__ import annotations
