@@ -37,6 +37,12 @@ def default_checkpoints() -> list[str]:
     return [str(p) for p in paths]
 
 
+def display_path(path) -> str:
+    """A checkpoint path as reports show it: relative to the working directory when inside it."""
+    rel = os.path.relpath(path)
+    return str(path) if rel.startswith("..") else rel
+
+
 def load_models(ckpts: Sequence[str] | None) -> list:
     """Load each checkpoint (the shipped pair when None) -> [HookedMamba], labelled by directory name."""
     from .loading import load_model
@@ -93,7 +99,7 @@ class SnrRun:
         models = []
         for m in self.models:
             rows = table[table.model == m.label].drop(columns="model")
-            models.append({"ckpt": m.checkpoint_path or m.label, "label": m.label, "arch": m.cfg.arch,
+            models.append({"ckpt": display_path(m.checkpoint_path) if m.checkpoint_path else m.label, "label": m.label, "arch": m.cfg.arch,
                            "n_layers": m.cfg.n_layers, "layers": _records(rows)})
         return {"data": self.data, "lens": self.lens, "n_examples": self.n_examples, "models": models,
                 "paired": _records(self.result.paired)}
@@ -107,7 +113,7 @@ class SnrRun:
             summary=self.result.summary, paired=self.result.paired if len(self.result.paired) else None,
             branch=branch, attention=attention, tables={"per-layer summary": table.round(4)},
             meta={"data": self.data["spec"], "lens": self.lens, "examples": self.n_examples,
-                  "checkpoints": [m.checkpoint_path or m.label for m in self.models]},
+                  "checkpoints": [display_path(m.checkpoint_path) if m.checkpoint_path else m.label for m in self.models]},
         )
 
 

@@ -58,7 +58,7 @@ def test_reported_qa1_accuracy_is_real_and_above_half(models):
         assert abs(measured - card_acc["qa1"]) < 0.1  # first 200 questions vs all 1000
 
 
-@pytest.mark.parametrize("name", ["snr.html", "report.html"])
+@pytest.mark.parametrize("name", ["report.html"])
 def test_committed_reports_render_offline_in_chromium(name):
     page = ROOT / "reports" / name
     assert page.exists(), f"{page} missing (make demo / diffmamba-interp report)"
