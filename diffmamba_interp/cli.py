@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import warnings
 from enum import Enum
 from pathlib import Path
 from typing import List, Optional
@@ -60,6 +61,8 @@ def main(
 ) -> None:
     """Mechanistic interpretability for Mamba and Diff-Mamba models."""
     _state["debug"] = debug
+    if not debug:  # warnings (e.g. a multi-token answer) as one line each, without source lines
+        warnings.showwarning = lambda message, category, *a, **k: typer.echo(f"warning: {message}", err=True)
 
 
 def _errors(fn):

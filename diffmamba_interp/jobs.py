@@ -154,6 +154,9 @@ def lens_table(model, prompt: str, answer: str, lens: str = "logit", top_k: int 
     from .analysis.snr import resolve_lens, target_probs
 
     tok = tokenizer_of(model)
+    n_tokens = len(tok.encode(" " + answer, add_special_tokens=False))
+    if n_tokens != 1:
+        raise DiffMambaError(f"answer {answer!r} is {n_tokens} tokens for this tokenizer; the lens reads one token, give one word")
     lens_obj = resolve_lens(model, lens)
     rows = target_probs(model, [prompt], [answer], lens=lens_obj, progress=False)
     ids = model.to_tokens(prompt)

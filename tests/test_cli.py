@@ -116,7 +116,8 @@ def test_hooks_command(ckpts):
         (["snr", "--n", "0", "-q"], "--n must be a positive"),
         (["attention", "--prompt", PROMPT, "--layer", "7"], "layer 7 is out of range"),
         (["attention", "--prompt", PROMPT, "--layer", "1", "--branch", "1"], "not differential"),
-        (["lens", "--prompt", PROMPT, "--answer", ""], "answer"),
+        (["lens", "--prompt", PROMPT, "--answer", ""], "answer '' is 0 tokens"),
+        (["lens", "--prompt", PROMPT, "--answer", "hallway kitchen"], "answer 'hallway kitchen' is 2 tokens"),
     ],
 )
 def test_bad_input_is_one_line(ckpts, args, needle):
