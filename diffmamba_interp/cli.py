@@ -194,7 +194,8 @@ def compare(
         typer.echo(f"\npaired difference of {measure} (b − a) with 95% CI:")
         _print_table(p[p.measure == measure].drop(columns="measure"))
     if json_out:
-        _write_json(json_out, {"summary": run.to_json()["models"], "paired": run.to_json()["paired"]})
+        doc = run.to_json()
+        _write_json(json_out, {"summary": doc["models"], "paired": doc["paired"]})
 
 
 @app.command()
