@@ -18,19 +18,13 @@ import numpy as np
 import pandas as pd
 
 from ..errors import DiffMambaError
+from ..schemas import PAIRED_COLUMNS, SUMMARY_COLUMNS, TARGET_COLUMNS, check_columns
 from .lens import Lens, TunedLens
-from .snr import MEASURES, SUMMARY_COLUMNS, TARGET_COLUMNS, resolve_lens, snr_summary, target_probs
+from .snr import MEASURES, resolve_lens, snr_summary, target_probs
 from .stats import paired_bootstrap
 
 __all__ = ["PAIRED_COLUMNS", "CompareResult", "compare", "paired_summary"]
 
-PAIRED_COLUMNS = ("model_a", "model_b", "layer", "measure", "diff_mean", "ci_low", "ci_high")
-
-
-def _check_columns(df: pd.DataFrame, cols: Sequence[str], what: str) -> None:
-    missing = [c for c in cols if c not in df.columns]
-    if missing:
-        raise DiffMambaError(f"{what} lacks columns {', '.join(missing)}")
 
 
 @dataclass
@@ -47,9 +41,9 @@ class CompareResult:
     notes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        _check_columns(self.summary, SUMMARY_COLUMNS, "summary")
-        _check_columns(self.paired, PAIRED_COLUMNS, "paired")
-        _check_columns(self.per_example, ("model", *TARGET_COLUMNS), "per_example")
+        check_columns(self.summary, SUMMARY_COLUMNS, "summary")
+        check_columns(self.paired, PAIRED_COLUMNS, "paired")
+        check_columns(self.per_example, ("model", *TARGET_COLUMNS), "per_example")
         if len(set(self.labels)) != len(self.labels):
             raise DiffMambaError(f"model labels must be unique, got {self.labels}")
         unknown = set(self.summary["model"]) - set(self.labels)

@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import DiffMambaError
+from ..schemas import SUMMARY_COLUMNS, TARGET_COLUMNS
 from .lens import Lens, LogitLens, TunedLens
 from .stats import bootstrap_mean
 
@@ -33,8 +34,6 @@ __all__ = ["MEASURES", "TARGET_COLUMNS", "SUMMARY_COLUMNS", "target_probs", "snr
            "first_token", "length_batches"]
 
 MEASURES = ("prob", "logprob", "rank", "snr_db", "distractor_ratio")
-TARGET_COLUMNS = ("example", "layer", "prob", "logprob", "rank", "snr_db", "distractor_ratio", "target", "n_target_tokens")
-SUMMARY_COLUMNS = ("model", "layer", "measure", "mean", "median", "ci_low", "ci_high")
 P_CLAMP = 1e-12
 
 

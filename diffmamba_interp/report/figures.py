@@ -25,6 +25,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from ..errors import DiffMambaError
+from ..schemas import BRANCH_COLUMNS, PAIRED_COLUMNS, SUMMARY_COLUMNS, check_columns
 
 __all__ = [
     "SUMMARY_COLUMNS",
@@ -41,9 +42,6 @@ __all__ = [
     "attention_figure",
 ]
 
-SUMMARY_COLUMNS = ("model", "layer", "measure", "mean", "median", "ci_low", "ci_high")
-PAIRED_COLUMNS = ("model_a", "model_b", "layer", "measure", "diff_mean", "ci_low", "ci_high")
-BRANCH_COLUMNS = ("model", "layer", "component", "value")
 BRANCH_COMPONENTS = ("mixer_1", "-λ·mixer_2", "block")
 
 MEASURE_LABELS = {
@@ -83,19 +81,6 @@ def how_to_read(fig: go.Figure) -> str:
     if isinstance(meta, Mapping) and "how_to_read" in meta:
         return str(meta["how_to_read"])
     return ""
-
-
-def check_columns(df, required: Sequence[str], name: str) -> pd.DataFrame:
-    """Raise DiffMambaError unless ``df`` is a DataFrame holding every column in ``required``."""
-    if not isinstance(df, pd.DataFrame):
-        raise DiffMambaError(f"{name} must be a pandas DataFrame, got {type(df).__name__}")
-    missing = [c for c in required if c not in df.columns]
-    if missing:
-        raise DiffMambaError(
-            f"{name} is missing required column(s): {', '.join(missing)} "
-            f"(has: {', '.join(map(str, df.columns)) or 'none'})"
-        )
-    return df
 
 
 def _text(s) -> str:

@@ -1,0 +1,31 @@
+"""The DataFrame schemas that flow from the analysis to the reports, defined once, and their check."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import pandas as pd
+
+from .errors import DiffMambaError
+
+# target_probs: one row per (example, layer)
+TARGET_COLUMNS = ("example", "layer", "prob", "logprob", "rank", "snr_db", "distractor_ratio", "target", "n_target_tokens")
+# snr_summary / compare().summary: one row per (model, layer, measure)
+SUMMARY_COLUMNS = ("model", "layer", "measure", "mean", "median", "ci_low", "ci_high")
+# compare().paired: model b − model a per (layer, measure)
+PAIRED_COLUMNS = ("model_a", "model_b", "layer", "measure", "diff_mean", "ci_low", "ci_high")
+# branch contributions per (model, block, component)
+BRANCH_COLUMNS = ("model", "layer", "component", "value")
+
+
+def check_columns(df, required: Sequence[str], name: str) -> pd.DataFrame:
+    """Raise DiffMambaError unless ``df`` is a DataFrame holding every column in ``required``."""
+    if not isinstance(df, pd.DataFrame):
+        raise DiffMambaError(f"{name} must be a pandas DataFrame, got {type(df).__name__}")
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise DiffMambaError(
+            f"{name} is missing required column(s): {', '.join(missing)} "
+            f"(has: {', '.join(map(str, df.columns)) or 'none'})"
+        )
+    return df
