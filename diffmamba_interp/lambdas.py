@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from .scan import compute_dtype
+
 
 def lambda_init(i: int) -> float:
     """λ_init(i) = 0.8 − 0.6·exp(−0.3·i), with i the block index counted from 0 (not stored)."""
@@ -16,7 +18,7 @@ def lambda_init(i: int) -> float:
 def _param(module: nn.Module, name: str) -> torch.Tensor:
     """A λ parameter in float32 (float64 stays float64)."""
     p = getattr(module, name)
-    return p if p.dtype == torch.float64 else p.float()
+    return p.to(compute_dtype(p.dtype))
 
 
 def lambda_q1(module: nn.Module, i: int) -> torch.Tensor:

@@ -6,6 +6,8 @@ import torch
 from torch import nn
 from transformer_lens.hook_points import HookPoint
 
+from .scan import compute_dtype
+
 
 class RMSNorm(nn.Module):
     """y = w ⊙ x · scale, scale = 1 / sqrt(mean(x²) + eps), computed in float32 (as transformers)."""
@@ -18,9 +20,9 @@ class RMSNorm(nn.Module):
         self.hook_normalized = HookPoint()  # [batch, pos, d]  output, gain applied
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float() if x.dtype != torch.float64 else x
-        scale = self.hook_scale(torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps))
-        return self.hook_normalized(self.weight * (x32 * scale).to(x.dtype))
+        xf = x.to(compute_dtype(x.dtype))
+        scale = self.hook_scale(torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps))
+        return self.hook_normalized(self.weight * (xf * scale).to(x.dtype))
 
 
 class GatedRMSNorm(nn.Module):
@@ -38,7 +40,7 @@ class GatedRMSNorm(nn.Module):
         self.hook_normalized = HookPoint()  # [batch, pos, E]
 
     def forward(self, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        f = torch.float64 if y.dtype == torch.float64 else torch.float32
+        f = compute_dtype(y.dtype)
         g = (y.to(f) * gate.to(f)).unflatten(-1, (self.n_groups, -1))  # [batch, pos, G, E/G]
         scale = self.hook_scale(torch.rsqrt(g.pow(2).mean(-1) + self.eps))  # [batch, pos, G]
         out = (g * scale.unsqueeze(-1)).flatten(-2)

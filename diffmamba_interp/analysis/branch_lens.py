@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import DiffMambaError
+from ..scan import compute_dtype
 from .snr import _prompt_ids, first_token, length_batches
 
 __all__ = ["BRANCH_COMPONENTS", "branch_lens", "direct_logit"]
@@ -58,7 +59,7 @@ def _batch_contributions(model, ids: torch.Tensor, tids: torch.Tensor, position:
         names |= {f"blocks.{i}.mixer_1.hook_out", f"blocks.{i}.mixer_2.hook_out", f"blocks.{i}.hook_lambda",
                   f"blocks.{i}.subln.hook_scale"}
     cache: dict[str, torch.Tensor] = {}
-    dt = torch.float64 if model.dtype == torch.float64 else torch.float32
+    dt = compute_dtype(model.dtype)
 
     def grab(t, hook):
         cache[hook.name] = (t if t.ndim == 0 else t[:, pos]).detach().to(dt)

@@ -29,6 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..errors import DiffMambaError
+from ..scan import compute_dtype
 
 __all__ = ["Lens", "LogitLens", "TunedLens", "TrainConfig", "logit_lens", "residuals", "lens_layers",
            "LENS_WEIGHTS", "LENS_CONFIG"]
@@ -61,10 +62,6 @@ def _positions(positions, L: int) -> list[int] | None:
     return out
 
 
-def _compute_dtype(model) -> torch.dtype:
-    return torch.float64 if model.dtype == torch.float64 else torch.float32
-
-
 def residuals(model, input_ids: torch.Tensor, positions=None, return_logits: bool = False):
     """Residual stream at every lens layer, no grad -> [K, B, P, d] (and the logits [B, L, V]).
 
@@ -76,7 +73,7 @@ def residuals(model, input_ids: torch.Tensor, positions=None, return_logits: boo
     names = lens_layers(model)
     index = {n: k for k, n in enumerate(names)}
     found: list[torch.Tensor | None] = [None] * len(names)
-    dt = _compute_dtype(model)
+    dt = compute_dtype(model.dtype)
 
     def grab(t, hook):
         found[index[hook.name]] = (t if pos is None else t[:, pos]).detach().to(dt)
