@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Sequence
 
 import pandas as pd
-import torch
 
 from .errors import DiffMambaError
 
@@ -200,12 +199,9 @@ def branch_table(models, prompts, n: int = 50, progress: bool = True) -> pd.Data
 
     frames = []
     for m in models:
-        subset = prompts[:n]
-        ids = [m.to_tokens(p.prompt) for p in subset]
-        targets = [m.tokenizer.encode(" " + p.answer, add_special_tokens=False)[0] for p in subset]
-        parts = [branch_lens(m, i, torch.tensor([t]), progress=False).assign(example=k) for k, (i, t) in enumerate(zip(ids, targets))]
-        df = pd.concat(parts).groupby(["layer", "component"], as_index=False)["value"].mean()
-        frames.append(df.assign(model=m.label))
+        subset = prompts[:n]  # texts and answers: branch_lens batches them by length
+        df = branch_lens(m, [p.prompt for p in subset], [p.answer for p in subset], progress=progress)
+        frames.append(df.groupby(["layer", "component"], as_index=False)["value"].mean().assign(model=m.label))
     return pd.concat(frames, ignore_index=True)[["model", "layer", "component", "value"]]
 
 
