@@ -1,8 +1,10 @@
-"""Residual blocks: plain (one mixer) and differential (two mixers, SPEC §1).
+"""Residual blocks (docs/conventions.md, "Blocks"). Every block is pre-norm:
+resid_post = resid_pre + mixer_out(RMSNorm(resid_pre)).
 
-Every block is pre-norm: resid_post = resid_pre + mixer_out(RMSNorm(resid_pre)).
-Differential (Diff-Mamba-1/2): mixer_out = (1 − λ_init) · subln(mixer_1(h) − λ · mixer_2(h)).
-Diff-S6 layers are plain blocks whose mixer is a `DiffS6Mixer` (the difference inside the mixer).
+- `Block(d_model, mixer)`: one mixer, whatever its class (Mamba-1, Mamba-2, Diff-S6); the
+  architecture registry (`archs.py`) decides which mixer a layer gets, as mamba-ssm's `create_block`.
+- `DiffBlock`: Diff-Mamba-1/2, two mixers of reduced size and the differential combination
+  mixer_out = (1 − λ_init)·subln(mixer_1(h) − λ·mixer_2(h)) (`differential.Differential`).
 """
 
 from __future__ import annotations
@@ -11,13 +13,14 @@ import torch
 from torch import nn
 from transformer_lens.hook_points import HookPoint
 
-from .config import MambaConfig
-from .lambdas import init_lambda_vectors, lambda_init, lambda_q1, lambda_qk
-from .mixers import DiffS6Mixer, Mamba1Mixer, Mamba2Mixer
+from .differential import Differential
+from .mixers.base import Mixer
 from .norms import RMSNorm
 
+Tensor = torch.Tensor
 
-def _residual_add(resid: torch.Tensor, out: torch.Tensor, in_fp32: bool) -> torch.Tensor:
+
+def _residual_add(resid: Tensor, out: Tensor, in_fp32: bool) -> Tensor:
     """transformers keeps the residual in float32 for half-precision models (residual_in_fp32)."""
     if in_fp32 and resid.dtype in (torch.float16, torch.bfloat16):
         return resid.float() + out
@@ -25,70 +28,60 @@ def _residual_add(resid: torch.Tensor, out: torch.Tensor, in_fp32: bool) -> torc
 
 
 class Block(nn.Module):
-    """A plain block: Mamba-1, Mamba-2 or Diff-S6 mixer behind a shared pre-norm."""
+    """A plain block: the given mixer behind a pre-norm."""
 
-    def __init__(self, cfg: MambaConfig, i: int):
+    def __init__(self, d_model: int, mixer: nn.Module, layer_idx: int, norm_eps: float, residual_in_fp32: bool):
         super().__init__()
-        self.layer_idx = i
-        self.residual_in_fp32 = cfg.residual_in_fp32
-        self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        dims = cfg.mixer_dims()
-        if cfg.family == "mamba2":
-            self.mixer = Mamba2Mixer(dims)
-        elif cfg.arch == "diffs6" and cfg.is_diff_layer(i):
-            self.mixer = DiffS6Mixer(dims, i)
-        else:
-            self.mixer = Mamba1Mixer(dims)
+        self.layer_idx = layer_idx
+        self.residual_in_fp32 = residual_in_fp32
+        self.norm = RMSNorm(d_model, eps=norm_eps)
+        self.mixer = mixer
         self.hook_resid_pre = HookPoint()  # [batch, pos, d]
         self.hook_mixer_out = HookPoint()  # [batch, pos, d]  what is added to the residual
         self.hook_resid_post = HookPoint()  # [batch, pos, d]
 
-    def forward(self, resid: torch.Tensor) -> torch.Tensor:
+    def forward(self, resid: Tensor) -> Tensor:
         resid = self.hook_resid_pre(resid)
         out = self.hook_mixer_out(self.mixer(self.norm(resid.to(self.norm.weight.dtype))))
         return self.hook_resid_post(_residual_add(resid, out, self.residual_in_fp32))
 
 
-class DiffBlock(nn.Module):
-    """A Diff-Mamba-1/2 block: two mixers of halved size, λ, subln and the (1 − λ_init) scale."""
+class DiffBlock(Differential, Mixer):
+    """A Diff-Mamba-1/2 block: two mixers, λ, subln and the (1 − λ_init) scale.
 
-    def __init__(self, cfg: MambaConfig, i: int):
+    As a `Mixer` its implicit attention is that of branch 1 or 2 (mixer_1 / mixer_2).
+    """
+
+    BRANCHES = ("mixer_1", "mixer_2")
+    DESCRIPTION = "a differential block"
+    SHARED_CHANNELS = False  # whether the two branches act on the same channels
+
+    def __init__(self, d_model: int, mixer_1: nn.Module, mixer_2: nn.Module, layer_idx: int, norm_eps: float,
+                 residual_in_fp32: bool, lambda_form: str, lambda_size: int):
         super().__init__()
-        self.layer_idx = i
-        self.lambda_init = lambda_init(i)
-        self.residual_in_fp32 = cfg.residual_in_fp32
-        self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        dims = cfg.mixer_dims(differential=True)
-        mixer = Mamba2Mixer if cfg.arch == "diffmamba2" else Mamba1Mixer
-        self.mixer_1 = mixer(dims)
-        self.mixer_2 = mixer(dims)
-        if cfg.arch == "diffmamba2":
-            self.lambda_q1 = nn.Parameter(torch.randn(cfg.d_model) * 0.1)  # [d]
-            self._lambda = lambda_q1
-        else:
-            init_lambda_vectors(self, cfg.d_state)  # lambda_{q1,k1,q2,k2} [N]
-            self._lambda = lambda_qk
-        self.subln = RMSNorm(cfg.d_model, eps=1e-5)
+        self.residual_in_fp32 = residual_in_fp32
+        self.norm = RMSNorm(d_model, eps=norm_eps)
+        self.mixer_1 = mixer_1
+        self.mixer_2 = mixer_2
+        self._init_differential(layer_idx, lambda_form, lambda_size, d_model)
         self.hook_resid_pre = HookPoint()  # [batch, pos, d]
         self.hook_lambda = HookPoint()  # []  λ
         self.hook_diff = HookPoint()  # [batch, pos, d]  mixer_1 out − λ · mixer_2 out
         self.hook_mixer_out = HookPoint()  # [batch, pos, d]  (1 − λ_init) · subln(diff)
         self.hook_resid_post = HookPoint()  # [batch, pos, d]
 
-    def lam(self) -> torch.Tensor:
-        """λ as a 0-d float32 tensor (float64 in a float64 model)."""
-        return self._lambda(self, self.layer_idx)
-
-    def forward(self, resid: torch.Tensor) -> torch.Tensor:
+    def forward(self, resid: Tensor) -> Tensor:
         resid = self.hook_resid_pre(resid)
         h = self.norm(resid.to(self.norm.weight.dtype))
         lam = self.hook_lambda(self.lam())
-        diff = self.hook_diff(self.mixer_1(h) - lam.to(h.dtype) * self.mixer_2(h))
-        out = self.hook_mixer_out((1 - self.lambda_init) * self.subln(diff))
+        out = self.hook_mixer_out(self.combine(self.mixer_1(h), self.mixer_2(h), lam))
         return self.hook_resid_post(_residual_add(resid, out, self.residual_in_fp32))
 
+    def attention_hooks(self, kind: str, branch: int | None = None) -> list[str]:
+        name = self.BRANCHES[branch - 1]
+        return [f"{name}.{n}" for n in self.branch(branch).attention_hooks(kind)]
 
-def make_block(cfg: MambaConfig, i: int) -> nn.Module:
-    if cfg.arch in ("diffmamba1", "diffmamba2") and cfg.is_diff_layer(i):
-        return DiffBlock(cfg, i)
-    return Block(cfg, i)
+    def implicit_attention(self, cache, kind, reduce=None, chunk=None, branch=None):
+        prefix = f"{self.BRANCHES[branch - 1]}."
+        sub = {k[len(prefix):]: v for k, v in cache.items() if k.startswith(prefix)}
+        return self.branch(branch).implicit_attention(sub, kind, reduce, chunk)

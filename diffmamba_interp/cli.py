@@ -17,8 +17,9 @@ from typing import List, Optional
 import typer
 
 from . import __version__
+from .analysis.lens import LENSES
 from .config import ARCHS
-from .errors import DiffMambaError
+from .errors import DiffMambaError, one_line
 
 app = typer.Typer(
     help="Mechanistic interpretability for Mamba and Diff-Mamba models. With no --ckpt, commands use "
@@ -30,9 +31,7 @@ app = typer.Typer(
 _state = {"debug": False}
 
 
-class LensKind(str, Enum):
-    logit = "logit"
-    tuned = "tuned"
+LensKind = Enum("LensKind", {name: name for name in LENSES}, type=str)  # the lens registry's names
 
 
 class MapKind(str, Enum):
@@ -77,7 +76,7 @@ def _errors(fn):
         except Exception as e:  # noqa: BLE001 - the CLI boundary
             if _state["debug"]:
                 raise
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            msg = one_line(e, limit=10_000)
             if not isinstance(e, (DiffMambaError, FileNotFoundError)):
                 msg = f"{type(e).__name__}: {msg} (run with --debug for the traceback)"
             typer.echo(f"error: {msg}", err=True)
@@ -99,7 +98,7 @@ def _write_json(path: Path, obj) -> None:
 CKPT = typer.Option(None, "--ckpt", help="Checkpoint directory (repeat for several). Default: the two shipped models.")
 DATA = typer.Option("babi:qa1", "--data", help="babi:qa1, babi:qa2:train, babilong:qa2:1k or jsonl:PATH.")
 N = typer.Option(200, "--n", help="Number of examples.")
-LENS = typer.Option(LensKind.logit, "--lens", help="logit or tuned (read from the checkpoint directory).")
+LENS = typer.Option("logit", "--lens", help=f"{' or '.join(LENSES)} (tuned: the lens saved in the checkpoint directory).")
 SEED = typer.Option(0, "--seed", help="Seed for data sampling and bootstrap.")
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars.")
 

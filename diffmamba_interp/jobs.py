@@ -44,7 +44,7 @@ def display_path(path) -> str:
 
 def load_models(ckpts: Sequence[str] | None) -> list:
     """Load each checkpoint (the shipped pair when None) -> [HookedMamba], labelled by directory name."""
-    from .loading import load_model
+    from .model import load_model
 
     paths = list(ckpts) if ckpts else default_checkpoints()
     models = [load_model(p) for p in paths]
@@ -137,9 +137,10 @@ def run_snr(ckpts: Sequence[str] | None = None, data: str = "babi:qa1", n: int |
             seed: int = 0, n_boot: int = 1000, models: list | None = None, progress: bool = True) -> SnrRun:
     """The main job: each model's per-layer needle probability on `data`, with CIs and paired diffs."""
     from .analysis.compare import compare
+    from .analysis.lens import LENSES
 
-    if lens not in ("logit", "tuned"):
-        raise DiffMambaError(f"unknown lens {lens!r}; expected 'logit' or 'tuned'")
+    if lens not in LENSES:
+        raise DiffMambaError(f"unknown lens {lens!r}; expected one of {', '.join(LENSES)}")
     models = models or load_models(ckpts)
     prompts = load_prompts(data, n, seed, tokenizer=models[0].tokenizer)
     result = compare(models, prompts, lens=lens, labels=[m.label for m in models], n_boot=n_boot, seed=seed,
@@ -150,7 +151,8 @@ def run_snr(ckpts: Sequence[str] | None = None, data: str = "babi:qa1", n: int |
 # -- one prompt --------------------------------------------------------------------------------
 def lens_table(model, prompt: str, answer: str, lens: str = "logit", top_k: int = 5) -> pd.DataFrame:
     """Per layer: target probability and rank, and the lens's top tokens at the last position."""
-    from .analysis.snr import resolve_lens, target_probs
+    from .analysis.lens import resolve_lens
+    from .analysis.snr import target_probs
 
     tok = tokenizer_of(model)
     n_tokens = len(tok.encode(" " + answer, add_special_tokens=False))
@@ -172,13 +174,13 @@ def attention_entry(model, prompt: str, layer: int, branch: int | None = None, k
                     reduce: str = "mean") -> dict:
     """Implicit attention maps of one layer for the report: each branch and, for a differential
     layer, the differential map (or the single map of a plain layer)."""
-    from .analysis.attention import differential_attention, implicit_attention
+    from .analysis.attention import differential_attention, differential_of, implicit_attention
 
     ids = model.to_tokens(prompt)
     if not 0 <= layer < model.cfg.n_layers:
         raise DiffMambaError(f"layer {layer} is out of range: the model has blocks 0..{model.cfg.n_layers - 1}")
-    as_map = lambda a: (a.matrix if hasattr(a, "matrix") else a)[0].float().numpy()  # noqa: E731
-    diff = model.cfg.is_diff_layer(layer)
+    as_map = lambda a: (a.matrix if hasattr(a, "matrix") else a)[0].float().cpu().numpy()  # noqa: E731
+    diff = differential_of(model.blocks[layer], layer) is not None
     if not diff:
         if branch is not None:
             raise DiffMambaError(f"layer {layer} is not differential: drop --branch")

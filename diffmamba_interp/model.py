@@ -1,6 +1,9 @@
 """`HookedMamba`: embedding -> blocks -> norm_f (RMSNorm) -> lm_head, as a TransformerLens
 `HookedRootModule`. Hooks are identity modules named by their module path (`blocks.3.mixer_2.hook_dt`),
 so `run_with_cache`, `run_with_hooks`, `hooks()` and nnsight all find them.
+
+Layer i is built by the architecture registry (`archs.create_block`); checkpoints are read and
+written through `loading/` (`from_pretrained` / `load_model`, `save_pretrained`).
 """
 
 from __future__ import annotations
@@ -16,10 +19,11 @@ from torch import nn
 from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
-from .blocks import make_block
+from . import loading
+from .archs import create_block
 from .config import MambaConfig
-from .errors import DiffMambaError
-from .mixers import Mamba2Mixer, S6Core
+from .errors import DiffMambaError, one_line
+from .mixers import ScanUnit
 from .norms import RMSNorm
 
 log = logging.getLogger(__name__)
@@ -40,12 +44,26 @@ class HookedMamba(HookedRootModule):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         nn.init.normal_(self.embed.weight, std=0.02)
         self.hook_embed = HookPoint()  # [batch, pos, d]
-        self.blocks = nn.ModuleList(make_block(cfg, i) for i in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(create_block(cfg, i) for i in range(cfg.n_layers))
         self.norm_f = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.setup()
+
+    # -- an attached tuned lens follows the model's device and dtype, outside its state dict ----------
+    def __setattr__(self, name: str, value) -> None:
+        if name == "tuned_lens":  # kept out of _modules: not saved with the weights, not walked by hooks
+            object.__setattr__(self, name, value)
+            return
+        super().__setattr__(name, value)
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        lens = self.__dict__.get("tuned_lens")
+        if isinstance(lens, nn.Module):
+            lens._apply(fn)
+        return self
 
     # -- forward ---------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, return_type: str | None = "logits"):
@@ -97,10 +115,10 @@ class HookedMamba(HookedRootModule):
     def dtype(self) -> torch.dtype:
         return self.embed.weight.dtype
 
-    def mixers(self) -> Iterator[tuple[str, nn.Module]]:
-        """(name, module) of every module that runs a scan (Mamba-1/2 mixers and Diff-S6 cores)."""
+    def mixers(self) -> Iterator[tuple[str, ScanUnit]]:
+        """(name, module) of every module that runs a scan (`ScanUnit`: Mamba-1/2 mixers, Diff-S6 cores)."""
         for name, module in self.named_modules():
-            if isinstance(module, (S6Core, Mamba2Mixer)):
+            if isinstance(module, ScanUnit):
                 yield name, module
 
     @property
@@ -161,8 +179,52 @@ class HookedMamba(HookedRootModule):
         ids = self.to_tokens(text_or_ids)[0] if isinstance(text_or_ids, str) else torch.as_tensor(text_or_ids).flatten()
         return self.tokenizer.convert_ids_to_tokens(ids.tolist())
 
-    def save_pretrained(self, path) -> None:
-        """Write config.json + model.safetensors (+ tokenizer) in the transformers / upstream layout."""
-        from .loading import save_pretrained
+    # -- checkpoints -----------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path, device=None, dtype=None, strict: bool = True) -> "HookedMamba":
+        """Load a checkpoint directory or Hugging Face hub id, in eval mode.
 
-        save_pretrained(self, path)
+        Formats (`loading.FORMATS`): transformers Mamba / Mamba-2, the paper's Diff-Mamba-2,
+        mamba-ssm (state-spaces/mamba-*) and this package's own `save_pretrained` output; weights
+        from safetensors (single or sharded) or a `.bin` read with `torch.load(weights_only=True)`.
+
+        device: None -> CPU. dtype: None -> float32; a torch dtype or its name; "auto" -> as stored.
+        strict (default): any missing / unexpected key or shape mismatch raises a one-line
+        DiffMambaError listing the keys. strict=False loads what fits, leaves the rest at init, logs
+        a warning and records the skipped keys in `model.load_report` (a `LoadReport`, always set).
+        `model.tokenizer` is the directory's tokenizer when it has tokenizer files, else None.
+        """
+        ckpt = loading.read_checkpoint(path)
+        torch_dtype, torch_device = loading.checkpoint.resolve_dtype(dtype, ckpt.state), loading.checkpoint.resolve_device(device)
+        report = loading.LoadReport(path=ckpt.directory, format=ckpt.format, files=ckpt.files,
+                                    untied_lm_head=loading.checkpoint.untie_if_needed(ckpt))
+        model = cls(ckpt.config)
+        fits = loading.match_state({k: v.shape for k, v in model.state_dict().items()}, ckpt, report)
+        if not report.ok:
+            where = ckpt.files[0] if len(ckpt.files) == 1 else ckpt.directory
+            if strict:
+                raise DiffMambaError(
+                    f"{where}: the weights do not match config.json: {report.summary()} (strict=False loads what fits)"
+                )
+            log.warning("%s: loaded with strict=False, left at init or ignored: %s", where, report.summary())
+        model.load_state_dict(fits, strict=False)
+        try:
+            model.to(device=torch_device, dtype=torch_dtype)
+        except (RuntimeError, AssertionError) as e:  # e.g. a CUDA device on a machine without one
+            raise DiffMambaError(f"cannot move the model to {torch_device} / {torch_dtype}: {one_line(e)}") from None
+        model.eval()
+        model.load_report = report
+        model.tokenizer = loading.checkpoint.tokenizer_or_none(ckpt.directory)
+        model.checkpoint_path = str(ckpt.directory)  # lets lens="tuned" find tuned_lens.* next to the weights
+        log.info("loaded %s (%s, %s) from %s", ckpt.config.arch, ckpt.format, torch_dtype, ckpt.directory)
+        return model
+
+    def save_pretrained(self, path) -> None:
+        """Write config.json + model.safetensors (+ tokenizer) in the transformers / upstream layout
+        (or ours, for architectures that have none); `from_pretrained(path)` reads it back."""
+        loading.save_pretrained(self, path)
+
+
+def load_model(path, device=None, dtype=None, strict: bool = True) -> HookedMamba:
+    """`HookedMamba.from_pretrained(path, device, dtype, strict)`: see there."""
+    return HookedMamba.from_pretrained(path, device=device, dtype=dtype, strict=strict)

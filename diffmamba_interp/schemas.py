@@ -16,6 +16,8 @@ SUMMARY_COLUMNS = ("model", "layer", "measure", "mean", "median", "ci_low", "ci_
 PAIRED_COLUMNS = ("model_a", "model_b", "layer", "measure", "diff_mean", "ci_low", "ci_high")
 # branch contributions per (model, block, component)
 BRANCH_COLUMNS = ("model", "layer", "component", "value")
+# the components of a differential block's direct logit contribution (analysis.branch_lens)
+BRANCH_COMPONENTS = ("mixer_1", "-λ·mixer_2", "block")
 
 
 def check_columns(df, required: Sequence[str], name: str) -> pd.DataFrame:

@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .archs import arch_spec
 from .config import MambaConfig
+from .data.tokenizer import TASKS
 from .errors import DiffMambaError
-from .model import HookedMamba
-
-TASKS = ("qa1", "qa2", "qa3", "qa4", "qa5")
+from .model import HookedMamba, load_model
 
 
 @dataclass
@@ -49,8 +49,7 @@ class TrainConfig:
     init: str | None = None  # continue from this checkpoint's weights (a new schedule of `steps`)
 
     def model_config(self, vocab_size: int) -> MambaConfig:
-        if self.arch not in ("mamba1", "mamba2", "diffmamba1", "diffmamba2", "diffs6"):
-            raise DiffMambaError(f"unknown arch {self.arch!r} for training")
+        arch_spec(self.arch)  # a one-line error for an unknown arch
         return MambaConfig(
             arch=self.arch, d_model=self.d_model, n_layers=self.n_layers, vocab_size=vocab_size,
             d_state=self.d_state, head_dim=self.head_dim, chunk_size=self.chunk_size, diff_layers=self.diff_layers,
@@ -123,8 +122,6 @@ def train(cfg: TrainConfig, tokenizer, progress: bool = True, eval_n: int | None
     rng = random.Random(cfg.seed)
     model = HookedMamba(cfg.model_config(len(tokenizer)))
     if cfg.init:
-        from .loading import load_model
-
         start_from = load_model(cfg.init)
         if replace(start_from.cfg, extra={}) != replace(model.cfg, extra={}):
             raise DiffMambaError(f"--init {cfg.init}: its config differs from the requested model ({start_from.cfg.arch}, d_model {start_from.cfg.d_model})")
@@ -230,12 +227,14 @@ def save_run(model: HookedMamba, result: TrainResult, out: str | Path, command: 
 def train_tuned_lens(model: HookedMamba, out: str | Path, steps: int = 300, seed: int = 0, progress: bool = True):
     """Train the tuned lens on bAbI training stories (prompt + answer texts) and save it next to the
     checkpoint (tuned_lens.safetensors / tuned_lens.json); appends its held-out KL to the model card."""
-    from .analysis.lens import LogitLens, TunedLens
+    from .analysis.lens import LogitLens
+    from .analysis.lens_training import train_tuned_lens
     from .data import training_stream
 
     texts = [f"{p} {a}" for p, a in training_stream(shuffle=True, seed=seed)]
     held_out, train_texts = texts[:64], texts[64:]
-    lens = TunedLens.train(model, train_texts, steps=steps, seed=seed, progress=progress, tokenizer=model.tokenizer)
+    lens = train_tuned_lens(model, train_texts, steps=steps, seed=seed, optimizer="adam", progress=progress,
+                            tokenizer=model.tokenizer)
     lens.save(out)
     ids = [model.to_tokens(t) for t in held_out]
     kl = lambda ln: torch.stack([ln.kl_to_final(model, i) for i in ids]).mean(0)  # noqa: E731

@@ -1,4 +1,4 @@
-"""An independent, step-by-step reference of SPEC §1, written straight from the equations.
+"""An independent, step-by-step reference of docs/conventions.md, "Blocks", written straight from the equations.
 
 It reads parameters from a HookedMamba but shares none of its code: explicit loops over time for the
 conv and both recurrences, plain matrix products for the projections. Slow; tests only.

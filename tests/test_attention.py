@@ -1,4 +1,4 @@
-"""Implicit attention (SPEC §3): the scan identities, the whole-block reconstructions, a naive
+"""Implicit attention (docs/conventions.md, "Implicit attention"): the scan identities, the whole-block reconstructions, a naive
 O(L³) loop, reduce/chunk equivalences, numerics at extreme Δ·|A|, the differential map, errors."""
 
 import functools

@@ -1,4 +1,4 @@
-"""Logit lens, tuned lens and branch lens on tiny random models (SPEC §4)."""
+"""Logit lens, tuned lens and branch lens on tiny random models (docs/conventions.md, "Lens and SNR")."""
 
 import json
 
@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from conftest import perturb_
 from diffmamba_interp.analysis.branch_lens import branch_lens
-from diffmamba_interp.analysis.lens import LogitLens, TunedLens, logit_lens, token_stream
+from diffmamba_interp.analysis.lens import LogitLens, TunedLens, logit_lens
+from diffmamba_interp.analysis.lens_training import token_stream, train_tuned_lens
 from diffmamba_interp.config import ARCHS, MambaConfig
 from diffmamba_interp.errors import DiffMambaError
 from diffmamba_interp.model import HookedMamba
@@ -120,11 +121,11 @@ def test_tuned_lens_at_init_is_logit_lens(arch):
 
 def test_tuned_lens_train_deterministic_and_beats_logit_lens(tokenizer):
     model = make_model("diffmamba2", n_layers=2, vocab=len(tokenizer), seed=5, dtype=torch.float32)
-    kw = dict(lr=2e-2, batch=4, seq_len=12, progress=False, tokenizer=tokenizer)
-    a = TunedLens.train(model, TEXTS, steps=20, seed=0, **kw)
-    b = TunedLens.train(model, TEXTS, steps=20, seed=0, **kw)
-    c = TunedLens.train(model, TEXTS, steps=2, seed=1, **kw)
-    a2 = TunedLens.train(model, TEXTS, steps=2, seed=0, **kw)
+    kw = dict(lr=2e-2, batch=4, seq_len=12, optimizer="adam", progress=False, tokenizer=tokenizer)
+    a = train_tuned_lens(model, TEXTS, steps=20, seed=0, **kw)
+    b = train_tuned_lens(model, TEXTS, steps=20, seed=0, **kw)
+    c = train_tuned_lens(model, TEXTS, steps=2, seed=1, **kw)
+    a2 = train_tuned_lens(model, TEXTS, steps=2, seed=0, **kw)
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     s2 = a2.state_dict()
@@ -162,7 +163,7 @@ def test_token_stream_sources(tokenizer, tmp_path):
 def test_tuned_lens_save_load_roundtrip_and_mismatch(tmp_path):
     model = make_model("mamba2", n_layers=2, seed=6)
     ids = torch.randint(0, 50, (2, 40), generator=torch.Generator().manual_seed(6))
-    lens = TunedLens.train(model, ids, steps=5, lr=1e-2, batch=2, seq_len=8, progress=False)
+    lens = train_tuned_lens(model, ids, steps=5, lr=1e-2, batch=2, seq_len=8, optimizer="adam", progress=False)
     lens.save(tmp_path)
     meta = json.loads((tmp_path / "tuned_lens.json").read_text())
     assert (meta["n_layers"], meta["d_model"]) == (2, 32) and meta["train"]["steps"] == 5

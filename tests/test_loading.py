@@ -16,11 +16,11 @@ from safetensors.torch import load_file, save_file
 
 from diffmamba_interp.config import MambaConfig
 from diffmamba_interp.errors import DiffMambaError
+from diffmamba_interp import load_model, mamba_to_diffmamba
 from diffmamba_interp.loading import (
-    FORMATS, LoadReport, NonFiniteWeightWarning, detect_format, load_model, load_tokenizer, mamba_to_diffmamba,
-    save_pretrained,
+    FORMATS, LoadReport, NonFiniteWeightWarning, detect_format, load_tokenizer, save_pretrained,
 )
-from diffmamba_interp.loading.formats import mamba_ssm_config
+from diffmamba_interp.loading.mamba_ssm import mamba_ssm_config
 from diffmamba_interp.model import HookedMamba
 
 from conftest import perturb_

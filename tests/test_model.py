@@ -15,12 +15,13 @@ from transformers import MambaForCausalLM
 import reference
 from diffmamba_interp import HookedMamba, MambaConfig
 from diffmamba_interp.errors import DiffMambaError
-from diffmamba_interp.keys import to_ours
+from diffmamba_interp.loading.hf import read_hf_config
+from diffmamba_interp.loading.keys import KEYS
 
 
 def ours_from_hf(hf):
-    model = HookedMamba(MambaConfig.from_hf_dict(hf.config.to_dict()))
-    sd, unknown = to_ours(hf.state_dict())
+    model = HookedMamba(read_hf_config(hf.config.to_dict()))
+    sd, unknown = KEYS.to_ours(hf.state_dict())
     assert not unknown
     model.load_state_dict(sd, strict=True)
     return model.eval()

@@ -1,7 +1,6 @@
-"""Target probabilities, SNR, bootstrap summaries and model comparison (SPEC §4)."""
+"""Target probabilities, SNR, bootstrap summaries and model comparison (docs/conventions.md, "Lens and SNR")."""
 
 import sys
-import types
 import warnings
 
 import numpy as np
@@ -214,9 +213,9 @@ def test_compare_paths_load_the_tuned_lens(model, tmp_path, monkeypatch):
         lens.translators[0].bias.normal_(0, 0.5)
     lens.save(tmp_path / "ckpt")
     (tmp_path / "bare").mkdir()
-    fake = types.ModuleType("diffmamba_interp.loading")
-    fake.load_model = lambda path: model
-    monkeypatch.setitem(sys.modules, "diffmamba_interp.loading", fake)
+    monkeypatch.setattr(model, "checkpoint_path", None)  # restored after the test
+    monkeypatch.setattr(sys.modules["diffmamba_interp.analysis.compare"], "load_model",
+                        lambda path: (setattr(model, "checkpoint_path", str(path)), model)[1])
     res = compare([tmp_path / "ckpt"], PROMPTS[:3], ANSWERS[:3], lens="tuned", n_boot=100, progress=False)
     assert res.labels == ["ckpt"] and res.paired.empty
     direct = target_probs(model, PROMPTS[:3], ANSWERS[:3], lens=lens, progress=False)

@@ -1,6 +1,6 @@
 """Branch lens: the direct contribution of each differential branch to a target token's logit.
 
-For a differential block (Diff-Mamba-1/2, SPEC §1) with o1 = `mixer_1.hook_out`,
+For a differential block (Diff-Mamba-1/2, docs/conventions.md, "Blocks") with o1 = `mixer_1.hook_out`,
 o2 = `mixer_2.hook_out`, λ = `hook_lambda` and s_sub = `subln.hook_scale` at the read position,
 
     block out = (1 − λ_init) · w_subln ⊙ ((o1 − λ·o2) · s_sub)
@@ -29,12 +29,11 @@ from tqdm import tqdm
 
 from ..errors import DiffMambaError
 from ..scan import compute_dtype
-from .snr import _prompt_ids, first_token, length_batches
+from ..schemas import BRANCH_COMPONENTS
+from ..differential import Differential
+from .inputs import first_token, length_batches, prompt_ids
 
 __all__ = ["BRANCH_COMPONENTS", "branch_lens", "direct_logit"]
-
-BRANCH_COMPONENTS = ("mixer_1", "-λ·mixer_2", "block")
-
 
 def direct_logit(model, vec: torch.Tensor, scale_f: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """vec [b, d] written to the residual, scale_f [b, 1] (norm_f.hook_scale), targets [b] -> [b]."""
@@ -43,17 +42,13 @@ def direct_logit(model, vec: torch.Tensor, scale_f: torch.Tensor, targets: torch
     return ((w_f * vec * scale_f.to(vec.dtype)) * w_u).sum(-1)
 
 
-def _is_diff_block(block) -> bool:
-    return hasattr(block, "mixer_1") and hasattr(block, "mixer_2") and hasattr(block, "subln")
-
-
 def _batch_contributions(model, ids: torch.Tensor, tids: torch.Tensor, position: int, include_embed: bool):
     """-> list of (block index, component, values [b]) for one batch of equal-length prompts."""
     L = ids.shape[1]
     pos = position + L if position < 0 else position
     if not 0 <= pos < L:
         raise DiffMambaError(f"position {position} is out of range for a prompt of {L} tokens")
-    diff = [i for i, b in enumerate(model.blocks) if _is_diff_block(b)]
+    diff = [i for i, b in enumerate(model.blocks) if isinstance(b, Differential)]
     names = {"hook_embed", "norm_f.hook_scale"} | {f"blocks.{i}.hook_mixer_out" for i in range(model.cfg.n_layers)}
     for i in diff:
         names |= {f"blocks.{i}.mixer_1.hook_out", f"blocks.{i}.mixer_2.hook_out", f"blocks.{i}.hook_lambda",
@@ -98,7 +93,7 @@ def branch_lens(model, input_ids, targets, position: int = -1, include_embed: bo
         model.check_input_ids(input_ids)
         seqs = input_ids.tolist()
     else:
-        seqs = [_prompt_ids(p, tok) for p in input_ids]
+        seqs = [prompt_ids(p, tok) for p in input_ids]
     if isinstance(targets, torch.Tensor):
         targets = targets.flatten().tolist()
     elif isinstance(targets, (int, str)):

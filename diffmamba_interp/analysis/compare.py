@@ -18,9 +18,10 @@ import numpy as np
 import pandas as pd
 
 from ..errors import DiffMambaError
+from ..model import load_model
 from ..schemas import PAIRED_COLUMNS, SUMMARY_COLUMNS, TARGET_COLUMNS, check_columns
-from .lens import Lens, TunedLens
-from .snr import MEASURES, resolve_lens, snr_summary, target_probs
+from .lens import resolve_lens
+from .snr import MEASURES, snr_summary, target_probs
 from .stats import paired_bootstrap
 
 __all__ = ["PAIRED_COLUMNS", "CompareResult", "compare", "paired_summary"]
@@ -77,7 +78,7 @@ def paired_summary(per_example: pd.DataFrame, a: str, b: str, n_boot: int = 1000
 def _label(item) -> str:
     if isinstance(item, (str, os.PathLike)):
         return Path(item).name or str(item)
-    return getattr(item, "name", None) or item.cfg.arch
+    return getattr(item, "label", None) or item.cfg.arch
 
 
 def compare(models_or_paths, prompts, answers=None, lens="logit", labels: Sequence[str] | None = None,
@@ -85,10 +86,10 @@ def compare(models_or_paths, prompts, answers=None, lens="logit", labels: Sequen
             progress: bool = True) -> CompareResult:
     """Run the same prompts through several models (HookedMamba objects or checkpoint paths).
 
-    lens: "logit", "tuned" (for a path: `TunedLens.load(path, model)`; for a model object: see
-    `snr.resolve_lens`), a Lens, or one lens per model. Paths are loaded with
-    `diffmamba_interp.loading.load_model`. Labels default to the checkpoint directory name or the
-    arch (made unique with a suffix). See the module docstring for the pairing rule.
+    lens: a name of `lens.LENSES` ("logit", "tuned": the lens saved next to the checkpoint), a
+    Lens, or one lens per model. Paths are loaded with `diffmamba_interp.load_model`. Labels
+    default to the checkpoint directory name, the model's `label` or its arch (made unique with a
+    suffix). See the module docstring for the pairing rule.
     """
     items = list(models_or_paths)
     prompts = list(prompts)
@@ -114,15 +115,8 @@ def compare(models_or_paths, prompts, answers=None, lens="logit", labels: Sequen
 
     frames, depth = [], {}
     for item, lab, ln in zip(items, labels, lenses):
-        if isinstance(item, (str, os.PathLike)):
-            from ..loading import load_model  # written in parallel; imported lazily
-
-            model = load_model(item)
-            if ln == "tuned":
-                ln = TunedLens.load(item, model)
-        else:
-            model = item
-        ln = ln if isinstance(ln, Lens) else resolve_lens(model, ln)
+        model = load_model(item) if isinstance(item, (str, os.PathLike)) else item
+        ln = resolve_lens(model, ln)
         df = target_probs(model, prompts, answers, lens=ln, candidates=candidates, tokenizer=tokenizer,
                           batch_size=batch_size, progress=progress)
         frames.append(df.assign(model=lab)[["model", *TARGET_COLUMNS]])

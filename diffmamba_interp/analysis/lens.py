@@ -1,38 +1,36 @@
-"""Logit lens and tuned lens over the residual stream (SPEC §4).
+"""Lenses over the residual stream: the logit lens and the tuned lens (Belrose et al. 2023; modelled
+on tuned-lens's `tuned_lens/nn/lenses.py`: `Lens(ABC, nn.Module)` with two small subclasses).
 
-Layer numbering: layer 0 = embeddings (`hook_embed`), layer k = residual after block k − 1
-(`blocks.{k-1}.hook_resid_post`), k = 1..n_layers; so a model has n_layers + 1 lens layers and at
-k = n_layers the logit lens is the model's own output.
+Layer numbering (docs/conventions.md): layer 0 = embeddings (`hook_embed`), layer k = residual after
+block k − 1 (`blocks.{k-1}.hook_resid_post`), k = 1..n_layers; so a model has n_layers + 1 lens
+layers and at k = n_layers the logit lens is the model's own output. (The paper's Figure 6 counts
+from HF `hidden_states`, which have no embedding entry: its layer k is our layer k + 1.)
+
+A lens is an `nn.Module` bound to its model at construction (the model is not a submodule, so the
+lens's `state_dict()` holds only its own parameters). `LENSES` is the one registry of lens kinds
+that the CLI and the jobs read; `resolve_lens(model, "tuned")` returns `model.tuned_lens` when one
+is attached (it then follows `model.to(...)`, and is not saved with the weights), else the lens
+saved next to the checkpoint. Training lives in `lens_training.py`.
 
 Shapes: B = batch, L = pos, P = number of positions read, d = d_model, V = vocab, K = n_layers + 1.
-
-`Lens` is a plain class rather than an `nn.Module` because `TunedLens.train(model, data, ...)` is
-the training entry point and `nn.Module.train(mode)` would clash with it; the trainable part of a
-tuned lens is its `translators` (an `nn.ModuleList`). Modelled on tuned-lens
-(`tuned_lens/nn/lenses.py`, Belrose et al. 2023).
 """
 
 from __future__ import annotations
 
 import json
-import math
-import os
-import sys
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
-from ..errors import DiffMambaError
+from ..errors import DiffMambaError, one_line
 from ..scan import compute_dtype
 
-__all__ = ["Lens", "LogitLens", "TunedLens", "TrainConfig", "logit_lens", "residuals", "lens_layers",
-           "LENS_WEIGHTS", "LENS_CONFIG"]
+__all__ = ["Lens", "LogitLens", "TunedLens", "LensTrainConfig", "LENSES", "logit_lens", "resolve_lens", "residuals",
+           "lens_layers", "LENS_WEIGHTS", "LENS_CONFIG"]
 
 LENS_WEIGHTS = "tuned_lens.safetensors"
 LENS_CONFIG = "tuned_lens.json"
@@ -84,7 +82,7 @@ def residuals(model, input_ids: torch.Tensor, positions=None, return_logits: boo
     return (resid, logits) if return_logits else resid
 
 
-class Lens(ABC):
+class Lens(nn.Module, ABC):
     """Maps the residual h at lens layer k to logits. Subclasses define `transform(h, layer)`.
 
     `forward(h, layer, model=None) -> logits [..., V]` (model defaults to the one bound at
@@ -93,7 +91,8 @@ class Lens(ABC):
     """
 
     def __init__(self, model=None):
-        self.model = model
+        super().__init__()
+        object.__setattr__(self, "model", model)  # bound, not a submodule: state_dict() is the lens's own
 
     @abstractmethod
     def transform(self, h: torch.Tensor, layer: int) -> torch.Tensor:
@@ -114,9 +113,6 @@ class Lens(ABC):
         if not 0 <= layer <= model.cfg.n_layers:
             raise DiffMambaError(f"lens layer {layer} out of range 0..{model.cfg.n_layers}")
         return model.unembed(self.transform(h, layer))
-
-    def __call__(self, h: torch.Tensor, layer: int, model=None) -> torch.Tensor:
-        return self.forward(h, layer, model)
 
     def log_probs(self, model, input_ids: torch.Tensor, positions=None) -> torch.Tensor:
         """input_ids [B, L] -> lens log-probs [K, B, P, V] (P = L, or len(positions)); no grad."""
@@ -151,7 +147,7 @@ def logit_lens(model, input_ids: torch.Tensor, positions=None) -> torch.Tensor:
 
 
 @dataclass
-class TrainConfig:
+class LensTrainConfig:
     """How a tuned lens was trained (written to tuned_lens.json)."""
 
     steps: int
@@ -161,14 +157,15 @@ class TrainConfig:
     seq_len: int
     n_tokens: int  # length of the training token stream
     final_loss: float | None = None  # mean KL over layers 0..n_layers−1 at the last step (nats)
+    optimizer: str = "adam"  # "sgd" (Belrose et al.) or "adam"; lenses saved before this field are "adam"
 
 
 class TunedLens(Lens):
     """Tuned lens: per layer k < n_layers an affine translator h -> h + A_k h + b_k (`nn.Linear(d, d)`
     initialised to zero, so at init it is the logit lens); layer n_layers stays the identity, so the
-    last layer is the model's output. Trained with `TunedLens.train(model, data, ...)` to minimise
-    KL(final distribution ‖ lens distribution); saved next to a checkpoint with `save(dir)` and read
-    back with `TunedLens.load(dir, model)`.
+    last layer is the model's output. Trained with `lens_training.train_tuned_lens(model, data, ...)`
+    to minimise KL(final distribution ‖ lens distribution); saved next to a checkpoint with
+    `save(dir)` and read back with `TunedLens.load(dir, model)`.
     """
 
     def __init__(self, model, dtype: torch.dtype = torch.float32):
@@ -176,7 +173,7 @@ class TunedLens(Lens):
         self.n_layers = model.cfg.n_layers
         self.d_model = model.cfg.d_model
         self.arch = model.cfg.arch
-        self.train_config: TrainConfig | None = None
+        self.train_config: LensTrainConfig | None = None
         self.history: list[float] = []  # training loss per step
         self.translators = nn.ModuleList(nn.Linear(self.d_model, self.d_model) for _ in range(self.n_layers))
         for t in self.translators:
@@ -199,70 +196,6 @@ class TunedLens(Lens):
                 f"n_layers={cfg.n_layers}, d_model={cfg.d_model}"
             )
 
-    def parameters(self):
-        return self.translators.parameters()
-
-    def to(self, *args, **kwargs) -> "TunedLens":
-        """Move or cast the translators (as `nn.Module.to`)."""
-        self.translators.to(*args, **kwargs)
-        return self
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self.translators.state_dict().items()}
-
-    # -- training --------------------------------------------------------------------------------
-    @classmethod
-    def train(cls, model, data, steps: int = 500, lr: float = 1e-3, seed: int = 0, batch: int = 8,
-              seq_len: int = 128, progress: bool = True, tokenizer=None) -> "TunedLens":
-        """Train a new tuned lens on `data` and return it. The model is frozen: its residuals and final
-        log-probs are collected under no_grad and only the translators get gradients (Adam).
-
-        data: a path to a text file, a list of texts (each tokenized with the model's tokenizer and
-        joined with eos), a list of (prompt, answer) pairs (text = prompt + " " + answer), or token
-        ids (a 1-d or 2-d tensor or a list of 1-d tensors; joined into one stream). Each step reads
-        `batch` windows of `seq_len` tokens at random offsets drawn from a generator seeded with
-        `seed`, so two trainings with the same arguments give identical weights.
-        Loss per step: Σ_{k < n_layers} mean over tokens of KL(p_final ‖ p_lens_k) / n_layers.
-        """
-        for name, v in (("steps", steps), ("batch", batch), ("seq_len", seq_len)):
-            if not isinstance(v, int) or v <= 0:
-                raise DiffMambaError(f"{name} must be a positive integer, got {v!r}")
-        stream = token_stream(data, tokenizer if tokenizer is not None else model.tokenizer)
-        if stream.numel() < 2:
-            raise DiffMambaError(f"tuned-lens training data has {stream.numel()} tokens; need at least 2")
-        if int(stream.max()) >= model.cfg.vocab_size or int(stream.min()) < 0:
-            raise DiffMambaError(f"training token ids must lie in 0..{model.cfg.vocab_size - 1}")
-        seq_len = min(seq_len, stream.numel())
-        lens = cls(model)
-        params = list(lens.translators.parameters())
-        lens.translators.requires_grad_(True)
-        opt = torch.optim.Adam(params, lr=lr)
-        gen = torch.Generator().manual_seed(seed)
-        offsets = torch.arange(seq_len)
-        bar = tqdm(range(steps), desc="tuned lens", file=sys.stderr, disable=not progress)
-        loss_value = math.nan
-        for _ in bar:
-            starts = torch.randint(0, stream.numel() - seq_len + 1, (batch,), generator=gen)
-            ids = stream[starts[:, None] + offsets]  # [B, L]
-            resid, logits = residuals(model, ids, return_logits=True)  # [K, B, L, d], [B, L, V]
-            target = F.log_softmax(logits.detach().to(resid.dtype), -1)  # [B, L, V]
-            p = target.exp()
-            opt.zero_grad(set_to_none=True)
-            total = 0.0
-            for k in range(lens.n_layers):  # one graph per layer keeps memory at one [B, L, V]
-                lp = F.log_softmax(lens.forward(resid[k], k, model).to(resid.dtype), -1)
-                loss = (p * (target - lp)).sum(-1).mean() / lens.n_layers
-                loss.backward(inputs=params)
-                total += float(loss.detach())
-            opt.step()
-            loss_value = total
-            lens.history.append(total)
-            bar.set_postfix(kl=f"{total:.4f}")
-        lens.translators.requires_grad_(False)
-        lens.train_config = TrainConfig(steps=steps, lr=lr, seed=seed, batch=batch, seq_len=seq_len,
-                                        n_tokens=int(stream.numel()), final_loss=loss_value)
-        return lens
-
     # -- persistence -----------------------------------------------------------------------------
     def save(self, directory) -> Path:
         """Write tuned_lens.safetensors (translator weights) and tuned_lens.json into `directory`."""
@@ -270,7 +203,7 @@ class TunedLens(Lens):
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous().cpu() for k, v in self.state_dict().items()}, str(d / LENS_WEIGHTS))
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.translators.state_dict().items()}, str(d / LENS_WEIGHTS))
         meta = {
             "format": "diffmamba_interp.TunedLens",
             "version": 1,
@@ -294,7 +227,7 @@ class TunedLens(Lens):
         if not (d / LENS_CONFIG).is_file() or not (d / LENS_WEIGHTS).is_file():
             raise DiffMambaError(
                 f"no tuned lens in {d} (expected {LENS_CONFIG} and {LENS_WEIGHTS}); train one with "
-                "TunedLens.train(model, data) and save it with lens.save(dir)"
+                "diffmamba_interp.analysis.lens_training.train_tuned_lens(model, data) and save it with lens.save(dir)"
             )
         try:
             meta = json.loads((d / LENS_CONFIG).read_text(encoding="utf-8"))
@@ -313,43 +246,38 @@ class TunedLens(Lens):
         try:
             lens.translators.load_state_dict(state)
         except RuntimeError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else "state dict mismatch"
-            raise DiffMambaError(f"{d / LENS_WEIGHTS} does not match the tuned-lens layout: {first}") from None
+            raise DiffMambaError(f"{d / LENS_WEIGHTS} does not match the tuned-lens layout: {one_line(e)}") from None
         lens.translators.to(model.device)
         if meta.get("train"):
-            lens.train_config = TrainConfig(**meta["train"])
+            lens.train_config = LensTrainConfig(**meta["train"])
         return lens
 
 
-def token_stream(data, tokenizer=None) -> torch.Tensor:
-    """Training data (see `TunedLens.train`) -> one 1-d LongTensor of token ids."""
-    if isinstance(data, torch.Tensor):
-        return data.detach().flatten().long().cpu()
-    if isinstance(data, (str, os.PathLike)):
-        path = Path(data)
-        if not path.is_file():
-            raise DiffMambaError(f"training data {str(data)[:80]!r} is not a file; pass a list of texts to train on raw text")
-        texts = [path.read_text(encoding="utf-8")]
-    else:
-        items = list(data)
-        if not items:
-            raise DiffMambaError("tuned-lens training data is empty")
-        if all(isinstance(x, torch.Tensor) for x in items):
-            return torch.cat([x.detach().flatten().long().cpu() for x in items])
-        texts = []
-        for x in items:
-            if isinstance(x, str):
-                texts.append(x)
-            elif isinstance(x, Sequence) and len(x) == 2 and all(isinstance(s, str) for s in x):
-                texts.append(f"{x[0]} {x[1]}")
-            else:
-                raise DiffMambaError(f"tuned-lens training data items must be texts, (prompt, answer) pairs or tensors, got {type(x).__name__}")
-    if tokenizer is None:
-        raise DiffMambaError("training on text needs a tokenizer: the model has none; pass tokenizer= or token ids")
-    eos = getattr(tokenizer, "eos_token_id", None)
-    ids: list[int] = []
-    for i, text in enumerate(texts):
-        if i and eos is not None:
-            ids.append(int(eos))
-        ids.extend(tokenizer.encode(text, add_special_tokens=False))
-    return torch.tensor(ids, dtype=torch.long)
+# -- the registry of lens kinds --------------------------------------------------------------------
+def _tuned(model) -> TunedLens:
+    """The tuned lens attached to the model (`model.tuned_lens`), else the one saved in its checkpoint directory."""
+    attached = getattr(model, "tuned_lens", None)
+    if isinstance(attached, TunedLens):
+        attached.check_model(model)
+        return attached
+    path = getattr(model, "checkpoint_path", None)
+    if path is None:
+        raise DiffMambaError(
+            "lens='tuned' needs a trained tuned lens: pass lens=TunedLens.load(dir, model) "
+            "(or train one with diffmamba_interp.analysis.lens_training.train_tuned_lens(model, data))"
+        )
+    return TunedLens.load(path, model)
+
+
+# lens name -> function(model) -> Lens; the CLI's --lens choices and the jobs read this table
+LENSES = {"logit": LogitLens, "tuned": _tuned}
+
+
+def resolve_lens(model, lens) -> Lens:
+    """A lens name of `LENSES` ("logit", "tuned") or a `Lens` -> a Lens for `model`."""
+    if isinstance(lens, Lens):
+        lens.check_model(model)
+        return lens
+    if lens not in LENSES:
+        raise DiffMambaError(f"unknown lens {lens!r}; expected one of {', '.join(map(repr, LENSES))} or a Lens")
+    return LENSES[lens](model)

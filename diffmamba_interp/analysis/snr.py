@@ -1,4 +1,4 @@
-"""Target (needle) probability per lens layer, its signal-to-noise ratio, and bootstrap summaries (SPEC §4).
+"""Target (needle) probability per lens layer, its signal-to-noise ratio, and bootstrap summaries (docs/conventions.md, "Lens and SNR").
 
 `target_probs` reads the lens distribution at the last prompt position for the first token of
 ``" " + answer``. Prompts of different lengths are grouped by token length and batched within a
@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import sys
 import warnings
-from collections import defaultdict
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -27,100 +26,14 @@ from tqdm import tqdm
 
 from ..errors import DiffMambaError
 from ..schemas import SUMMARY_COLUMNS, TARGET_COLUMNS
-from .lens import Lens, LogitLens, TunedLens
+from .inputs import first_token, length_batches, prompt_ids, unpack_prompts
+from .lens import resolve_lens
 from .stats import bootstrap_mean
 
-__all__ = ["MEASURES", "TARGET_COLUMNS", "SUMMARY_COLUMNS", "target_probs", "snr_summary", "resolve_lens",
-           "first_token", "length_batches"]
+__all__ = ["MEASURES", "TARGET_COLUMNS", "SUMMARY_COLUMNS", "target_probs", "snr_summary"]
 
 MEASURES = ("prob", "logprob", "rank", "snr_db", "distractor_ratio")
 P_CLAMP = 1e-12
-
-
-def resolve_lens(model, lens) -> Lens:
-    """"logit" -> LogitLens; "tuned" -> `model.tuned_lens` if set, else a tuned lens saved in the
-    model's checkpoint directory (`model.checkpoint_path` / `model.name_or_path`); a Lens -> itself."""
-    if isinstance(lens, Lens):
-        lens.check_model(model)
-        return lens
-    if lens == "logit":
-        return LogitLens(model)
-    if lens == "tuned":
-        attached = getattr(model, "tuned_lens", None)
-        if isinstance(attached, TunedLens):
-            attached.check_model(model)
-            return attached
-        for attr in ("checkpoint_path", "name_or_path", "path"):
-            path = getattr(model, attr, None)
-            if isinstance(path, (str, bytes)) or hasattr(path, "__fspath__"):
-                return TunedLens.load(path, model)
-        raise DiffMambaError(
-            "lens='tuned' needs a trained tuned lens: pass lens=TunedLens.load(dir, model) "
-            "(or train one with TunedLens.train(model, data))"
-        )
-    raise DiffMambaError(f"unknown lens {lens!r}; expected 'logit', 'tuned' or a Lens")
-
-
-def first_token(text_or_id, tokenizer, what: str = "answer") -> tuple[int, int, str]:
-    """First token of " " + text -> (token id, number of tokens, the text); an int is taken as a token id."""
-    if isinstance(text_or_id, (int, np.integer)) and not isinstance(text_or_id, bool):
-        tid = int(text_or_id)
-        label = tokenizer.decode([tid]) if tokenizer is not None else str(tid)
-        return tid, 1, label
-    if not isinstance(text_or_id, str):
-        raise DiffMambaError(f"{what} must be a string or a token id, got {type(text_or_id).__name__}")
-    if tokenizer is None:
-        raise DiffMambaError(f"{what} {text_or_id!r} is text but there is no tokenizer; pass tokenizer= or token ids")
-    ids = tokenizer.encode(" " + text_or_id, add_special_tokens=False)
-    if not ids:
-        raise DiffMambaError(f"{what} {text_or_id!r} produces no tokens (first token of ' ' + {what} is the target)")
-    return int(ids[0]), len(ids), text_or_id
-
-
-def _prompt_ids(prompt, tokenizer) -> list[int]:
-    if isinstance(prompt, str):
-        if tokenizer is None:
-            raise DiffMambaError("prompts are text but there is no tokenizer; pass tokenizer= or token ids")
-        ids = tokenizer.encode(prompt, add_special_tokens=False)
-    elif isinstance(prompt, torch.Tensor):
-        ids = prompt.flatten().tolist()
-    else:
-        ids = [int(i) for i in prompt]
-    if not ids:
-        raise DiffMambaError(f"prompt {str(prompt)[:60]!r} produces no tokens")
-    return ids
-
-
-def length_batches(seqs: Sequence[Sequence[int]], batch_size: int) -> Iterable[list[int]]:
-    """Indices of `seqs` grouped by length (first-appearance order), in chunks of at most batch_size."""
-    if not isinstance(batch_size, int) or batch_size <= 0:
-        raise DiffMambaError(f"batch_size must be a positive integer, got {batch_size!r}")
-    groups: dict[int, list[int]] = defaultdict(list)
-    for i, s in enumerate(seqs):
-        groups[len(s)].append(i)
-    for idx in groups.values():
-        for j in range(0, len(idx), batch_size):
-            yield idx[j:j + batch_size]
-
-
-def _unpack_prompts(prompts, answers, candidates):
-    """Accept `Prompt`-like objects (with .prompt, .answer, .candidates) when answers is None."""
-    prompts = list(prompts)
-    if answers is None:
-        if not all(hasattr(p, "prompt") and hasattr(p, "answer") for p in prompts):
-            raise DiffMambaError("answers is missing: pass answers=, or Prompt objects that carry .answer")
-        answers = [p.answer for p in prompts]
-        if candidates is None:
-            candidates = [list(getattr(p, "candidates", ()) or ()) for p in prompts]
-        prompts = [p.prompt for p in prompts]
-    answers = list(answers)
-    if len(answers) != len(prompts):
-        raise DiffMambaError(f"{len(prompts)} prompts but {len(answers)} answers")
-    if candidates is not None:
-        candidates = [list(c) if c is not None else [] for c in candidates]
-        if len(candidates) != len(prompts):
-            raise DiffMambaError(f"{len(prompts)} prompts but {len(candidates)} candidate lists")
-    return prompts, answers, candidates
 
 
 def target_probs(model, prompts, answers=None, lens="logit", candidates=None, tokenizer=None,
@@ -129,16 +42,16 @@ def target_probs(model, prompts, answers=None, lens="logit", candidates=None, to
 
     prompts: texts (or token-id sequences), or `Prompt` objects when answers is None.
     answers: strings (target = first token of " " + answer) or token ids.
-    lens: "logit", "tuned" (see `resolve_lens`) or a `Lens`.
+    lens: a name of `lens.LENSES` ("logit", "tuned") or a `Lens` (see `lens.resolve_lens`).
     candidates: per example a list of other answers (strings or ids) for the distractor ratio.
     Returns one row per (example, layer), columns `TARGET_COLUMNS`; layer 0 = embeddings.
     """
-    prompts, answers, candidates = _unpack_prompts(prompts, answers, candidates)
+    prompts, answers, candidates = unpack_prompts(prompts, answers, candidates)
     if not prompts:
         raise DiffMambaError("no prompts")
     tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     lens = resolve_lens(model, lens)
-    seqs = [_prompt_ids(p, tok) for p in prompts]
+    seqs = [prompt_ids(p, tok) for p in prompts]
     targets = [first_token(a, tok) for a in answers]
     multi = [i for i, t in enumerate(targets) if t[1] > 1]
     if multi:

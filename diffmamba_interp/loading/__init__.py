@@ -1,22 +1,23 @@
-"""Checkpoints: load every supported format, save, convert Mamba -> Diff-Mamba (SPEC §2).
+"""Checkpoint files: every supported format read into (config, tensors), and written back.
 
-- `load_model(path, device=None, dtype=None, strict=True)` -> HookedMamba (eval mode), from a
-  directory or a Hugging Face hub id; the format is detected from config.json and looked up in the
-  registry `FORMATS` (format name -> loader function), see `formats.py`.
+- `read_checkpoint(path)` -> `Checkpoint` (format, `MambaConfig`, tensors in the checkpoint's
+  layout, files); the format is detected from config.json and looked up in the registry
+  `FORMATS` (format name -> `Format` record), see `formats.py`.
+- `match_state` / `LoadReport`: which tensors fit a model's parameters and which do not.
 - `save_pretrained(model, path)`: config.json + model.safetensors (+ tokenizer files).
 - `load_tokenizer(path)`: the directory's tokenizer via `transformers.AutoTokenizer`.
-- `mamba_to_diffmamba(model, settings)`: the upstream fine-tuning initialisation (SPEC §1).
 
-Every bad input is a one-line `DiffMambaError` naming the file and the problem.
+Building a model from a checkpoint is `HookedMamba.from_pretrained` / `diffmamba_interp.load_model`
+(model.py): this package never imports the model. Every bad input is a one-line `DiffMambaError`
+naming the file and the problem.
 """
 
-from .convert import mamba_to_diffmamba
-from .formats import FORMATS, Checkpoint, detect_format
-from .load import LoadReport, load_model, load_tokenizer, resolve_path
+from .checkpoint import Checkpoint, LoadReport, load_tokenizer, match_state, read_checkpoint, resolve_path
+from .formats import FORMATS, Format, detect_format
 from .save import save_pretrained
 from .weights import NonFiniteWeightWarning, read_weights
 
 __all__ = [
-    "FORMATS", "Checkpoint", "LoadReport", "NonFiniteWeightWarning", "detect_format", "load_model",
-    "load_tokenizer", "mamba_to_diffmamba", "read_weights", "resolve_path", "save_pretrained",
+    "FORMATS", "Format", "Checkpoint", "LoadReport", "NonFiniteWeightWarning", "detect_format", "load_tokenizer",
+    "match_state", "read_checkpoint", "read_weights", "resolve_path", "save_pretrained",
 ]

@@ -1,9 +1,10 @@
 """`save_pretrained`: config.json + model.safetensors (+ tokenizer files), readable by `load_model`.
 
-mamba1 / mamba2 / diffmamba2 are written in the transformers / upstream Diff-Mamba layout
-(`MambaConfig.to_hf_dict`, keys via `keys.to_checkpoint`), so transformers' MambaForCausalLM /
-Mamba2ForCausalLM load the plain ones. diffmamba1 and diffs6 have no such layout: their config.json
-is our own marker, {"diffmamba_interp": {"format_version": 1, "config": MambaConfig.to_dict()}}.
+Each architecture is written in its `ArchSpec.save_format` (archs.py): mamba1 / mamba2 / diffmamba2
+in the transformers / upstream Diff-Mamba layout, so transformers' MambaForCausalLM /
+Mamba2ForCausalLM load the plain ones; diffmamba1 and diffs6, which have no such layout, in our own
+marker format (ours.py). Takes any model with `cfg`, `state_dict()`, `embed`, `lm_head`, `dtype`
+and `tokenizer` (a HookedMamba); it does not import the model.
 """
 
 from __future__ import annotations
@@ -15,11 +16,8 @@ from pathlib import Path
 
 import torch
 
-from .. import keys
 from ..errors import DiffMambaError
-from .formats import ours_marker
-
-HF_ARCHS = ("mamba1", "mamba2", "diffmamba2")
+from .formats import FORMATS
 
 
 def _is_tied(model) -> bool:
@@ -45,15 +43,14 @@ def save_pretrained(model, path: str | Path) -> None:
     if cfg.tie_embeddings and not tied:  # untied after construction: save what the model computes
         cfg = dataclasses.replace(cfg, tie_embeddings=False)
     dtype_name = str(model.dtype).removeprefix("torch.")
-    if cfg.arch in HF_ARCHS:
-        config = cfg.to_hf_dict()
+    fmt = FORMATS[cfg.spec.save_format]
+    config = fmt.write_config(cfg)
+    if fmt.writes_dtype:
         config["dtype"] = dtype_name
         if "torch_dtype" in config:
             config["torch_dtype"] = dtype_name
-    else:
-        config = ours_marker(cfg)
 
-    state = keys.to_checkpoint(model.state_dict())
+    state = fmt.keys.to_checkpoint(model.state_dict())
     if tied:
         state.pop("lm_head.weight", None)
     state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}

@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from ..errors import DiffMambaError
+from ..errors import DiffMambaError, one_line
 
 # the names transformers writes, in transformers' order of preference; the first one present is read
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -18,13 +18,6 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 
 class NonFiniteWeightWarning(UserWarning):
     """A checkpoint tensor holds NaN or Inf."""
-
-
-def one_line(e: BaseException, limit: int = 200) -> str:
-    """The first line of an exception's message, shortened: for quoting a library's error in ours."""
-    text = str(e).strip().splitlines()[0].strip() if str(e).strip() else ""
-    text = text or type(e).__name__
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def check_finite(path: Path, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -2,7 +2,7 @@
 
 Every builder returns a ``plotly.graph_objects.Figure`` with a title and axis labels, and keeps a
 one-sentence "how to read this" note in ``fig.layout.meta["how_to_read"]`` (read it back with
-:func:`how_to_read`). Layer numbering follows SPEC §4: layer 0 = embeddings, layer k = residual
+:func:`how_to_read`). Layer numbering follows docs/conventions.md, "Lens and SNR": layer 0 = embeddings, layer k = residual
 stream after block k; the branch figure uses block indices i (block i writes into layer i + 1).
 
 Input schemas (validated; a missing column raises :class:`DiffMambaError` naming it):
@@ -25,7 +25,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from ..errors import DiffMambaError
-from ..schemas import BRANCH_COLUMNS, PAIRED_COLUMNS, SUMMARY_COLUMNS, check_columns
+from ..schemas import BRANCH_COLUMNS, BRANCH_COMPONENTS, PAIRED_COLUMNS, SUMMARY_COLUMNS, check_columns
 
 __all__ = [
     "SUMMARY_COLUMNS",
@@ -42,7 +42,6 @@ __all__ = [
     "attention_figure",
 ]
 
-BRANCH_COMPONENTS = ("mixer_1", "-λ·mixer_2", "block")
 
 MEASURE_LABELS = {
     "prob": "needle probability",
@@ -146,7 +145,7 @@ def _measure_label(measure: str) -> str:
 def needle_prob_figure(summary: pd.DataFrame, log_scale: bool = False) -> go.Figure:
     """Grouped bars per layer, one colour per model: mean needle probability with CI whiskers.
 
-    The paper's Figure 6 layout (SPEC §4). ``log_scale=True`` puts the y axis on a log scale,
+    The paper's Figure 6 layout (docs/conventions.md, "Lens and SNR"). ``log_scale=True`` puts the y axis on a log scale,
     which makes the early layers (probabilities near 0) readable.
     """
     check_columns(summary, SUMMARY_COLUMNS, "summary")

@@ -1,5 +1,6 @@
 """`mamba_to_diffmamba`: a pretrained Mamba-1/2 model -> Diff-Mamba-1/2 with the upstream fine-tuning
-initialisation (SPEC §1, "Mamba → Diff-Mamba initialisation").
+initialisation (docs/conventions.md, "Mamba → Diff-Mamba initialisation"; upstream
+github.com/NadavSc/Diff-Mamba).
 
 In each differential layer, every parameter of the two halved mixers is taken from the pretrained
 mixer's parameter of the same name:
@@ -26,12 +27,13 @@ import re
 
 import torch
 
-from ..config import DIFF_SETTINGS, MambaConfig
-from ..errors import DiffMambaError
+from .config import DIFF_SETTINGS, MambaConfig
+from .errors import DiffMambaError
+from .archs import ARCHS
+from .model import HookedMamba
 
 log = logging.getLogger(__name__)
 
-_TARGET_ARCH = {"mamba1": "diffmamba1", "mamba2": "diffmamba2"}
 _MIXER_PARAM = re.compile(r"^blocks\.(\d+)\.mixer_([12])\.(.+)$")
 
 
@@ -56,17 +58,17 @@ def mamba_to_diffmamba(model, settings="alternate"):
     the source's device and dtype, initialised from `model` as upstream does for fine-tuning (see
     the module docstring for which slice goes where). `settings`: "alternate", "all", "quarter" or
     a list of block indices."""
-    from ..model import HookedMamba
-
     cfg: MambaConfig = model.cfg
-    if cfg.arch not in _TARGET_ARCH:
-        raise DiffMambaError(f"mamba_to_diffmamba converts mamba1 or mamba2 models, not {cfg.arch}")
+    target = cfg.spec.diff_variant
+    if target is None:
+        convertible = [name for name, spec in ARCHS.items() if spec.diff_variant]
+        raise DiffMambaError(f"mamba_to_diffmamba converts {' or '.join(convertible)} models, not {cfg.arch}")
     if isinstance(settings, str) and settings not in DIFF_SETTINGS:
         raise DiffMambaError(f"unknown diff setting {settings!r}; expected one of {', '.join(DIFF_SETTINGS)} or a list of layers")
     try:
-        new_cfg = dataclasses.replace(cfg, arch=_TARGET_ARCH[cfg.arch], diff_layers=settings, extra=dict(cfg.extra))
+        new_cfg = dataclasses.replace(cfg, arch=target, diff_layers=settings, extra=dict(cfg.extra))
     except DiffMambaError as e:
-        raise DiffMambaError(f"cannot convert {cfg.arch} to {_TARGET_ARCH[cfg.arch]}: {e}") from None
+        raise DiffMambaError(f"cannot convert {cfg.arch} to {target}: {e}") from None
     new = HookedMamba(new_cfg).to(device=model.device, dtype=model.dtype)
     src = model.state_dict()
     moved = []

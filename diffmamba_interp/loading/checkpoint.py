@@ -1,14 +1,17 @@
-"""`load_model` and `load_tokenizer`: a checkpoint directory (or Hugging Face hub id) -> HookedMamba.
+"""Reading a checkpoint directory (or Hugging Face hub id): `read_checkpoint` -> `Checkpoint` (format,
+config, tensors, files), `match_state` (which tensors fit a model, in a `LoadReport`), and the
+tokenizer. Building the model from these is `HookedMamba.from_pretrained` (model.py): loading knows
+formats, the model knows modules, and the dependency points one way (model -> loading).
 
 Flow: resolve the path (downloading a hub id if it is not a local path) -> read config.json ->
-`formats.detect_format` -> `formats.FORMATS[name]` reads config + weights -> the state dict is
-renamed with `keys.to_ours` and checked against the model the config builds (strict by default).
+`formats.detect_format` -> the `Format` reads the config -> `weights.read_weights` reads the
+tensors -> `match_state` renames them with the format's `KeyMap` and checks them against the
+model's parameters (strict by default).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -17,12 +20,11 @@ from typing import Any
 
 import torch
 
-from .. import keys
-from ..errors import DiffMambaError
-from .formats import FORMATS, Checkpoint, detect_format, read_json
-from .weights import one_line
+from ..config import MambaConfig
+from ..errors import DiffMambaError, one_line
+from .formats import FORMATS, detect_format, read_json
+from .weights import read_weights
 
-log = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -33,6 +35,21 @@ _DTYPES = {
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
     "float64": torch.float64, "double": torch.float64,
 }
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint read from disk: its config and its tensors, keys in the checkpoint's own layout."""
+
+    format: str
+    config: MambaConfig
+    state: dict[str, torch.Tensor]
+    files: list[Path] = field(default_factory=list)
+    directory: Path | None = None
+
+    @property
+    def keys(self):
+        return FORMATS[self.format].keys
 
 
 @dataclass
@@ -102,7 +119,7 @@ def resolve_path(path: str | Path) -> Path:
         ) from None
 
 
-def _resolve_dtype(dtype: Any, state: dict[str, torch.Tensor]) -> torch.dtype:
+def resolve_dtype(dtype: Any, state: dict[str, torch.Tensor]) -> torch.dtype:
     """None -> float32 (as transformers' from_pretrained); "auto" -> the checkpoint's float dtype."""
     if dtype is None:
         return torch.float32
@@ -119,7 +136,7 @@ def _resolve_dtype(dtype: Any, state: dict[str, torch.Tensor]) -> torch.dtype:
     return _DTYPES[name]
 
 
-def _resolve_device(device: Any) -> torch.device:
+def resolve_device(device: Any) -> torch.device:
     try:
         return torch.device(device if device is not None else "cpu")
     except (RuntimeError, TypeError) as e:
@@ -127,10 +144,10 @@ def _resolve_device(device: Any) -> torch.device:
 
 
 # -- matching a state dict to a model ------------------------------------------------------------
-def _untie_if_needed(ckpt: Checkpoint) -> bool:
+def untie_if_needed(ckpt: Checkpoint) -> bool:
     """A config that says tied with a stored lm_head that differs from the embedding: trust the
     weights, build the model untied, and warn. Returns whether it untied."""
-    ours, _ = keys.to_ours(ckpt.state)
+    ours, _ = ckpt.keys.to_ours(ckpt.state)
     lm, emb = ours.get("lm_head.weight"), ours.get("embed.weight")
     if not ckpt.config.tie_embeddings or lm is None or emb is None:
         return False
@@ -145,14 +162,18 @@ def _untie_if_needed(ckpt: Checkpoint) -> bool:
     return True
 
 
-def match_state(model: torch.nn.Module, state: dict[str, torch.Tensor], report: LoadReport) -> dict[str, torch.Tensor]:
-    """Fill the report's missing / unexpected / mismatched lists; return the tensors that fit (our keys)."""
-    ours, unknown = keys.to_ours(state)
-    origin, _ = keys.to_ours({k: k for k in state})  # our key -> checkpoint key
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    if model.cfg.tie_embeddings:
+def match_state(expected: dict[str, torch.Size], ckpt: Checkpoint, report: LoadReport) -> dict[str, torch.Tensor]:
+    """Fill the report's missing / unexpected / mismatched lists; return the tensors that fit (our keys).
+
+    expected: the model's state-dict shapes (our keys; a tied lm_head is not expected).
+    """
+    keys = ckpt.keys
+    ours, unknown = keys.to_ours(ckpt.state)
+    origin, _ = keys.to_ours({k: k for k in ckpt.state})  # our key -> checkpoint key
+    expected = dict(expected)
+    if ckpt.config.tie_embeddings:
         expected.pop("lm_head.weight", None)  # tied: the embedding is stored once
-        ours.pop("lm_head.weight", None)  # equal to the embedding (checked by _untie_if_needed)
+        ours.pop("lm_head.weight", None)  # equal to the embedding (checked by untie_if_needed)
     fits = {}
     for k, t in ours.items():
         if k not in expected:
@@ -167,21 +188,9 @@ def match_state(model: torch.nn.Module, state: dict[str, torch.Tensor], report: 
 
 
 # -- public API ----------------------------------------------------------------------------------
-def load_model(path: str | Path, device: Any = None, dtype: Any = None, strict: bool = True):
-    """Load a checkpoint directory or Hugging Face hub id as a `HookedMamba` in eval mode.
-
-    Formats (`formats.FORMATS`): transformers Mamba / Mamba-2, the paper's Diff-Mamba-2, mamba-ssm
-    (state-spaces/mamba-*) and this package's own `save_pretrained` output; weights from
-    safetensors (single or sharded) or a `.bin` read with `torch.load(weights_only=True)`.
-
-    device: None -> CPU. dtype: None -> float32; a torch dtype or its name; "auto" -> as stored.
-    strict (default): any missing / unexpected key or shape mismatch raises a one-line
-    DiffMambaError listing the keys. strict=False loads what fits, leaves the rest at init, logs a
-    warning and records the skipped keys in `model.load_report` (a `LoadReport`, always set).
-    `model.tokenizer` is the directory's tokenizer when it has tokenizer files, else None.
-    """
-    from ..model import HookedMamba
-
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a checkpoint directory (or hub id): its format, config and tensors, with every problem a
+    one-line DiffMambaError naming the file."""
     directory = resolve_path(path)
     config_path = directory / "config.json"
     if not config_path.is_file():
@@ -191,37 +200,16 @@ def load_model(path: str | Path, device: Any = None, dtype: Any = None, strict: 
         fmt = detect_format(raw)
     except DiffMambaError as e:
         raise DiffMambaError(f"{config_path}: {e}") from None
-    ckpt = FORMATS[fmt](directory, raw)
-    torch_dtype, torch_device = _resolve_dtype(dtype, ckpt.state), _resolve_device(device)
-    report = LoadReport(path=directory, format=fmt, files=ckpt.files, untied_lm_head=_untie_if_needed(ckpt))
-
-    model = HookedMamba(ckpt.config)
-    fits = match_state(model, ckpt.state, report)
-    if not report.ok:
-        where = ckpt.files[0] if len(ckpt.files) == 1 else directory
-        if strict:
-            raise DiffMambaError(
-                f"{where}: the weights do not match config.json: {report.summary()} (strict=False loads what fits)"
-            )
-        log.warning("%s: loaded with strict=False, left at init or ignored: %s", where, report.summary())
-    model.load_state_dict(fits, strict=False)
-    try:
-        model.to(device=torch_device, dtype=torch_dtype)
-    except (RuntimeError, AssertionError) as e:  # e.g. a CUDA device on a machine without one
-        raise DiffMambaError(f"cannot move the model to {torch_device} / {torch_dtype}: {one_line(e)}") from None
-    model.eval()
-    model.load_report = report
-    model.tokenizer = _tokenizer_or_none(directory)
-    model.checkpoint_path = str(directory)  # lets lens="tuned" find tuned_lens.* next to the weights
-    log.info("loaded %s (%s, %s) from %s", ckpt.config.arch, fmt, torch_dtype, directory)
-    return model
+    cfg = FORMATS[fmt].config(raw, config_path)
+    state, files = read_weights(directory)
+    return Checkpoint(fmt, cfg, state, files, directory)
 
 
 def has_tokenizer_files(directory: Path) -> bool:
     return any((directory / name).is_file() for name in TOKENIZER_FILES)
 
 
-def _tokenizer_or_none(directory: Path):
+def tokenizer_or_none(directory: Path):
     if not has_tokenizer_files(directory):
         return None
     try:

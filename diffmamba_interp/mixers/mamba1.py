@@ -1,0 +1,141 @@
+"""The Mamba-1 (S6) mixer (docs/conventions.md, "Blocks"), with a hook on every intermediate.
+
+out_proj(S6(SiLU(conv(x))) ⊙ SiLU(z)), x, z = in_proj(h). Parameter names are the checkpoints' own
+(in_proj, conv1d, x_proj, dt_proj, A_log, D, out_proj). Reference implementations: mamba-ssm's
+`modules/mamba_simple.py`, transformers' `MambaMixer`.
+
+`hook_ssm_state` is materialised only when something hooks it (a TransformerLens hook, or
+`capture_states = True`, which `HookedMamba.capture_states()` sets for nnsight users). Patching it
+changes that position's readout y_t = C_t·h_t + D·u_t only; the recurrence is not re-run.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformer_lens.hook_points import HookPoint
+
+from .. import implicit
+from ..scan import causal_conv1d, selective_scan
+from .base import Mixer, MixerDims, ScanUnit, init_dt_bias
+
+Tensor = torch.Tensor
+
+
+class S6Core(ScanUnit):
+    """The selective part of a Mamba-1 mixer: x_proj, dt_proj, A_log, D and their hooks."""
+
+    def _init_s6(self, dims: MixerDims) -> None:
+        E, N, R = dims.d_inner, dims.d_state, dims.dt_rank
+        self.d_state, self.dt_rank = N, R
+        self.capture_states = False
+        self.last_path = ""
+        self.x_proj = nn.Linear(E, R + 2 * N, bias=False)
+        self.dt_proj = nn.Linear(R, E, bias=True)
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(init_dt_bias(E))
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).repeat(E, 1))  # [E, N]
+        self.D = nn.Parameter(torch.ones(E))  # [E]
+        self.hook_dt = HookPoint()  # [batch, pos, E]  Δ after softplus
+        self.hook_B = HookPoint()  # [batch, pos, N]
+        self.hook_C = HookPoint()  # [batch, pos, N]
+        self.hook_ssm_state = HookPoint()  # [batch, pos, E, N]  h_t (only when hooked)
+        self.hook_ssm_out = HookPoint()  # [batch, pos, E]  C·h + D⊙u
+
+    def ssm(self, u: Tensor) -> Tensor:
+        """u [batch, pos, E] -> y [batch, pos, E]."""
+        dt_low, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = self.hook_dt(F.softplus(self.dt_proj(dt_low)))  # [batch, pos, E]
+        B, C = self.hook_B(B), self.hook_C(C)  # [batch, pos, N]
+        want = self.wants_states()
+        res = selective_scan(u, dt, self.A(), B, C, self.D, return_states=want)
+        y, states, self.last_path = res[0], res[1], res[-1]
+        if want:
+            states = self.hook_ssm_state(states)
+            y = (torch.einsum("blen,bln->ble", states, C.to(states.dtype)) + self.D * u.to(states.dtype)).to(u.dtype)
+        return self.hook_ssm_out(y)
+
+    def scan_map(self, cache: Mapping[str, Tensor], prefix: str, reduce, chunk) -> Tensor:
+        """The S6 map α of this core ([b, E, L, L]) from the cached hook_dt/B/C under `prefix`."""
+        dt = cache[prefix + "hook_dt"]
+        return implicit.s6_map(dt, self.A().detach().to(dt.dtype), cache[prefix + "hook_B"], cache[prefix + "hook_C"],
+                               reduce, chunk)
+
+
+class ConvFront(nn.Module):
+    """in_proj + depthwise causal conv before the scan, gate and out_proj after it (Mamba-1, Diff-S6)."""
+
+    def _init_front(self, dims: MixerDims) -> None:
+        E = dims.d_inner
+        self.d_inner = E
+        self.in_proj = nn.Linear(dims.d_model, 2 * E, bias=dims.bias)
+        self.conv1d = nn.Conv1d(E, E, dims.d_conv, groups=E, padding=dims.d_conv - 1, bias=dims.conv_bias)
+        self.out_proj = nn.Linear(E, dims.d_model, bias=dims.bias)
+        self.hook_in_proj = HookPoint()  # [batch, pos, 2E]
+        self.hook_x = HookPoint()  # [batch, pos, E]
+        self.hook_z = HookPoint()  # [batch, pos, E]
+        self.hook_conv = HookPoint()  # [batch, pos, E]  causal conv output, before SiLU
+        self.hook_ssm_in = HookPoint()  # [batch, pos, E]  u = SiLU(conv)
+        self.hook_gate = HookPoint()  # [batch, pos, E]  SiLU(z)
+        self.hook_gated = HookPoint()  # [batch, pos, E]  y ⊙ SiLU(z)
+        self.hook_out = HookPoint()  # [batch, pos, d]
+
+    def front(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        """h [batch, pos, d] -> (u, z), both [batch, pos, E]."""
+        x, z = self.hook_in_proj(self.in_proj(h)).chunk(2, dim=-1)
+        x, z = self.hook_x(x), self.hook_z(z)
+        v, _ = causal_conv1d(x, self.conv1d.weight, self.conv1d.bias)
+        u = self.hook_ssm_in(F.silu(self.hook_conv(v)))
+        return u, z
+
+    def back(self, y: Tensor, z: Tensor) -> Tensor:
+        """y [batch, pos, E], z [batch, pos, E] -> [batch, pos, d]."""
+        gated = self.hook_gated(y * self.hook_gate(F.silu(z)))
+        return self.hook_out(self.out_proj(gated))
+
+    def block_map(self, core: S6Core, cache: Mapping[str, Tensor], core_prefix: str, rows: Tensor, reduce, chunk):
+        """The whole-block map of `core` behind this front, with the row scaling `rows` [b, L, E]."""
+        dt = cache[core_prefix + "hook_dt"]
+        return implicit.s6_block_map(dt, core.A().detach().to(dt.dtype), cache[core_prefix + "hook_B"],
+                                     cache[core_prefix + "hook_C"], core.D.detach().to(dt.dtype), cache["hook_conv"],
+                                     rows, self.conv1d, reduce, chunk)
+
+
+class Mamba1Mixer(ConvFront, S6Core, Mixer):
+    """Mamba-1 (S6) mixer: out_proj(S6(SiLU(conv(x))) ⊙ SiLU(z)), x, z = in_proj(h).
+
+    Implicit attention: kind "s6" -> α [b, E, L, L]; kind "block" -> diag(SiLU(z))·(α + diag(D))·
+    diag(σ(v))·M and its conv-bias term, whose `reconstruct(hook_x)` equals `hook_gated`.
+    """
+
+    def __init__(self, dims: MixerDims):
+        super().__init__()
+        self._init_front(dims)
+        self._init_s6(dims)
+
+    def forward(self, h: Tensor) -> Tensor:
+        u, z = self.front(h)
+        return self.back(self.ssm(u), z)
+
+    def attention_hooks(self, kind: str, branch: int | None = None) -> list[str]:
+        names = ["hook_dt", "hook_B", "hook_C"]
+        return names + ["hook_conv", "hook_gate", "hook_x"] if kind == "block" else names
+
+    def implicit_attention(self, cache, kind, reduce=None, chunk=None, branch=None):
+        if kind == "s6":
+            return self.scan_map(cache, "", reduce, chunk)
+        return self.block_map(self, cache, "", cache["hook_gate"], reduce, chunk)
+
+
+class S6(S6Core):
+    """One S6 core as a submodule (the two branches of Diff-S6)."""
+
+    def __init__(self, dims: MixerDims):
+        super().__init__()
+        self._init_s6(dims)
+
+    def forward(self, u: Tensor) -> Tensor:
+        return self.ssm(u)

@@ -1,0 +1,110 @@
+"""The Mamba-2 (SSD) mixer (docs/conventions.md, "Blocks"), with a hook on every intermediate.
+
+z, xBC, dt = in_proj(h); x, B, C = SiLU(conv(xBC)); y = SSD(x, Δ, A, B, C) + D·x;
+out_proj(gated_norm(y, SiLU(z))). Parameter names are the checkpoints' own (in_proj, conv1d, dt_bias,
+A_log, D, norm, out_proj). Reference implementations: mamba-ssm's `modules/mamba2.py`,
+transformers' `Mamba2Mixer`. `hook_ssm_state` is materialised only when hooked (see mamba1.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformer_lens.hook_points import HookPoint
+
+from .. import implicit
+from ..norms import GatedRMSNorm
+from ..scan import causal_conv1d, ssd
+from .base import Mixer, MixerDims, ScanUnit, init_dt_bias
+
+Tensor = torch.Tensor
+
+
+class Mamba2Mixer(ScanUnit, Mixer):
+    """Mamba-2 (SSD) mixer.
+
+    Implicit attention: kind "s6" -> the per-head SSD map α [b, H, L, L]; kind "block" -> per channel
+    diag(w ⊙ SiLU(z_t) / rms_group(t))·(α + diag(D))·diag(σ(v))·M and its conv-bias term, whose
+    `reconstruct(x part of hook_xBC)` equals `norm.hook_normalized`.
+    """
+
+    @staticmethod
+    def check_dims(dims: MixerDims) -> str | None:
+        """Why these sizes cannot build a Mamba-2 mixer, or None."""
+        if dims.head_dim <= 0 or dims.d_inner % dims.head_dim:
+            return f"d_inner {dims.d_inner} is not a multiple of head_dim {dims.head_dim}"
+        if dims.n_heads % dims.n_groups:
+            return f"n_heads {dims.n_heads} is not a multiple of n_groups {dims.n_groups}"
+        return None
+
+    def __init__(self, dims: MixerDims):
+        super().__init__()
+        E, N, G, H = dims.d_inner, dims.d_state, dims.n_groups, dims.n_heads
+        self.d_inner, self.d_state, self.n_groups, self.n_heads, self.head_dim = E, N, G, H, dims.head_dim
+        self.chunk_size = dims.chunk_size
+        self.time_step_limit = dims.time_step_limit
+        self.conv_dim = E + 2 * G * N
+        self.capture_states = False
+        self.last_path = ""
+        self.in_proj = nn.Linear(dims.d_model, 2 * E + 2 * G * N + H, bias=dims.bias)
+        self.conv1d = nn.Conv1d(
+            self.conv_dim, self.conv_dim, dims.d_conv, groups=self.conv_dim, padding=dims.d_conv - 1, bias=dims.conv_bias
+        )
+        self.dt_bias = nn.Parameter(init_dt_bias(H))  # [H]
+        self.A_log = nn.Parameter(torch.log(torch.empty(H).uniform_(1, 16)))  # [H]
+        self.D = nn.Parameter(torch.ones(H))  # [H]
+        self.norm = GatedRMSNorm(E, n_groups=G, eps=dims.norm_eps)
+        self.out_proj = nn.Linear(E, dims.d_model, bias=dims.bias)
+        self.hook_in_proj = HookPoint()  # [batch, pos, 2E + 2GN + H]
+        self.hook_z = HookPoint()  # [batch, pos, E]
+        self.hook_xBC = HookPoint()  # [batch, pos, E + 2GN]
+        self.hook_conv = HookPoint()  # [batch, pos, E + 2GN]  causal conv output, before SiLU
+        self.hook_ssm_in = HookPoint()  # [batch, pos, H, P]  x
+        self.hook_B = HookPoint()  # [batch, pos, G, N]
+        self.hook_C = HookPoint()  # [batch, pos, G, N]
+        self.hook_dt = HookPoint()  # [batch, pos, H]  Δ after softplus and clamp
+        self.hook_ssm_state = HookPoint()  # [batch, pos, H, P, N]  h_t (only when hooked)
+        self.hook_ssm_out = HookPoint()  # [batch, pos, H, P]  y + D·x
+        self.hook_gate = HookPoint()  # [batch, pos, E]  SiLU(z)
+        self.hook_out = HookPoint()  # [batch, pos, d]
+
+    def forward(self, h: Tensor) -> Tensor:
+        b, L, _ = h.shape
+        E, G, N, H, P = self.d_inner, self.n_groups, self.d_state, self.n_heads, self.head_dim
+        z, xBC, dt = self.hook_in_proj(self.in_proj(h)).split([E, self.conv_dim, H], dim=-1)
+        z, xBC = self.hook_z(z), self.hook_xBC(xBC)
+        v, _ = causal_conv1d(xBC, self.conv1d.weight, self.conv1d.bias)
+        x, B, C = F.silu(self.hook_conv(v)).split([E, G * N, G * N], dim=-1)
+        x = self.hook_ssm_in(x.reshape(b, L, H, P))
+        B = self.hook_B(B.reshape(b, L, G, N))
+        C = self.hook_C(C.reshape(b, L, G, N))
+        lo, hi = self.time_step_limit
+        dt = self.hook_dt(F.softplus(dt + self.dt_bias).clamp(lo, hi))  # [batch, pos, H]
+        want = self.wants_states()
+        res = ssd(x, dt, self.A(), B, C, self.D, chunk_size=self.chunk_size, return_states=want)
+        y, states, self.last_path = res[0], res[1], res[-1]
+        if want:
+            states = self.hook_ssm_state(states)
+            Ch = C.to(states.dtype).repeat_interleave(H // G, dim=2)  # [batch, pos, H, N]
+            y = torch.einsum("blhpn,blhn->blhp", states, Ch) + self.D.view(H, 1) * x.to(states.dtype)
+            y = y.to(x.dtype)
+        y = self.hook_ssm_out(y)
+        gate = self.hook_gate(F.silu(z))
+        return self.hook_out(self.out_proj(self.norm(y.reshape(b, L, E), gate)))
+
+    def attention_hooks(self, kind: str, branch: int | None = None) -> list[str]:
+        names = ["hook_dt", "hook_B", "hook_C"]
+        return names + ["hook_conv", "hook_gate", "hook_xBC", "norm.hook_scale"] if kind == "block" else names
+
+    def implicit_attention(self, cache, kind, reduce=None, chunk=None, branch=None):
+        dt, B, C = cache["hook_dt"], cache["hook_B"], cache["hook_C"]
+        A = self.A().detach().to(dt.dtype)
+        if kind == "s6":
+            return implicit.ssd_map(dt, A, B, C, reduce, chunk)
+        E = self.d_inner
+        scale = cache["norm.hook_scale"]  # [b, L, G]  1/rms of each norm group
+        scale_e = scale.repeat_interleave(E // scale.shape[-1], dim=-1)  # [b, L, E]
+        rows = self.norm.weight.detach().to(dt.dtype) * scale_e * cache["hook_gate"]  # [b, L, E]
+        return implicit.ssd_block_map(dt, A, B, C, self.D.detach().to(dt.dtype), cache["hook_conv"][..., :E], rows,
+                                      self.conv1d, self.head_dim, reduce, chunk)
