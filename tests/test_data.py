@@ -10,7 +10,7 @@ import pytest
 
 import diffmamba_interp
 from diffmamba_interp.data import (
-    DATA_DIR, TEMPLATE, BabiSample, DataSpec, Prompt, available_tasks, babi, babilong,
+    DATA_DIR, FILLER_DIR, TEMPLATE, BabiSample, DataSpec, Prompt, available_tasks, babi, babilong,
     build_babi_tokenizer, count_tokens, format_prompt, load_data, parse_data_spec, pretokenize,
     training_stream,
 )
@@ -21,6 +21,8 @@ from diffmamba_interp.errors import DiffMambaError
 babi_module = importlib.import_module("diffmamba_interp.data.babi")
 babilong_module = importlib.import_module("diffmamba_interp.data.babilong")
 tokenizer_module = importlib.import_module("diffmamba_interp.data.tokenizer")
+books_module = importlib.import_module("diffmamba_interp.data.books")
+spec_module = importlib.import_module("diffmamba_interp.data.spec")
 
 TASKS = ("qa1", "qa2", "qa3", "qa4", "qa5")
 PEOPLE = {"John", "Mary", "Sandra", "Daniel", "Fred", "Jeff", "Bill"}
@@ -46,12 +48,13 @@ def test_shipped_files_and_license():
     assert DATA_DIR.is_relative_to(pathlib.Path(diffmamba_interp.__file__).resolve().parent)
     assert "Attribution 3.0" in (DATA_DIR / "LICENSE.txt").read_text()
     assert (DATA_DIR / "README.txt").is_file()
-    assert available_tasks() == list(TASKS)
+    # issue 13: the test files of all 20 tasks are shipped (was qa1-qa5)
+    assert available_tasks() == [f"qa{i}" for i in range(1, 21)]
     for task in TASKS:
         for split in ("train", "test"):
             assert babi_path(task, split).is_relative_to(DATA_DIR)
     total = sum(p.stat().st_size for p in DATA_DIR.rglob("*") if p.is_file())
-    assert total < 10_000_000
+    assert total < 11_000_000  # was 10 MB before the 15 extra test files (2.3 MB)
 
 
 def test_first_qa1_test_story_hand_checked():
@@ -113,7 +116,7 @@ def test_train_sizes_and_task_forms():
 
 
 @pytest.mark.parametrize("kwargs, expected", [
-    ({"task": "qa7"}, r"'qa7' is not shipped; available: qa1, qa2, qa3, qa4, qa5"),
+    ({"task": "qa7", "split": "train"}, r"no train file for bAbI qa7 shipped \(available splits: test\)"),
     ({"task": "qa21"}, r"unknown bAbI task 'qa21'.*qa1, qa2, qa3, qa4, qa5"),
     ({"task": "foo"}, r"unknown bAbI task 'foo'"),
     ({"task": "qa1", "split": "dev"}, r"unknown bAbI split 'dev' for qa1"),
@@ -151,14 +154,17 @@ def test_prompt_template_exact():
 
 @pytest.mark.parametrize("task, length", [("qa1", "1k"), ("qa2", "2k"), ("qa4", 700), ("qa5", "1k")])
 def test_filler_reaches_length_and_keeps_facts(task, length):
-    target = babilong_module.parse_length(length)
+    # issue 13: facts + filler fill length - 300 tokens (BABILong's budget; was: the whole prompt
+    # reaches length), and the bAbI-distractor filler is filler="babi" (the default is now books)
+    budget = babilong_module.parse_length(length) - 300
     samples = babi(task)[:15]
-    prompts = babilong(task, length, n=15)
+    prompts = babilong(task, length, n=15, filler="babi")
     pool = babilong_module._task_filler(babilong_module.FILLER_TASKS.get(task, "qa4"))
     longest_filler = max(len(pretokenize(s)) for s in pool)
     for s, p in zip(samples, prompts):
         n_tokens = count_tokens(p.prompt)
-        assert n_tokens == p.meta["n_tokens"] and target <= n_tokens < target + longest_filler
+        context = len(pretokenize(" ".join(context_sentences(p.prompt))))
+        assert n_tokens == p.meta["n_tokens"] and budget <= context < budget + longest_filler
         sentences = context_sentences(p.prompt)
         positions = p.meta["fact_positions"]
         assert list(positions) == sorted(positions)
@@ -168,7 +174,7 @@ def test_filler_reaches_length_and_keeps_facts(task, length):
 
 
 def test_filler_positions_vary_within_a_prompt():
-    p = babilong("qa1", "2k", n=1)[0]
+    p = babilong("qa1", "2k", n=1, filler="babi")[0]
     positions = p.meta["fact_positions"]
     assert positions[0] > 0 and positions[-1] < len(context_sentences(p.prompt)) - 1
 
@@ -183,8 +189,8 @@ def test_filler_deterministic_with_seed():
 
 
 @pytest.mark.parametrize("task", TASKS)
-def test_default_filler_cannot_change_the_answer(task, tok):
-    prompts = babilong(task, "1k", n=20)
+def test_babi_filler_cannot_change_the_answer(task, tok):
+    prompts = babilong(task, "1k", n=20, filler="babi")  # issue 13: no longer the default
     vocab = tok.get_vocab()
     filler_seen = 0
     for p in prompts:
@@ -206,7 +212,7 @@ def test_default_filler_cannot_change_the_answer(task, tok):
 def test_filler_file(tmp_path):
     path = tmp_path / "book.txt"
     path.write_text("First line one. Second\nline two!  Third line three?\n\nFourth line four.")
-    prompts = babilong("qa1", 80, filler=path, n=3)
+    prompts = babilong("qa1", 380, filler=path, n=3)  # 380 - 300 reserved: 80 tokens of facts + filler
     for p in prompts:
         fact_positions = set(p.meta["fact_positions"])
         filler = [s for i, s in enumerate(context_sentences(p.prompt)) if i not in fact_positions]
@@ -227,8 +233,9 @@ def test_filler_counts_with_a_given_tokenizer():
             return list(text)
 
     prompts = babilong("qa1", 3000, tokenizer=CharTokenizer(), n=3)
-    for p in prompts:
-        assert p.meta["n_tokens"] == len(p.prompt) >= 3000
+    for p in prompts:  # 300 of the 3000 are left for template and question (issue 13)
+        body = " ".join(context_sentences(p.prompt))
+        assert p.meta["n_tokens"] == len(p.prompt) and len(" " + body) >= 2700
 
 
 def test_bad_length():
@@ -257,11 +264,16 @@ def test_data_specs(tmp_path):
     assert parse_data_spec("babilong:qa2:1k") == DataSpec("babilong", task="qa2", split="test", length=1024)
     assert parse_data_spec("babilong:3:500:train") == DataSpec("babilong", task="qa3", split="train", length=500)
 
-    assert load_data("babi:qa1", n=4) == babilong("qa1", "0k", n=4)
+    # issue 13: load_data samples n with the seed (was: the first n)
+    picked = spec_module.sample_indices(1000, 4, 0, "qa1:test")
+    assert load_data("babi:qa1", n=4) == babilong("qa1", "0k", indices=picked)
+    assert load_data("babi:qa1") == babilong("qa1", "0k")  # all: file order
     train = load_data("babi:qa1:train", n=2)
-    assert train[0].answer == babi("qa1", "train")[0].answer and train[0].meta["split"] == "train"
+    first = spec_module.sample_indices(10_000, 2, 0, "qa1:train")[0]
+    assert train[0].answer == babi("qa1", "train")[first].answer and train[0].meta["split"] == "train"
     long = load_data("babilong:qa2:1k", n=2, seed=5)
-    assert long == babilong("qa2", "1k", n=2, seed=5) and all(p.meta["n_tokens"] >= 1024 for p in long)
+    assert long == babilong("qa2", "1k", seed=5, indices=spec_module.sample_indices(1000, 2, 5, "qa2:test"))
+    assert all(p.meta["n_tokens"] >= 1024 - 300 for p in long)
 
     path = tmp_path / "d.jsonl"
     path.write_text('{"prompt": "a b", "answer": "c", "candidates": ["d"], "id": 7}\n\n'
@@ -275,7 +287,7 @@ def test_data_specs(tmp_path):
 @pytest.mark.parametrize("spec, expected", [
     ("hf:foo", r"unknown data spec 'hf:foo'.*babi:TASK"),
     ("qa1", r"unknown data spec 'qa1'"),
-    ("babi:qa9", r"'qa9' is not shipped; available: qa1"),
+    ("babi:qa9:train", r"no train file for bAbI qa9 shipped"),
     ("babi:qa1:dev", r"unknown split 'dev'"),
     ("babi:", r"expected babi:TASK"),
     ("babi:qa1:train:x", r"expected babi:TASK\[:SPLIT\]"),
@@ -340,7 +352,7 @@ def test_tokenizer_round_trip(tok, tmp_path):
     assert (tmp_path / "tokenizer.json").is_file() and (tmp_path / "tokenizer_config.json").is_file()
     auto = AutoTokenizer.from_pretrained(tmp_path)
     from_file = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
-    for p in babilong("qa5", "1k", n=3) + babilong("qa3", n=3):
+    for p in babilong("qa5", "1k", n=3, filler="babi") + babilong("qa3", n=3):
         ids = tok(p.prompt)["input_ids"]
         assert auto(p.prompt)["input_ids"] == ids == from_file(p.prompt)["input_ids"]
         decoded = auto.decode(ids)  # tokens joined by single spaces
@@ -373,15 +385,25 @@ def test_reads_only_package_files(monkeypatch, tmp_path):
         read.append(self.resolve())
         return original(self, *args, **kwargs)
 
+    original_bytes = pathlib.Path.read_bytes
+
+    def spy_bytes(self, *args, **kwargs):
+        read.append(self.resolve())
+        return original_bytes(self, *args, **kwargs)
+
     monkeypatch.setattr(pathlib.Path, "read_text", spy)
+    monkeypatch.setattr(pathlib.Path, "read_bytes", spy_bytes)
     monkeypatch.chdir(tmp_path)
     for cached in (babi_module._index, babi_module._parse_file, babilong_module._task_filler,
-                   tokenizer_module.babi_vocab):
+                   tokenizer_module.babi_vocab, books_module._book_sentences):
         cached.cache_clear()
     babilong("qa1", "1k", n=2)
-    babilong("qa4", "1k", n=2)
+    babilong("qa4", "1k", n=2, filler="babi")
     babi("qa2", "train", size="1k")
     tokenizer_module.babi_vocab()
     package = pathlib.Path(diffmamba_interp.__file__).resolve().parent
-    assert read and all(p.is_relative_to(DATA_DIR) and p.is_relative_to(package) for p in read)
+    # issue 13: the filler books are package data too (FILLER_DIR, next to DATA_DIR)
+    assert any(p.is_relative_to(FILLER_DIR) for p in read)
+    assert read and all((p.is_relative_to(DATA_DIR) or p.is_relative_to(FILLER_DIR)) and p.is_relative_to(package)
+                        for p in read)
     assert not any("shared" in p.parts for p in read)

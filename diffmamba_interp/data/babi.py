@@ -9,9 +9,15 @@ IDs restart at 1 at each new story; supporting IDs refer to lines of the same st
 en/qa1 shipped here (taken verbatim from the project's data folder) separates the question fields
 with ``|`` instead of tabs, so the parser accepts either separator.
 
-Shipped data (``DATA_DIR``, CC BY 3.0, see ``babi/LICENSE.txt``): ``en/`` qa1-qa5 train and test,
-``en-10k/`` train for qa1, qa2, qa4, qa5 (the 10k release has no qa3 here). Any other task can be
-read from a full bAbI release with ``data_dir=`` (the folder that holds ``en/`` and ``en-10k/``).
+Shipped data (``DATA_DIR``, CC BY 3.0, see ``babi/LICENSE.txt`` and ``babi/NOTICE.txt``): ``en/``
+test files of all 20 tasks and train files of qa1-qa5, ``en-10k/`` train for qa1, qa2, qa4, qa5 (the
+10k release has no qa3 here). Other train files can be read from a full bAbI release with
+``data_dir=`` (the folder that holds ``en/`` and ``en-10k/``).
+
+Stories: ``story_id`` numbers the stories of one file from 0; all questions of a story share it.
+``raw_question`` keeps the question exactly as the file has it before the separator (several tasks
+end it with a space: ``"Where is John? "``); BABILong's datasets keep that text, and the paper preset
+(`paper.paper_prompts`) reproduces it. ``question`` is stripped.
 
 Candidates: the candidate vocabulary of a task is the set of all answers in the same file. For one
 question the candidates are the vocabulary entries that (a) are of the same kind as the answer,
@@ -25,7 +31,7 @@ counts, directions) get no candidates.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -51,7 +57,9 @@ class BabiSample:
     """One bAbI question with the story facts that precede it.
 
     ``supporting`` holds indices into ``facts`` (not the file's line IDs); ``candidates`` are the
-    other answers of the same kind present in the facts (see the module docstring).
+    other answers of the same kind present in the facts (see the module docstring). ``raw_question``
+    (the unstripped question text) and ``line`` (1-based line of the question in its file) take no
+    part in ``==``.
     """
 
     task: str
@@ -61,6 +69,8 @@ class BabiSample:
     supporting: tuple[int, ...]
     candidates: tuple[str, ...]
     story_id: int
+    raw_question: str = field(default="", compare=False, repr=False)
+    line: int = field(default=0, compare=False, repr=False)
 
 
 def _root(data_dir: str | Path | None) -> Path:
@@ -88,7 +98,7 @@ def _index(root: Path) -> dict[tuple[str, str, str], Path]:
 
 
 def available_tasks(data_dir: str | Path | None = None) -> list[str]:
-    """Tasks with at least one file, in numeric order (``['qa1', ..., 'qa5']`` when shipped)."""
+    """Tasks with at least one file, in numeric order (``['qa1', ..., 'qa20']`` when shipped)."""
     tasks = {task for _, task, _ in _index(_root(data_dir))}
     return sorted(tasks, key=lambda t: int(t[2:]))
 
@@ -128,7 +138,9 @@ def babi_path(task: str | int, split: str = "test", size: str | None = None,
         raise DiffMambaError(f"no en-10k train file for {name}; en-10k has: {', '.join(have) or 'none'}")
     if ("en", name, split) not in index:
         have = [s for s in SPLITS if ("en", name, s) in index]
-        raise DiffMambaError(f"no {split} file for bAbI {name}; available splits: {', '.join(have) or 'none'}")
+        where = "shipped" if data_dir is None else f"in {str(data_dir)!r}"
+        hint = "; pass data_dir= a full bAbI release for it" if data_dir is None else ""
+        raise DiffMambaError(f"no {split} file for bAbI {name} {where} (available splits: {', '.join(have) or 'none'}){hint}")
     return index[("en", name, split)]
 
 
@@ -148,11 +160,17 @@ def _candidates(answer: str, facts: tuple[str, ...], vocabulary: frozenset[str])
 @lru_cache(maxsize=64)
 def _parse_file(path: Path, task: str) -> tuple[BabiSample, ...]:
     """Parse one bAbI file (cached: each file is read once per process)."""
-    raw: list[tuple[str, tuple[str, ...], str, str, tuple[int, ...], int]] = []
+    raw: list[tuple[str, tuple[str, ...], str, str, tuple[int, ...], int, str, int]] = []
     story_id = -1
     facts: list[str] = []
     index_of: dict[int, int] = {}  # line ID -> index into facts
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        content = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        data = path.read_bytes()
+        lineno = data.count(b"\n", 0, e.start) + 1
+        raise DiffMambaError(f"{path}:{lineno}: not UTF-8 (byte 0x{data[e.start]:02x})") from None
+    for lineno, line in enumerate(content.splitlines(), 1):
         if not line.strip():
             continue
         m = _LINE.fullmatch(line.strip())
@@ -168,18 +186,19 @@ def _parse_file(path: Path, task: str) -> tuple[BabiSample, ...]:
             continue
         if len(parts) != 3:
             raise DiffMambaError(f"{path}:{lineno}: a question line needs question, answer and supporting IDs")
+        raw_question = parts[0]
         question, answer, support = (p.strip() for p in parts)
         try:
             supporting = tuple(index_of[int(i)] for i in support.split())
         except (KeyError, ValueError):
             msg = f"{path}:{lineno}: supporting IDs {support!r} do not name facts of this story"
             raise DiffMambaError(msg) from None
-        raw.append((task, tuple(facts), question, answer, supporting, story_id))
+        raw.append((task, tuple(facts), question, answer, supporting, story_id, raw_question, lineno))
     vocabulary = frozenset(r[3] for r in raw)
     return tuple(
         BabiSample(task=t, facts=f, question=q, answer=a, supporting=s,
-                   candidates=_candidates(a, f, vocabulary), story_id=sid)
-        for t, f, q, a, s, sid in raw
+                   candidates=_candidates(a, f, vocabulary), story_id=sid, raw_question=rq, line=ln)
+        for t, f, q, a, s, sid, rq, ln in raw
     )
 
 
@@ -188,7 +207,7 @@ def babi(task: str | int, split: str = "test", size: str | None = None,
     """All questions of a bAbI task as `BabiSample`s, in file order.
 
     Args:
-        task: ``'qa1'``..``'qa20'`` or 1..20 (shipped: qa1-qa5).
+        task: ``'qa1'``..``'qa20'`` or 1..20 (shipped: test of all 20, train of qa1-qa5).
         split: ``'train'`` or ``'test'``.
         size: ``None`` (train: en-10k where shipped, else en), ``'1k'`` (en) or ``'10k'`` (en-10k).
         data_dir: a full bAbI release to read instead of the shipped files.

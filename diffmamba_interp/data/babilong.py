@@ -1,30 +1,51 @@
-"""BABILong-style prompts from bAbI stories, with optional filler up to a token length.
+"""BABILong prompts from bAbI stories, with filler up to a token length, as the benchmark builds them.
 
 Prompt template (SPEC §4, as in the upstream evaluation script)::
 
     <context> \\n{facts}\\n</context>\\n\\nQuestion: {question} Answer:
 
-with the facts joined by single spaces; the target is the first token of ``" " + answer``.
+with the context sentences joined by single spaces; the target is the first token of ``" " + answer``.
+One prompt per bAbI question: the facts of its story before it (earlier questions dropped).
 
-Filler. Length ``"0k"`` (or 0) adds none. For a longer length (``"1k"`` = 1024 tokens, or a plain
-token count) filler sentences are added until the prompt has at least that many tokens, counted
-with ``tokenizer`` when given and otherwise with the project tokenizer's pre-tokenization
-(`tokenizer.pretokenize`, identical to `build_babi_tokenizer`'s token count). Each filler sentence
-goes into a random gap between facts (before the first, between two, or after the last); facts keep
-their order and so do filler sentences. Filler sources:
+Lengths. ``"0k"`` (or 0) adds no filler. ``"Nk"`` is N * 1024 tokens, a plain number is tokens; at
+most ``128k`` (`MAX_LENGTH` = 131072 tokens): a larger or malformed length raises `DiffMambaError`
+before anything is built. (BABILong's own names mean N * 1000 tokens: its ``1k`` is 1000.)
 
-* default, ``filler=None``: the distinct facts of an unrelated bAbI task (train split, en), which
-  cannot change the answer. qa1, qa2, qa3, qa5 (people, places, objects) use qa4 facts such as
-  "The kitchen is north of the garden." (no people, no objects, no movement); qa4 (and qa19, which
-  also reasons over directions) uses qa1 facts such as "John travelled to the hallway." (no
-  direction relations). Any other task uses qa4. Sentences are drawn uniformly with replacement.
-  All filler words are in the shipped tokenizer's vocabulary.
-* ``filler="path.txt"``: a text file split into sentences (after ``.``, ``!`` or ``?``; whitespace,
-  newlines included, collapsed to single spaces); consecutive sentences are taken from a random
-  starting sentence, wrapping around, as BABILong does with its background books.
+Budget (BABILong ``create_tasks.py``): `RESERVED_TOKENS` (300) of ``length`` are left for the
+template and the question, so facts plus filler get ``length - 300`` tokens. Filler sentences are
+added, whole, until the facts plus the filler reach that budget (the last sentence crosses it;
+BABILong cuts the last sentence at the exact token, this module keeps it whole). When the facts
+alone fill the budget no filler is added (BABILong instead drops such samples; here every question
+is kept, so the same questions appear at every length). Tokens are counted once per distinct
+sentence, as ``" " + sentence``, with ``tokenizer`` when given and otherwise with the project's
+pre-tokenization (`tokenizer.pretokenize`, where the sum is exact; for a subword tokenizer it can
+differ from the whole text's count by a few tokens); the whole prompt is counted once at the end
+for ``meta["n_tokens"]``. No sentence is counted twice and the book is never tokenized whole, so a
+128k prompt takes seconds (about 0.5 s with the default count) and little memory.
 
-Randomness is seeded per sample from ``(seed, task, split, sample index)``, so ``n=5`` gives the
-first five prompts of ``n=10`` and results do not depend on the process.
+Placement (BABILong ``NoiseInjectionDataset``): with k filler sentences, each fact independently gets
+a uniform random slot 0..k; the slots are sorted, so facts keep their order; facts in slot i come
+right before filler sentence i.
+
+Filler sources (``filler=``):
+
+* ``"books"`` (default): sentences of the three shipped public-domain books (`books.BOOKS`; the
+  benchmark uses PG-19 books), consecutive from a random starting sentence, wrapping around; as
+  BABILong's ``SentenceSampler``, sentences under `MIN_BOOK_SENTENCE_TOKENS` (10) tokens are
+  skipped. Prose unrelated to the stories, as PG-19 is in BABILong (words such as "Mary" or
+  "garden" do occur in it, as in any book).
+* ``"babi"``: the distinct facts of an unrelated bAbI task (train split, en), drawn uniformly with
+  replacement: qa1, qa2, qa3, qa5 and the others use qa4 facts such as "The kitchen is north of the
+  garden." (no people, no objects, no movement); qa4 and qa19 (directions) use qa1 facts such as
+  "John travelled to the hallway.". They are distractors (they name candidate locations), not noise;
+  all their words are in the bAbI tokenizer's vocabulary.
+* a path to a UTF-8 text file: split with `books.split_sentences`, consecutive from a random start,
+  wrapping around, no minimum length. A `Path` is always a file; a str is a file unless it is
+  ``"books"`` or ``"babi"``.
+
+Randomness is seeded per question from ``(seed, task, split, question index, length)``: the same
+question gets the same prompt whichever other questions are built, and results do not depend on
+the process.
 """
 
 from __future__ import annotations
@@ -39,16 +60,20 @@ from typing import Any
 
 from ..errors import DiffMambaError
 from .babi import babi, normalize_task
+from .books import filler_sentences
 from .tokenizer import pretokenize
 
-__all__ = ["TEMPLATE", "FILLER_TASKS", "Prompt", "format_prompt", "parse_length", "count_tokens",
-           "babilong", "training_stream"]
+__all__ = ["TEMPLATE", "FILLER_TASKS", "MAX_LENGTH", "RESERVED_TOKENS", "MIN_BOOK_SENTENCE_TOKENS", "Prompt",
+           "format_prompt", "parse_length", "parse_lengths", "format_length", "count_tokens",
+           "babi_filler_task", "babilong", "training_stream"]
 
 TEMPLATE = "<context> \n{facts}\n</context>\n\nQuestion: {question} Answer:"
+MAX_LENGTH = 128 * 1024
+RESERVED_TOKENS = 300
+MIN_BOOK_SENTENCE_TOKENS = 10
 DEFAULT_FILLER_TASK = "qa4"
-FILLER_TASKS = {"qa4": "qa1", "qa19": "qa1"}  # target task -> filler task; others use qa4
+FILLER_TASKS = {"qa4": "qa1", "qa19": "qa1"}  # target task -> bAbI filler task; others use qa4
 _LENGTH = re.compile(r"(\d+)(k?)", re.IGNORECASE)
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
 @dataclass(frozen=True)
@@ -78,11 +103,40 @@ def format_prompt(facts: Sequence[str], question: str) -> str:
 
 
 def parse_length(length: str | int) -> int:
-    """``'0k'`` -> 0, ``'4k'`` -> 4096, ``'300'`` or 300 -> 300 tokens."""
-    m = _LENGTH.fullmatch(str(length).strip())
-    if m is None or isinstance(length, bool):
+    """``'0k'`` -> 0, ``'4k'`` -> 4096, ``'300'`` or 300 -> 300 tokens; at most `MAX_LENGTH` (128k)."""
+    if isinstance(length, bool) or not isinstance(length, (str, int)):
         raise DiffMambaError(f"bad BABILong length {length!r}: expected e.g. '0k', '1k', '4k' or a token count")
-    return int(m.group(1)) * (1024 if m.group(2) else 1)
+    m = _LENGTH.fullmatch(str(length).strip())
+    if m is None:
+        hint = "; give one length here (load_data takes a comma list)" if "," in str(length) else ""
+        raise DiffMambaError(f"bad BABILong length {length!r}: expected e.g. '0k', '1k', '4k' or a token count{hint}")
+    tokens = int(m.group(1)) * (1024 if m.group(2) else 1)
+    if tokens > MAX_LENGTH:
+        raise DiffMambaError(f"BABILong length {length!r} is {tokens:,} tokens, above the maximum 128k "
+                             f"({MAX_LENGTH:,} tokens)")
+    return tokens
+
+
+def parse_lengths(lengths: str | int | Sequence[str | int]) -> tuple[int, ...]:
+    """``'0k,1k,2k'`` or ``['0k', 1024]`` -> ``(0, 1024, 2048)``: each checked by `parse_length`,
+    in the given order, no repeats."""
+    items = lengths.split(",") if isinstance(lengths, str) else [lengths] if isinstance(lengths, int) else list(lengths)
+    if not items:
+        raise DiffMambaError("no BABILong length given: expected e.g. '0k' or '0k,1k,2k'")
+    out: list[int] = []
+    for item in items:
+        if isinstance(item, str) and not item.strip():
+            raise DiffMambaError(f"bad BABILong lengths {lengths!r}: an empty entry (expected e.g. '0k,1k,2k')")
+        tokens = parse_length(item)
+        if tokens in out:
+            raise DiffMambaError(f"BABILong length {format_length(tokens)} is given twice in {lengths!r}")
+        out.append(tokens)
+    return tuple(out)
+
+
+def format_length(tokens: int) -> str:
+    """4096 -> ``'4k'``, 0 -> ``'0k'``, 300 -> ``'300'`` (inverse of `parse_length`)."""
+    return f"{tokens // 1024}k" if tokens % 1024 == 0 else str(tokens)
 
 
 def count_tokens(text: str, tokenizer: Any = None) -> int:
@@ -94,120 +148,170 @@ def count_tokens(text: str, tokenizer: Any = None) -> int:
     return len(getattr(encoded, "ids", encoded))
 
 
+def babi_filler_task(task: str | int | None) -> str:
+    """The bAbI task whose facts are ``filler="babi"`` for ``task`` (qa4 unless `FILLER_TASKS` says)."""
+    if task is None:
+        return DEFAULT_FILLER_TASK
+    return FILLER_TASKS.get(normalize_task(task), DEFAULT_FILLER_TASK)
+
+
 @lru_cache(maxsize=8)
 def _task_filler(task: str) -> tuple[str, ...]:
     return tuple(sorted({fact for s in babi(task, "train", size="1k") for fact in s.facts}))
 
 
-@lru_cache(maxsize=8)
-def _file_filler(path: str, mtime_ns: int) -> tuple[str, ...]:
-    text = " ".join(Path(path).read_text(encoding="utf-8", errors="replace").split())
-    return tuple(s for s in _SENTENCE_END.split(text) if s)
+@dataclass(frozen=True)
+class _Pool:
+    sentences: tuple[str, ...]
+    sequential: bool  # consecutive from a random start (books, files) or drawn with replacement (babi)
+    min_tokens: int
+    name: str
 
 
-def _filler_pool(task: str, filler: str | Path | None) -> tuple[tuple[str, ...], bool, str]:
-    """(sentences, sequential?, a name for meta)."""
-    if filler is None:
-        source = FILLER_TASKS.get(task, DEFAULT_FILLER_TASK)
-        return _task_filler(source), False, source
-    path = Path(filler)
-    if not path.is_file():
-        raise DiffMambaError(f"filler file {str(path)!r} does not exist")
-    sentences = _file_filler(str(path.resolve()), path.stat().st_mtime_ns)
-    if not sentences:
-        raise DiffMambaError(f"filler file {str(path)!r} has no sentences")
-    return sentences, True, str(path)
+def _filler_pool(task: str, filler: str | Path | None) -> _Pool:
+    if filler is None or (isinstance(filler, str) and filler == "books"):
+        return _Pool(filler_sentences("books"), True, MIN_BOOK_SENTENCE_TOKENS, "books")
+    if isinstance(filler, str) and filler == "babi":
+        source = babi_filler_task(task)
+        return _Pool(filler_sentences("babi", task), False, 0, f"babi:{source}")
+    if not isinstance(filler, (str, Path)):
+        raise DiffMambaError(f"bad filler {filler!r}: expected 'books', 'babi' or the path of a text file")
+    return _Pool(filler_sentences(Path(filler)), True, 0, str(filler))
 
 
-def _assemble(facts: Sequence[str], chosen: list[str], gaps: list[int]) -> tuple[list[str], list[int]]:
-    """Interleave: ``chosen[j]`` goes before fact ``gaps[j]`` (gaps sorted; len(facts) = at the end)."""
-    sentences: list[str] = []
-    positions: list[int] = []
-    j = 0
-    for i, fact in enumerate([*facts, None]):
-        while j < len(chosen) and gaps[j] == i:
-            sentences.append(chosen[j])
-            j += 1
-        if fact is not None:
-            positions.append(len(sentences))
-            sentences.append(fact)
-    return sentences, positions
+def _check_filler(filler: str | Path | None) -> None:
+    """Fail early on a filler that cannot work, even where no filler is needed (length 0)."""
+    if filler is None or (isinstance(filler, str) and filler in ("books", "babi")):
+        return
+    if not isinstance(filler, (str, Path)):
+        raise DiffMambaError(f"bad filler {filler!r}: expected 'books', 'babi' or the path of a text file")
+    filler_sentences(Path(filler))
 
 
-def _fill(facts: Sequence[str], question: str, target: int, pool: tuple[str, ...], sequential: bool,
-          rng: random.Random, tokenizer: Any, costs: dict[str, int]) -> tuple[str, list[int], int, int]:
-    """(prompt, fact_positions, n_filler, n_tokens) with at least ``target`` tokens when possible.
+class _Builder:
+    """Builds the prompts of one `babilong` call; caches each sentence's token count."""
 
-    ``costs`` caches each filler sentence's token count across the samples of one call.
-    """
-    prompt = format_prompt(facts, question)
-    n_tokens = count_tokens(prompt, tokenizer)
-    if n_tokens >= target:
-        return prompt, list(range(len(facts))), 0, n_tokens
-    start = rng.randrange(len(pool))
-    chosen: list[str] = []
-    gaps: list[int] = []
+    def __init__(self, task: str, split: str, seed: int, tokenizer: Any, pool: _Pool | None):
+        self.task, self.split, self.seed, self.tokenizer, self.pool = task, split, seed, tokenizer, pool
+        self.costs: dict[str, int] = {}
 
-    def draw() -> int:
-        sentence = pool[(start + len(chosen)) % len(pool)] if sequential else rng.choice(pool)
-        chosen.append(sentence)
-        gaps.append(rng.randint(0, len(facts)))
-        if sentence not in costs:
-            costs[sentence] = max(1, count_tokens(" " + sentence, tokenizer))
-        return costs[sentence]
+    def cost(self, sentence: str) -> int:
+        c = self.costs.get(sentence)
+        if c is None:
+            c = self.costs[sentence] = max(1, count_tokens(" " + sentence, self.tokenizer))
+        return c
 
-    estimate = n_tokens
-    while estimate < target:  # additive estimate (exact for the default word count)
-        estimate += draw()
-    while True:  # verify on the whole text: subword tokenizers need not be additive
-        sentences, positions = _assemble(facts, chosen, sorted(gaps))
-        prompt = format_prompt(sentences, question)
-        n_tokens = count_tokens(prompt, tokenizer)
-        if n_tokens >= target:
-            return prompt, positions, len(chosen), n_tokens
-        draw()
+    def draw(self, budget: int, rng: random.Random) -> list[str]:
+        """Filler sentences whose token counts first reach ``budget``."""
+        pool = self.pool
+        chosen: list[str] = []
+        total = 0
+        if pool.sequential:
+            i = rng.randrange(len(pool.sentences))
+            skipped = 0
+            while total < budget:
+                sentence = pool.sentences[i % len(pool.sentences)]
+                i += 1
+                c = self.cost(sentence)
+                if c < pool.min_tokens:
+                    skipped += 1
+                    if skipped >= len(pool.sentences):
+                        raise DiffMambaError(f"filler {pool.name!r} has no sentence of {pool.min_tokens} or more tokens")
+                    continue
+                skipped = 0
+                chosen.append(sentence)
+                total += c
+        else:
+            while total < budget:
+                sentence = rng.choice(pool.sentences)
+                chosen.append(sentence)
+                total += self.cost(sentence)
+        return chosen
+
+    def build(self, sample: Any, index: int, length: int) -> Prompt:
+        facts = sample.facts
+        chosen: list[str] = []
+        if length > 0:
+            rng = random.Random(f"babilong:{self.seed}:{self.task}:{self.split}:{index}:{length}")
+            budget = length - RESERVED_TOKENS - sum(self.cost(f) for f in facts)
+            if budget > 0:
+                chosen = self.draw(budget, rng)
+            slots = sorted(rng.randrange(len(chosen) + 1) for _ in facts)
+        else:
+            slots = [0] * len(facts)
+        sentences: list[str] = []
+        positions: list[int] = []
+        j = 0
+        for slot in range(len(chosen) + 1):
+            while j < len(facts) and slots[j] == slot:
+                positions.append(len(sentences))
+                sentences.append(facts[j])
+                j += 1
+            if slot < len(chosen):
+                sentences.append(chosen[slot])
+        text = format_prompt(sentences, sample.question)
+        meta = {
+            "source": "babilong", "split": self.split, "story_id": sample.story_id,
+            "story": f"{self.task}:{self.split}:{sample.story_id}", "index": index, "line": sample.line,
+            "length": length, "n_tokens": count_tokens(text, self.tokenizer), "n_filler": len(chosen),
+            "filler": self.pool.name if self.pool is not None and length > 0 else None,
+            "question": sample.question, "facts": facts, "fact_positions": tuple(positions),
+            "supporting": sample.supporting, "supporting_facts": tuple(facts[k] for k in sample.supporting),
+        }
+        return Prompt(prompt=text, answer=sample.answer, candidates=sample.candidates, task=self.task, meta=meta)
 
 
-def babilong(task: str | int, length: str | int = "0k", split: str = "test",
-             filler: str | Path | None = None, seed: int = 0, tokenizer: Any = None,
-             n: int | None = None, size: str | None = None,
+def check_n(n: Any, what: str = "n", allow_zero: bool = False) -> None:
+    """``n`` must be a whole number (not a bool) >= 1 (>= 0 with ``allow_zero``), or ``None``."""
+    if n is None:
+        return
+    low = 0 if allow_zero else 1
+    if isinstance(n, bool) or not isinstance(n, int) or n < low:
+        kind = "a whole number >= 0" if allow_zero else "a positive whole number"
+        raise DiffMambaError(f"{what} must be {kind} of examples, got {n!r}")
+
+
+def babilong(task: str | int, length: str | int = "0k", split: str = "test", seed: int = 0,
+             tokenizer: Any = None, n: int | None = None, filler: str | Path | None = "books", *,
+             indices: Sequence[int] | None = None, size: str | None = None,
              data_dir: str | Path | None = None) -> list[Prompt]:
-    """BABILong-style prompts, one per bAbI question (see the module docstring).
+    """BABILong prompts, one per bAbI question (see the module docstring).
 
     Args:
-        task: ``'qa1'``..``'qa20'`` or an int (shipped: qa1-qa5).
-        length: ``'0k'`` (no filler), ``'1k'``, ``'2k'``, ``'4k'``..., or a token count.
+        task: ``'qa1'``..``'qa20'`` or an int.
+        length: ``'0k'`` (no filler), ``'1k'``, ``'2k'``, ..., ``'128k'``, or a token count.
         split: ``'train'`` or ``'test'``.
-        filler: path of a text file for filler; ``None`` uses an unrelated bAbI task's facts.
-        seed: seeds filler choice and placement.
+        seed: seeds filler choice and placement (per question).
         tokenizer: counts tokens for ``length``; ``None`` uses the project pre-tokenization.
-        n: keep the first ``n`` questions (all when ``None`` or larger than the task).
+        n: the first ``n`` questions in file order (all when ``None``; fewer if the task has fewer).
+        filler: ``'books'`` (default; ``None`` means the same), ``'babi'`` or a text file's path.
+        indices: instead of ``n``, these questions (0-based, file order), in this order.
         size, data_dir: passed to `babi`.
+
+    Every meta has ``story_id`` (int, per file) and ``story`` (``'qa1:test:12'``: questions of one
+    story share it), ``index`` (question number in the file), ``length`` (tokens asked for) and
+    ``n_tokens`` (tokens in the prompt).
     """
     target = parse_length(length)
-    if n is not None and n < 0:
-        raise DiffMambaError(f"n must be >= 0, got {n}")
+    check_n(n, allow_zero=True)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise DiffMambaError(f"seed must be a whole number, got {seed!r}")
+    if n is not None and indices is not None:
+        raise DiffMambaError("give n or indices, not both")
+    _check_filler(filler)
     name = normalize_task(task, data_dir)
-    samples = babi(name, split, size=size, data_dir=data_dir)[:n]
-    use_filler = target > 0 or filler is not None  # a bad filler path fails even at 0k
-    pool, sequential, filler_name = _filler_pool(name, filler) if use_filler else ((), False, None)
-    prompts, costs = [], {}
-    for i, s in enumerate(samples):
-        if target > 0:
-            rng = random.Random(f"babilong:{seed}:{name}:{split}:{i}")
-            text, positions, n_filler, n_tokens = _fill(
-                s.facts, s.question, target, pool, sequential, rng, tokenizer, costs)
-        else:
-            text = format_prompt(s.facts, s.question)
-            positions, n_filler, n_tokens = list(range(len(s.facts))), 0, count_tokens(text, tokenizer)
-        meta = {
-            "source": "babilong", "split": split, "story_id": s.story_id, "index": i,
-            "length": target, "n_tokens": n_tokens, "n_filler": n_filler, "filler": filler_name,
-            "question": s.question, "facts": s.facts, "fact_positions": tuple(positions),
-            "supporting": s.supporting, "supporting_facts": tuple(s.facts[k] for k in s.supporting),
-        }
-        prompts.append(Prompt(prompt=text, answer=s.answer, candidates=s.candidates, task=name, meta=meta))
-    return prompts
+    samples = babi(name, split, size=size, data_dir=data_dir)
+    if indices is None:
+        chosen = range(len(samples) if n is None else min(n, len(samples)))
+    else:
+        chosen = list(indices)
+        bad = [i for i in chosen if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(samples)]
+        if bad:
+            raise DiffMambaError(f"question index {bad[0]!r} out of range for bAbI {name} {split} "
+                                 f"({len(samples)} questions)")
+    pool = _filler_pool(name, filler) if target > 0 else None
+    builder = _Builder(name, split, seed, tokenizer, pool)
+    return [builder.build(samples[i], i, target) for i in chosen]
 
 
 def training_stream(tasks: Sequence[str | int] = ("qa1", "qa2", "qa3", "qa4", "qa5"), split: str = "train",
