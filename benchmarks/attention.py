@@ -26,7 +26,7 @@ import time
 import torch
 
 from diffmamba_interp import HookedMamba, MambaConfig
-from diffmamba_interp.analysis.attention import _compute, _resolve, implicit_attention
+from diffmamba_interp.analysis.attention import attention_target, implicit_attention
 
 SHAPE = dict(arch="mamba2", d_model=1024, n_layers=1, vocab_size=1024, d_state=128, head_dim=64, expand=2, n_groups=1)
 
@@ -72,11 +72,11 @@ def speed(lengths: list[int], repeats: int, naive_repeats: int) -> None:
         ids = torch.randint(0, SHAPE["vocab_size"], (1, L), generator=torch.Generator().manual_seed(L))
         implicit_attention(model, ids, 0)  # warm-up
         t_ours, ours = median_time(lambda: implicit_attention(model, ids, 0), repeats)
-        target = _resolve(model, 0, None)
+        target = attention_target(model, 0, None)
         with torch.no_grad():
             _, cache = model.run_with_cache(ids, names_filter=target.hooks("s6"))
             cache = {k: cache[k] for k in target.hooks("s6")}
-            t_map, ours_map = median_time(lambda: _compute(target, cache, "s6", None, None, torch.float32), repeats)
+            t_map, ours_map = median_time(lambda: target.compute(cache, "s6", None, None), repeats)
             A = -torch.exp(model.blocks[0].mixer.A_log.float())
             args = (cache["blocks.0.mixer.hook_dt"], A, cache["blocks.0.mixer.hook_B"], cache["blocks.0.mixer.hook_C"])
             t_ref, ref = median_time(lambda: naive_alpha(*args), naive_repeats)

@@ -18,8 +18,8 @@ from transformers import Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForC
 from transformers.utils import logging as hf_logging
 
 from diffmamba_interp import HookedMamba
-from diffmamba_interp import MambaConfig as OurConfig
-from diffmamba_interp.keys import to_ours
+from diffmamba_interp.loading.hf import read_hf_config
+from diffmamba_interp.loading.keys import KEYS
 
 
 def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
@@ -42,8 +42,8 @@ def linear_flops(model: torch.nn.Module, tokens: int) -> float:
 
 def bench(name: str, hf, ids: torch.Tensor, reps: int) -> list[dict]:
     hf.eval()
-    ours = HookedMamba(OurConfig.from_hf_dict(hf.config.to_dict()))
-    ours.load_state_dict(to_ours(hf.state_dict())[0])
+    ours = HookedMamba(read_hf_config(hf.config.to_dict()))
+    ours.load_state_dict(KEYS.to_ours(hf.state_dict())[0])
     ours.eval()
     not_state = lambda n: not n.endswith("hook_ssm_state")  # noqa: E731
     runs = {

@@ -1,13 +1,11 @@
 """Implicit attention (docs/conventions.md, "Implicit attention"): the scan identities, the whole-block reconstructions, a naive
 O(L³) loop, reduce/chunk equivalences, numerics at extreme Δ·|A|, the differential map, errors."""
 
-import functools
 
 import pytest
 import torch
-from conftest import perturb_
 
-from diffmamba_interp import HookedMamba, MambaConfig
+from diffmamba_interp import HookedMamba, MambaConfig  # noqa: F401
 from diffmamba_interp.analysis.attention import ImplicitAttention, differential_attention, implicit_attention
 from diffmamba_interp.errors import DiffMambaError
 
@@ -24,19 +22,16 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def _build(arch, n_groups, dtype, seed, diff_layers):
-    torch.manual_seed(seed)
-    cfg = MambaConfig(arch=arch, d_model=16, n_layers=2, vocab_size=V, d_state=4, head_dim=8, n_groups=n_groups,
-                      diff_layers=diff_layers)
-    return perturb_(HookedMamba(cfg), seed=seed).to(dtype).eval()
+@pytest.fixture(scope="module")
+def make(tiny_model):
+    """make(arch, n_groups=1, dtype=float64, seed=0, diff_layers="alternate", fresh=False): a tiny perturbed
+    model, shared between tests unless `fresh` (for a test that edits weights)."""
 
+    def build(arch, n_groups=1, dtype=torch.float64, seed=0, diff_layers="alternate", fresh=False):
+        return tiny_model(arch, seed=seed, dtype=dtype, shared=not fresh, vocab_size=V, d_state=4, head_dim=8,
+                          n_groups=n_groups, diff_layers=diff_layers, chunk_size=256, d_conv=4)
 
-_shared = functools.cache(_build)
-
-
-def make(arch, n_groups=1, dtype=torch.float64, seed=0, diff_layers="alternate", fresh=False):
-    """A tiny perturbed model, shared between tests unless `fresh` (for a test that edits weights)."""
-    return (_build if fresh else _shared)(arch, n_groups, dtype, seed, diff_layers)
+    return build
 
 
 def ids_(b=2, L=9, seed=1):
@@ -78,7 +73,7 @@ def scan_identity(model, cache, front, core, alpha):
 
 
 @pytest.mark.parametrize("arch,G,layer,branch,front,core", TARGETS, ids=TARGET_IDS)
-def test_scan_identity(arch, G, layer, branch, front, core):
+def test_scan_identity(make, arch, G, layer, branch, front, core):
     model, ids = make(arch, G, diff_layers="all" if arch != "diffs6" else "alternate"), ids_()
     _, cache = model.run_with_cache(ids)
     alpha = implicit_attention(model, ids, layer, branch)
@@ -93,7 +88,7 @@ def test_scan_identity(arch, G, layer, branch, front, core):
 
 @pytest.mark.parametrize("arch,G,layer,branch,front", [t[:5] for t in TARGETS if not (t[0] == "diffs6" and t[3])],
                          ids=[i for i, t in zip(TARGET_IDS, TARGETS) if not (t[0] == "diffs6" and t[3])])
-def test_block_reconstruction(arch, G, layer, branch, front):
+def test_block_reconstruction(make, arch, G, layer, branch, front):
     """Mamba-1: reconstruct(hook_x) == hook_gated; Mamba-2: reconstruct(x of hook_xBC) == norm.hook_normalized."""
     model, ids = make(arch, G, diff_layers="all" if arch != "diffs6" else "alternate"), ids_()
     _, cache = model.run_with_cache(ids)
@@ -111,7 +106,7 @@ def test_block_reconstruction(arch, G, layer, branch, front):
     assert (res.matrix.triu(1) == 0).all()
 
 
-def test_diffs6_block_difference_reconstructs_gated():
+def test_diffs6_block_difference_reconstructs_gated(make):
     """Diff-S6: the subln scale is a row scaling, so (𝒜₁ − λ𝒜₂)x + (b₁ − λb₂) == hook_gated exactly."""
     model, ids = make("diffs6"), ids_()
     _, cache = model.run_with_cache(ids)
@@ -168,7 +163,7 @@ def conv_matrix(w, L):
 
 
 @pytest.mark.parametrize("arch,G", [("mamba1", 1), ("mamba2", 2)])
-def test_matches_naive_triple_loop(arch, G):
+def test_matches_naive_triple_loop(make, arch, G):
     model, ids = make(arch, G), ids_(b=2, L=6)
     _, cache = model.run_with_cache(ids)
     mix = model.blocks[0].mixer
@@ -205,7 +200,7 @@ def test_matches_naive_triple_loop(arch, G):
 
 # -- reduce and chunk ----------------------------------------------------------------------------
 @pytest.mark.parametrize("arch,layer,branch", [("mamba1", 0, None), ("mamba2", 0, None), ("diffs6", 0, 2)])
-def test_reduce_and_chunk(arch, layer, branch):
+def test_reduce_and_chunk(make, arch, layer, branch):
     """reduce = mean / mean of |·| of the full tensor; chunking (sizes that do not divide the
     channel/head count, and for Mamba-2 "block" sizes below, equal to and above head_dim 8) changes nothing."""
     model, ids = make(arch, 1), ids_(b=2, L=7)
@@ -229,7 +224,7 @@ def test_reduce_and_chunk(arch, layer, branch):
         torch.testing.assert_close(red.bias, fn(blk.bias), atol=1e-14, rtol=1e-12)
 
 
-def test_float32_model_computes_in_float32():
+def test_float32_model_computes_in_float32(make):
     model, ids = make("mamba2", 1, dtype=torch.float32), ids_()
     _, cache = model.run_with_cache(ids)
     alpha = implicit_attention(model, ids, 1)
@@ -241,7 +236,7 @@ def test_float32_model_computes_in_float32():
 # -- numerics at extreme decay -----------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("arch", ["mamba1", "mamba2"])
-def test_no_overflow_with_large_delta_times_A(arch, dtype):
+def test_no_overflow_with_large_delta_times_A(make, arch, dtype):
     """Δ ≈ 40 and |A| up to e^5: a naive exp(A·(S_t − S_s)) overflows to inf above the diagonal
     (and inf·0 = nan); masking to −inf before the exponential keeps everything finite."""
     model, ids = make(arch, 1, dtype=dtype, fresh=True), ids_(L=40)
@@ -274,7 +269,7 @@ def test_no_overflow_with_large_delta_times_A(arch, dtype):
 @pytest.mark.parametrize("arch", ["diffmamba1", "diffmamba2", "diffs6"])
 @pytest.mark.parametrize("kind", ["s6", "block"])
 @pytest.mark.parametrize("reduce", ["mean", "absmean"])
-def test_differential_is_map1_minus_lambda_map2(arch, kind, reduce):
+def test_differential_is_map1_minus_lambda_map2(make, arch, kind, reduce):
     model, ids = make(arch, 1), ids_(L=7)
     lam = model.blocks[0].lam() if arch != "diffs6" else model.run_with_cache(ids)[1]["blocks.0.mixer.hook_lambda"]
     got = differential_attention(model, ids, 0, kind=kind, reduce=reduce)
@@ -289,7 +284,7 @@ def test_differential_is_map1_minus_lambda_map2(arch, kind, reduce):
     assert (got - m1).abs().max() > 1e-6  # λ·map₂ really is subtracted
 
 
-def test_differential_s6_per_channel_for_diffs6():
+def test_differential_s6_per_channel_for_diffs6(make):
     model, ids = make("diffs6"), ids_(L=7)
     lam = model.run_with_cache(ids)[1]["blocks.0.mixer.hook_lambda"]
     got = differential_attention(model, ids, 0, reduce=None)
@@ -299,7 +294,7 @@ def test_differential_s6_per_channel_for_diffs6():
 
 
 # -- one block cached, nothing more -------------------------------------------------------------
-def test_caches_only_the_block_hooks(monkeypatch):
+def test_caches_only_the_block_hooks(make, monkeypatch):
     model, ids = make("diffmamba2", 1), ids_()
     seen = []
     orig = model.run_with_cache
@@ -320,7 +315,7 @@ def test_caches_only_the_block_hooks(monkeypatch):
 
 
 # -- errors --------------------------------------------------------------------------------------
-def test_errors():
+def test_errors(make):
     m2 = make("mamba2")
     d2 = make("diffmamba2")  # alternate: layer 0 differential, layer 1 plain
     s6 = make("diffs6")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import perturb_
+from helpers import perturb_
 from diffmamba_interp import HookedMamba, MambaConfig
 from diffmamba_interp.analysis.lens import TunedLens
 from diffmamba_interp.cli import app

@@ -6,13 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import perturb_
 from diffmamba_interp.analysis.branch_lens import branch_lens
 from diffmamba_interp.analysis.lens import LogitLens, TunedLens, logit_lens
 from diffmamba_interp.analysis.lens_training import token_stream, train_tuned_lens
-from diffmamba_interp.config import ARCHS, MambaConfig
+from diffmamba_interp.config import ARCHS
 from diffmamba_interp.errors import DiffMambaError
-from diffmamba_interp.model import HookedMamba
 
 TEXTS = [
     "Mary went to the kitchen . John moved to the garden . Where is Mary ? kitchen",
@@ -23,34 +21,20 @@ TEXTS = [
 HELD_OUT = "Mary moved to the office . Daniel went to the hallway . Where is Mary ? office"
 
 
-def make_model(arch="diffmamba2", n_layers=3, vocab=50, d_model=32, seed=0, dtype=torch.float64, diff_layers="alternate"):
-    torch.manual_seed(seed)
-    cfg = MambaConfig(arch=arch, d_model=d_model, n_layers=n_layers, vocab_size=vocab, head_dim=16, d_state=8,
-                      diff_layers=diff_layers)
-    return perturb_(HookedMamba(cfg), seed=seed).to(dtype)
-
-
 @pytest.fixture(scope="module")
-def tokenizer():
-    try:
-        from diffmamba_interp.data import build_babi_tokenizer
+def make_model(tiny_model):
+    """A tiny perturbed model of this module's sizes (float64 unless dtype is given)."""
 
-        return build_babi_tokenizer()
-    except Exception:  # the data module is written in parallel; a tiny word-level one will do
-        from tokenizers import Tokenizer, models, pre_tokenizers
-        from transformers import PreTrainedTokenizerFast
+    def make(arch="diffmamba2", n_layers=3, vocab=50, d_model=32, seed=0, dtype=torch.float64, diff_layers="alternate"):
+        return tiny_model(arch, seed=seed, dtype=dtype, d_model=d_model, n_layers=n_layers, vocab_size=vocab, head_dim=16,
+                          d_state=8, diff_layers=diff_layers, chunk_size=256, d_conv=4).train()
 
-        words = sorted({w for t in [*TEXTS, HELD_OUT] for w in t.split()} | {"bedroom", "hallway", "office"})
-        vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<|endoftext|>", *words])}
-        backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-        backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-        return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>",
-                                       eos_token="<|endoftext|>")
+    return make
 
 
 # -- logit lens ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ARCHS)
-def test_every_arch_logit_lens_and_direct_logits(arch):
+def test_every_arch_logit_lens_and_direct_logits(make_model, arch):
     """Per arch: the last lens layer is the model's own log_softmax, and the embedding's and every
     block's direct logit contributions (branch lens, frozen final-norm scale) sum to the logit."""
     model = make_model(arch)
@@ -74,7 +58,7 @@ def test_every_arch_logit_lens_and_direct_logits(arch):
     assert diff_layers == expected  # plain and Diff-S6 blocks get a "block" row only
 
 
-def test_layer0_is_embeddings_and_layer_k_is_resid_post():
+def test_layer0_is_embeddings_and_layer_k_is_resid_post(make_model):
     model = make_model("mamba2")
     ids = torch.randint(0, 50, (2, 5), generator=torch.Generator().manual_seed(2))
     lp = logit_lens(model, ids)
@@ -87,7 +71,7 @@ def test_layer0_is_embeddings_and_layer_k_is_resid_post():
     assert not torch.allclose(lp[0], lp[1])  # the block changed something
 
 
-def test_positions_select_columns_of_the_full_lens():
+def test_positions_select_columns_of_the_full_lens(make_model):
     model = make_model("mamba2")
     ids = torch.randint(0, 50, (3, 7), generator=torch.Generator().manual_seed(3))
     full = logit_lens(model, ids)
@@ -98,7 +82,7 @@ def test_positions_select_columns_of_the_full_lens():
         logit_lens(model, ids, positions=7)
 
 
-def test_lens_forward_needs_a_model_and_valid_layer():
+def test_lens_forward_needs_a_model_and_valid_layer(make_model):
     model = make_model("mamba1")
     h = torch.randn(2, 32, dtype=torch.float64)
     with pytest.raises(DiffMambaError, match="no model"):
@@ -110,7 +94,7 @@ def test_lens_forward_needs_a_model_and_valid_layer():
 
 # -- tuned lens ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ["diffmamba2", "diffs6"])
-def test_tuned_lens_at_init_is_logit_lens(arch):
+def test_tuned_lens_at_init_is_logit_lens(make_model, arch):
     model = make_model(arch)
     ids = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(4))
     lens = TunedLens(model)
@@ -119,7 +103,7 @@ def test_tuned_lens_at_init_is_logit_lens(arch):
     torch.testing.assert_close(lens.log_probs(model, ids), logit_lens(model, ids), atol=1e-12, rtol=0)
 
 
-def test_tuned_lens_train_deterministic_and_beats_logit_lens(tokenizer):
+def test_tuned_lens_train_deterministic_and_beats_logit_lens(make_model, tokenizer):
     model = make_model("diffmamba2", n_layers=2, vocab=len(tokenizer), seed=5, dtype=torch.float32)
     kw = dict(lr=2e-2, batch=4, seq_len=12, optimizer="adam", progress=False, tokenizer=tokenizer)
     a = train_tuned_lens(model, TEXTS, steps=20, seed=0, **kw)
@@ -160,7 +144,7 @@ def test_token_stream_sources(tokenizer, tmp_path):
         token_stream(TEXTS, None)
 
 
-def test_tuned_lens_save_load_roundtrip_and_mismatch(tmp_path):
+def test_tuned_lens_save_load_roundtrip_and_mismatch(make_model, tmp_path):
     model = make_model("mamba2", n_layers=2, seed=6)
     ids = torch.randint(0, 50, (2, 40), generator=torch.Generator().manual_seed(6))
     lens = train_tuned_lens(model, ids, steps=5, lr=1e-2, batch=2, seq_len=8, optimizer="adam", progress=False)
@@ -185,7 +169,7 @@ def test_tuned_lens_save_load_roundtrip_and_mismatch(tmp_path):
 
 # -- branch lens ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ["diffmamba1", "diffmamba2"])
-def test_branch_parts_add_up_to_the_block(arch):
+def test_branch_parts_add_up_to_the_block(make_model, arch):
     model = make_model(arch, n_layers=2, diff_layers="all")
     ids = torch.randint(0, 50, (2, 5), generator=torch.Generator().manual_seed(9))
     df = branch_lens(model, ids, [3, 11], position=2, progress=False)
@@ -205,7 +189,7 @@ def test_branch_parts_add_up_to_the_block(arch):
     torch.testing.assert_close(part1 + part2, cache["blocks.1.hook_mixer_out"], atol=1e-10, rtol=0)
 
 
-def test_branch_lens_prompts_of_different_lengths_match_one_by_one(tokenizer):
+def test_branch_lens_prompts_of_different_lengths_match_one_by_one(make_model, tokenizer):
     model = make_model("diffmamba2", n_layers=2, vocab=len(tokenizer), seed=10)
     model.tokenizer = tokenizer
     prompts = [TEXTS[0], "Where is Mary ?", TEXTS[1], "Where is John ?"]

@@ -23,7 +23,7 @@ from diffmamba_interp.loading import (
 from diffmamba_interp.loading.mamba_ssm import mamba_ssm_config
 from diffmamba_interp.model import HookedMamba
 
-from conftest import perturb_
+from helpers import perturb_
 
 V = 50  # not a multiple of 8, for the mamba-ssm padding tests
 
@@ -127,17 +127,15 @@ ROUND_TRIPS = [
 ]
 
 
-def tiny(arch, diff_layers="alternate", tied=True, **kw) -> HookedMamba:
-    cfg = MambaConfig(
-        arch=arch, d_model=16, n_layers=4, vocab_size=V, d_state=8, head_dim=8, chunk_size=4,
-        diff_layers=diff_layers, tie_embeddings=tied, **kw,
-    )
-    torch.manual_seed(0)
-    return perturb_(HookedMamba(cfg).eval())
+@pytest.fixture(scope="module")
+def tiny(tiny_model):
+    """tiny(arch, diff_layers="alternate", tied=True, **config overrides): a 4-layer tiny perturbed model."""
+    return lambda arch, diff_layers="alternate", tied=True, **kw: tiny_model(
+        arch, n_layers=4, vocab_size=V, d_state=8, d_conv=4, diff_layers=diff_layers, tie_embeddings=tied, **kw)
 
 
 @pytest.mark.parametrize("arch,diff_layers,tied", ROUND_TRIPS)
-def test_round_trip_every_arch(tmp_path, arch, diff_layers, tied):
+def test_round_trip_every_arch(tiny, tmp_path, arch, diff_layers, tied):
     model = tiny(arch, diff_layers, tied)
     save_pretrained(model, tmp_path / "ckpt")
     loaded = load_model(tmp_path / "ckpt")
@@ -158,7 +156,7 @@ def test_round_trip_every_arch(tmp_path, arch, diff_layers, tied):
         assert all(k.startswith(("backbone.", "lm_head.")) for k in stored)
 
 
-def test_round_trip_keeps_sizes_and_finite_time_step_limit(tmp_path):
+def test_round_trip_keeps_sizes_and_finite_time_step_limit(tiny, tmp_path):
     model = tiny("mamba2", n_groups=2, time_step_limit=(0.0, 0.05), expand=2, norm_eps=1e-6)
     model.save_pretrained(tmp_path)  # HookedMamba.save_pretrained delegates here
     loaded = load_model(tmp_path)
@@ -168,7 +166,7 @@ def test_round_trip_keeps_sizes_and_finite_time_step_limit(tmp_path):
     assert torch.equal(logits(loaded, ids()), logits(model, ids()))
 
 
-def test_save_overwrites_and_keeps_dtype(tmp_path):
+def test_save_overwrites_and_keeps_dtype(tiny, tmp_path):
     save_pretrained(tiny("mamba1"), tmp_path)
     model = tiny("mamba2").to(torch.bfloat16)
     save_pretrained(model, tmp_path)
@@ -180,7 +178,7 @@ def test_save_overwrites_and_keeps_dtype(tmp_path):
 
 
 @pytest.mark.parametrize("arch,tied", [("mamba1", True), ("mamba1", False), ("mamba2", False), ("mamba2", True)])
-def test_saved_plain_model_loads_in_transformers(tmp_path, arch, tied):
+def test_saved_plain_model_loads_in_transformers(tiny, tmp_path, arch, tied):
     model = tiny(arch, tied=tied)
     save_pretrained(model, tmp_path)
     cls, config_cls = {
@@ -193,7 +191,7 @@ def test_saved_plain_model_loads_in_transformers(tmp_path, arch, tied):
     assert_close(logits(hf, ids()), logits(model, ids()), rel=1e-5)
 
 
-def test_saved_diffmamba2_config_reads_as_mamba2_config(tmp_path):
+def test_saved_diffmamba2_config_reads_as_mamba2_config(tiny, tmp_path):
     save_pretrained(tiny("diffmamba2", "alternate"), tmp_path)
     hf_cfg = transformers.Mamba2Config.from_pretrained(tmp_path)
     assert hf_cfg.diffmamba is True and hf_cfg.diffmamba_settings == "alternate"
@@ -327,7 +325,7 @@ def test_mamba_ssm_config_defaults():
 
 
 # -- the paper's Diff-Mamba-2 layout, written by hand ----------------------------------------------
-def test_upstream_diffmamba2_checkpoint(tmp_path):
+def test_upstream_diffmamba2_checkpoint(tiny, tmp_path):
     model = tiny("diffmamba2", "alternate", tied=False)
     cfg = model.cfg
     state = {"backbone.embeddings.weight": model.embed.weight, "backbone.norm_f.weight": model.norm_f.weight,
@@ -422,14 +420,11 @@ def test_unrecognised_config(tmp_path):
 
 
 @pytest.mark.parametrize("drop", ["hidden_size", "num_hidden_layers", "vocab_size"])
-def test_config_missing_field(tmp_path, hf2_dir, drop):
+def test_config_missing_field(damaged_checkpoint, hf2_dir, drop):
     src, _ = hf2_dir
-    copy_dir(src, tmp_path)
-    config = json.loads((src / "config.json").read_text())
-    del config[drop]
-    write_json(tmp_path / "config.json", config)
-    msg = error(load_model, tmp_path)
-    assert str(tmp_path / "config.json") in msg and f"lacks the field '{drop}'" in msg
+    bad = damaged_checkpoint(src, "config", fields={drop: None})
+    msg = error(load_model, bad)
+    assert str(bad / "config.json") in msg and f"lacks the field '{drop}'" in msg
 
 
 def test_mamba_ssm_config_missing_field(tmp_path):
@@ -438,24 +433,21 @@ def test_mamba_ssm_config_missing_field(tmp_path):
     assert str(tmp_path / "config.json") in msg and "lacks the field 'n_layer'" in msg
 
 
-def test_config_wrong_type(tmp_path, hf2_dir):
+def test_config_wrong_type(damaged_checkpoint, hf2_dir):
     src, _ = hf2_dir
-    copy_dir(src, tmp_path)
-    config = json.loads((src / "config.json").read_text())
-    config["head_dim"] = "eight"
-    write_json(tmp_path / "config.json", config)
-    assert str(tmp_path / "config.json") in error(load_model, tmp_path)
+    bad = damaged_checkpoint(src, "config", fields={"head_dim": "eight"})
+    assert str(bad / "config.json") in error(load_model, bad)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
-def test_corrupt_safetensors(tmp_path, hf2_dir, damage):
+def test_corrupt_safetensors(damaged_checkpoint, hf2_dir, damage):
     src, _ = hf2_dir
-    copy_dir(src, tmp_path)
-    data = (src / "model.safetensors").read_bytes()
-    blob = {"truncated": data[: len(data) // 2], "garbage": b"not a safetensors file" * 4, "empty": b""}[damage]
-    (tmp_path / "model.safetensors").write_bytes(blob)
-    msg = error(load_model, tmp_path)
-    assert str(tmp_path / "model.safetensors") in msg and "not a valid safetensors file" in msg
+    if damage == "truncated":
+        bad = damaged_checkpoint(src, "truncate")
+    else:
+        bad = damaged_checkpoint(src, "write", name="model.safetensors", data={"garbage": b"not a safetensors file" * 4, "empty": b""}[damage])
+    msg = error(load_model, bad)
+    assert str(bad / "model.safetensors") in msg and "not a valid safetensors file" in msg
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
@@ -602,7 +594,7 @@ def tiny_tokenizer():
 
 
 @pytest.mark.parametrize("arch", ["mamba2", "diffs6"])
-def test_tokenizer_saved_and_loaded(tmp_path, arch):
+def test_tokenizer_saved_and_loaded(tiny, tmp_path, arch):
     model = tiny(arch)
     model.tokenizer = tiny_tokenizer()
     save_pretrained(model, tmp_path)
@@ -613,13 +605,13 @@ def test_tokenizer_saved_and_loaded(tmp_path, arch):
     assert load_tokenizer(tmp_path).encode("world", add_special_tokens=False) == [2]
 
 
-def test_load_tokenizer_without_files(tmp_path):
+def test_load_tokenizer_without_files(tiny, tmp_path):
     save_pretrained(tiny("mamba1"), tmp_path)
     msg = error(load_tokenizer, tmp_path)
     assert f"{tmp_path}: no tokenizer files" in msg
 
 
-def test_broken_tokenizer_files(tmp_path):
+def test_broken_tokenizer_files(tiny, tmp_path):
     save_pretrained(tiny("mamba1"), tmp_path)
     (tmp_path / "tokenizer.json").write_text("{broken")
     assert "the tokenizer files cannot be loaded" in error(load_tokenizer, tmp_path)
@@ -628,7 +620,7 @@ def test_broken_tokenizer_files(tmp_path):
 
 
 # -- Mamba -> Diff-Mamba -------------------------------------------------------------------------
-def test_mamba2_to_diffmamba2_alternate():
+def test_mamba2_to_diffmamba2_alternate(tiny):
     src = tiny("mamba2")  # d 16, E 32, H 4, P 8, G 1, N 8: in_proj [2*32 + 2*8 + 4 = 84, 16]
     new = mamba_to_diffmamba(src, "alternate")
     assert new.cfg.arch == "diffmamba2" and new.cfg.diff_layer_indices == (0, 2) and not new.training
@@ -655,7 +647,7 @@ def test_mamba2_to_diffmamba2_alternate():
     assert out.shape == (2, 11, V) and torch.isfinite(out).all()
 
 
-def test_mamba1_to_diffmamba1_all():
+def test_mamba1_to_diffmamba1_all(tiny):
     src = tiny("mamba1", tied=False)  # d 16, E 32, N 8, R 1
     new = mamba_to_diffmamba(src, "all")
     assert new.cfg.arch == "diffmamba1" and new.cfg.diff_layer_indices == (0, 1, 2, 3)
@@ -672,13 +664,13 @@ def test_mamba1_to_diffmamba1_all():
     assert torch.isfinite(logits(new, ids())).all()
 
 
-def test_converted_model_saves_and_loads(tmp_path):
+def test_converted_model_saves_and_loads(tiny, tmp_path):
     new = mamba_to_diffmamba(tiny("mamba2"), "quarter")
     assert new.cfg.diff_layer_indices == (3,)
     save_pretrained(new, tmp_path)
     assert torch.equal(logits(load_model(tmp_path), ids()), logits(new, ids()))
 
 
-def test_conversion_errors():
+def test_conversion_errors(tiny):
     assert "mamba1 or mamba2" in error(mamba_to_diffmamba, tiny("diffmamba2"))
     assert "unknown diff setting" in error(mamba_to_diffmamba, tiny("mamba2"), "half")

@@ -6,7 +6,6 @@ import sys
 
 import pytest
 import torch
-from conftest import perturb_
 from transformers import Mamba2Config as HFMamba2Config
 from transformers import Mamba2ForCausalLM
 from transformers import MambaConfig as HFMambaConfig
@@ -42,9 +41,9 @@ M1 = [
 @pytest.mark.parametrize("kw", M1)
 @pytest.mark.parametrize("shape", [(1, 1), (3, 37), (2, 70)])
 @pytest.mark.parametrize("grad", [False, True], ids=["inference", "autograd"])
-def test_logits_match_transformers_mamba(kw, shape, grad):
+def test_logits_match_transformers_mamba(perturb, kw, shape, grad):
     torch.manual_seed(0)
-    hf = perturb_(MambaForCausalLM(HFMambaConfig(vocab_size=97, hidden_size=32, state_size=8, num_hidden_layers=2, **kw))).eval()
+    hf = perturb(MambaForCausalLM(HFMambaConfig(vocab_size=97, hidden_size=32, state_size=8, num_hidden_layers=2, **kw))).eval()
     ours = ours_from_hf(hf)
     ids = torch.randint(0, 97, shape)
     with torch.no_grad():
@@ -64,10 +63,10 @@ M2 = [
 
 @pytest.mark.parametrize("kw", M2)
 @pytest.mark.parametrize("shape", [(1, 1), (3, 37), (2, 16)])
-def test_logits_match_transformers_mamba2(kw, shape):
+def test_logits_match_transformers_mamba2(perturb, kw, shape):
     torch.manual_seed(0)
     cfg = HFMamba2Config(vocab_size=97, hidden_size=32, state_size=8, num_hidden_layers=2, head_dim=16, num_heads=4, chunk_size=8, **kw)
-    hf = perturb_(Mamba2ForCausalLM(cfg)).eval()
+    hf = perturb(Mamba2ForCausalLM(cfg)).eval()
     ours = ours_from_hf(hf)
     ids = torch.randint(0, 97, shape)
     with torch.no_grad():
@@ -89,16 +88,15 @@ ARCHS = [
 ]
 
 
-def tiny(seed=0, **kw):
-    torch.manual_seed(seed)
-    base = dict(d_model=16, n_layers=2, vocab_size=40, d_state=4, head_dim=8, chunk_size=4, d_conv=3)
-    model = HookedMamba(MambaConfig(**{**base, **kw}))
-    return perturb_(model, seed=seed).eval()
+@pytest.fixture(scope="module")
+def tiny(tiny_model):
+    """tiny(seed=0, **config overrides): the conftest tiny model, mamba2 unless arch= is given."""
+    return lambda seed=0, **kw: tiny_model(kw.pop("arch", "mamba2"), seed=seed, **kw)
 
 
 @pytest.mark.parametrize("kw", ARCHS, ids=lambda kw: "-".join(str(v) for v in kw.values()))
 @pytest.mark.parametrize("grad", [False, True], ids=["inference", "autograd"])
-def test_logits_match_step_by_step_reference(kw, grad):
+def test_logits_match_step_by_step_reference(tiny, kw, grad):
     model = tiny(**kw).to(torch.float64)
     ids = torch.randint(0, 40, (2, 11))
     with torch.no_grad():
@@ -109,7 +107,7 @@ def test_logits_match_step_by_step_reference(kw, grad):
     torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
 
 
-def test_differential_layers_follow_settings():
+def test_differential_layers_follow_settings(tiny):
     assert MambaConfig(arch="diffmamba2", n_layers=6, diff_layers="alternate").diff_layer_indices == (0, 2, 4)
     assert MambaConfig(arch="diffmamba2", n_layers=8, diff_layers="quarter").diff_layer_indices == (6, 7)
     assert MambaConfig(arch="diffmamba2", n_layers=3, diff_layers="all").diff_layer_indices == (0, 1, 2)
@@ -175,7 +173,7 @@ def expected_hooks(cfg: MambaConfig, pos: int) -> dict[str, tuple]:
 
 
 @pytest.mark.parametrize("kw", ARCHS, ids=lambda kw: "-".join(str(v) for v in kw.values()))
-def test_hook_names_and_shapes(kw):
+def test_hook_names_and_shapes(tiny, kw):
     model = tiny(**kw)
     table = model.hook_shapes(pos=5)
     got = dict(zip(table["hook"], table["shape"]))
@@ -184,7 +182,7 @@ def test_hook_names_and_shapes(kw):
     assert got == want
 
 
-def test_hook_identities_diffmamba2():
+def test_hook_identities_diffmamba2(tiny):
     model = tiny(arch="diffmamba2", diff_layers="alternate").to(torch.float64)
     ids = torch.randint(0, 40, (2, 9))
     _, cache = model.run_with_cache(ids, names_filter=lambda n: True)
@@ -205,7 +203,7 @@ def test_hook_identities_diffmamba2():
     torch.testing.assert_close(cache["blocks.1.mixer.hook_ssm_out"], torch.einsum("blhpn,blhn->blhp", st, Ch) + m.D[:, None] * x)
 
 
-def test_ssm_state_identity_mamba1_and_not_cached_by_default():
+def test_ssm_state_identity_mamba1_and_not_cached_by_default(tiny):
     model = tiny(arch="mamba1").to(torch.float64)
     ids = torch.randint(0, 40, (1, 7))
     _, cache = model.run_with_cache(ids)
@@ -222,7 +220,7 @@ def test_ssm_state_identity_mamba1_and_not_cached_by_default():
 
 
 @pytest.mark.parametrize("kw", ARCHS[:4] + ARCHS[-1:], ids=lambda kw: kw["arch"])
-def test_reading_hooks_does_not_change_output(kw):
+def test_reading_hooks_does_not_change_output(tiny, kw):
     model = tiny(**kw)
     ids = torch.randint(0, 40, (2, 9))
     with torch.no_grad():
@@ -231,7 +229,7 @@ def test_reading_hooks_does_not_change_output(kw):
     torch.testing.assert_close(cached, plain, rtol=1e-5, atol=1e-5)
 
 
-def test_patching_lambda_to_zero_ablates_mixer_2():
+def test_patching_lambda_to_zero_ablates_mixer_2(tiny):
     model = tiny(arch="diffmamba2", diff_layers="all").to(torch.float64)
     ids = torch.randint(0, 40, (1, 8))
     patched = model.run_with_hooks(ids, fwd_hooks=[("blocks.0.hook_lambda", lambda t, hook: torch.zeros_like(t))])
@@ -247,7 +245,7 @@ def test_patching_lambda_to_zero_ablates_mixer_2():
     torch.testing.assert_close(c0["blocks.0.hook_resid_pre"], c1["blocks.0.hook_resid_pre"])
 
 
-def test_patching_ssm_state_changes_readout():
+def test_patching_ssm_state_changes_readout(tiny):
     model = tiny(arch="mamba2").to(torch.float64)
     ids = torch.randint(0, 40, (1, 6))
     base = model(ids)
@@ -255,7 +253,7 @@ def test_patching_ssm_state_changes_readout():
     assert (out - base).abs().max() > 1e-6
 
 
-def test_dtypes():
+def test_dtypes(tiny):
     model = tiny(arch="diffmamba2", diff_layers="alternate")
     ids = torch.randint(0, 40, (2, 9))
     with torch.no_grad():
@@ -268,7 +266,7 @@ def test_dtypes():
 
 
 @pytest.mark.parametrize("kw", ARCHS[:4] + ARCHS[-1:], ids=lambda kw: kw["arch"])
-def test_gradients_flow(kw):
+def test_gradients_flow(tiny, kw):
     model = tiny(**kw).train()
     ids = torch.randint(0, 40, (2, 9))
     loss = model(ids, return_type="loss")
@@ -289,7 +287,7 @@ def test_gradients_flow(kw):
         ([[1, 2]], "LongTensor"),
     ],
 )
-def test_bad_input_ids(bad, match):
+def test_bad_input_ids(tiny, bad, match):
     model = tiny(arch="mamba2")
     with pytest.raises(ValueError, match=match) as info:
         model(bad)
@@ -308,7 +306,7 @@ def test_bad_config():
         MambaConfig(d_model=0)
 
 
-def test_nnsight_trace_save_and_patch():
+def test_nnsight_trace_save_and_patch(tiny):
     from nnsight import NNsight
 
     model = tiny(arch="diffmamba2", diff_layers="all").to(torch.float64)
@@ -331,7 +329,7 @@ def test_nnsight_trace_save_and_patch():
     assert (patched - expected_logits).abs().max() > 1e-6
 
 
-def test_nnsight_reads_ssm_state_with_capture_states():
+def test_nnsight_reads_ssm_state_with_capture_states(tiny):
     from nnsight import NNsight
 
     model = tiny(arch="mamba2")
@@ -363,7 +361,7 @@ def test_import_and_cpu_forward_do_not_touch_gpu_kernels():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
 @pytest.mark.parametrize("arch", ["mamba1", "mamba2", "diffmamba2"])
-def test_cuda_kernels_match_pytorch_path(arch):
+def test_cuda_kernels_match_pytorch_path(tiny, arch):
     from diffmamba_interp.scan import gpu_kernels
 
     if gpu_kernels() is None:

@@ -14,7 +14,16 @@ from diffmamba_interp.analysis.snr import SUMMARY_COLUMNS, TARGET_COLUMNS, snr_s
 from diffmamba_interp.analysis.stats import bootstrap_mean, paired_bootstrap, resample_counts
 from diffmamba_interp.config import ARCHS
 from diffmamba_interp.errors import DiffMambaError
-from test_lens import make_model, tokenizer  # noqa: F401  (the tokenizer fixture)
+
+SIZES = dict(d_model=32, head_dim=16, d_state=8, chunk_size=256, d_conv=4)
+
+
+@pytest.fixture(scope="module")
+def make_model(tiny_model):
+    """make_model(arch, n_layers, vocab=50, seed=0, dtype=float64): a tiny perturbed model of this module's sizes."""
+    return lambda arch, n_layers, vocab=50, seed=0, dtype=torch.float64: tiny_model(
+        arch, seed=seed, dtype=dtype, n_layers=n_layers, vocab_size=vocab, **SIZES).train()
+
 
 PROMPTS = [
     "Mary went to the kitchen . John moved to the garden . Where is Mary ?",
@@ -29,7 +38,7 @@ CANDIDATES = [["garden"], [], ["bedroom"], [], ["kitchen"], []]
 
 
 @pytest.fixture(scope="module")
-def model(tokenizer):  # noqa: F811
+def model(make_model, tokenizer):
     m = make_model("diffmamba2", n_layers=2, vocab=len(tokenizer), seed=3)
     m.tokenizer = tokenizer
     return m
@@ -53,7 +62,7 @@ class FixedLens(Lens):
         return self.logits.to(h.dtype).expand(*h.shape[:-1], -1)
 
 
-def test_target_probs_matches_a_direct_softmax(model, tokenizer):  # noqa: F811
+def test_target_probs_matches_a_direct_softmax(model, tokenizer):
     df = target_probs(model, PROMPTS[:3], ANSWERS[:3], progress=False)
     K = model.cfg.n_layers + 1
     assert list(df.columns) == list(TARGET_COLUMNS) and len(df) == 3 * K
@@ -73,7 +82,7 @@ def test_target_probs_matches_a_direct_softmax(model, tokenizer):  # noqa: F811
     assert df[df.example == 1].distractor_ratio.isna().all()  # no candidates given
 
 
-def test_rank_and_snr_clamp_with_a_hand_made_distribution(model, tokenizer):  # noqa: F811
+def test_rank_and_snr_clamp_with_a_hand_made_distribution(model, tokenizer):
     V = model.cfg.vocab_size
     t, c1, c2 = first_id(tokenizer, "kitchen"), first_id(tokenizer, "garden"), first_id(tokenizer, "office")
     logits = torch.full((V,), -1e4)
@@ -91,7 +100,7 @@ def test_rank_and_snr_clamp_with_a_hand_made_distribution(model, tokenizer):  # 
     assert np.allclose(df.snr_db, 10 * np.log10((1 - 1e-12) / 1e-12)) and np.isfinite(df.snr_db).all()
 
 
-def test_multi_token_answer_warns_once_and_empty_answer_raises(model, tokenizer):  # noqa: F811
+def test_multi_token_answer_warns_once_and_empty_answer_raises(model, tokenizer):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         df = target_probs(model, PROMPTS[:3], ["kitchen garden", "office bedroom", "hallway"], progress=False)
@@ -131,7 +140,7 @@ def test_prompt_objects_and_tuned_lens_resolution(model):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_target_probs_every_arch(arch):
+def test_target_probs_every_arch(make_model, arch):
     m = make_model(arch, n_layers=2, dtype=torch.float32)
     ids = [torch.tensor([3, 8, 1, 9]), torch.tensor([5, 2, 7])]
     df = target_probs(m, ids, [7, 11], candidates=[[2, 4], [3]], progress=False)
@@ -181,7 +190,7 @@ def test_snr_summary_schema_ci_and_seed(model):
 
 
 # -- compare -------------------------------------------------------------------------------------
-def test_compare_paired_difference(model, tokenizer):  # noqa: F811
+def test_compare_paired_difference(make_model, model, tokenizer):
     other = make_model("mamba2", n_layers=2, vocab=len(tokenizer), seed=4)
     other.tokenizer = tokenizer
     deep = make_model("mamba2", n_layers=3, vocab=len(tokenizer), seed=4)

@@ -8,10 +8,10 @@ path is passed (``data_dir=``, ``filler=``, ``jsonl:PATH``).
 
 from .babi import DATA_DIR, BabiSample, available_tasks, babi
 from .babilong import (
-    MAX_LENGTH, RESERVED_TOKENS, TEMPLATE, Prompt, babilong, count_tokens, format_prompt, parse_length, parse_lengths,
-    training_stream,
+    MAX_LENGTH, RESERVED_TOKENS, TEMPLATE, Prompt, babilong, count_tokens, filler_sentences, format_prompt, parse_length,
+    parse_lengths, training_stream,
 )
-from .books import FILLER_DIR, filler_sentences, split_sentences
+from .books import FILLER_DIR, split_sentences
 from .paper import PAPER_TASKS, paper_prompts
 from .spec import DataSpec, load_data, parse_data_spec
 from .tokenizer import build_babi_tokenizer, pretokenize

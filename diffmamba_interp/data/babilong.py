@@ -60,12 +60,12 @@ from typing import Any
 
 from ..errors import DiffMambaError
 from .babi import babi, normalize_task
-from .books import filler_sentences
+from .books import _book_sentences, _file_sentences
 from .tokenizer import pretokenize
 
 __all__ = ["TEMPLATE", "FILLER_TASKS", "MAX_LENGTH", "RESERVED_TOKENS", "MIN_BOOK_SENTENCE_TOKENS", "Prompt",
            "format_prompt", "parse_length", "parse_lengths", "format_length", "count_tokens",
-           "babi_filler_task", "babilong", "training_stream"]
+           "babi_filler_task", "babilong", "filler_sentences", "training_stream"]
 
 TEMPLATE = "<context> \n{facts}\n</context>\n\nQuestion: {question} Answer:"
 MAX_LENGTH = 128 * 1024
@@ -158,6 +158,30 @@ def babi_filler_task(task: str | int | None) -> str:
 @lru_cache(maxsize=8)
 def _task_filler(task: str) -> tuple[str, ...]:
     return tuple(sorted({fact for s in babi(task, "train", size="1k") for fact in s.facts}))
+
+
+def filler_sentences(source: str | Path = "books", task: str | int | None = None) -> tuple[str, ...]:
+    """Filler sentences in a fixed order.
+
+    Args:
+        source: ``"books"`` (the shipped books, `BOOKS` order, each in reading order), ``"babi"``
+            (the distinct facts of a bAbI task unrelated to ``task``, sorted: see
+            `babilong.FILLER_TASKS`), or the path of a UTF-8 text file (split with
+            `split_sentences`). A `Path` is always a file, even one named ``books``.
+        task: for ``"babi"``: the task the filler is for (``None``: qa4 facts, as for qa1).
+    """
+    if isinstance(source, str) and source == "books":
+        return _book_sentences()
+    if isinstance(source, str) and source == "babi":
+        return _task_filler(babi_filler_task(task))
+    path = Path(source)
+    if not path.is_file():
+        raise DiffMambaError(f"filler file {str(path)!r} does not exist (filler is 'books', 'babi' or a text file)")
+    sentences = _file_sentences(str(path.resolve()), path.stat().st_mtime_ns)
+    if not sentences:
+        raise DiffMambaError(f"filler file {str(path)!r} has no sentences")
+    return sentences
+
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ not after a title or other common abbreviation (``Mr.``, ``Mrs.``, ``Dr.``, ``St
 a single-letter initial (``J. Watson``; ``I`` is not an initial). A paragraph break always ends a
 sentence. Whitespace inside a sentence is collapsed to single spaces.
 
-`filler_sentences` gives the sentences of a filler source in a fixed order.
+`babilong.filler_sentences` gives the sentences of a filler source (these books among them) in a fixed order.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from pathlib import Path
 from ..errors import DiffMambaError
 
 __all__ = ["FILLER_DIR", "BOOKS", "Book", "split_sentences", "prepare_book", "book_paragraphs",
-           "filler_sentences", "read_text_file"]
+           "read_text_file"]
 
 FILLER_DIR: Path = Path(__file__).resolve().parent / "filler"
 """The shipped, prepared books (plus README.txt and LICENSE.txt)."""
@@ -181,31 +181,6 @@ def _book_sentences() -> tuple[str, ...]:
 @lru_cache(maxsize=8)
 def _file_sentences(path: str, mtime_ns: int) -> tuple[str, ...]:
     return tuple(split_sentences(read_text_file(path, "filler file")))
-
-
-def filler_sentences(source: str | Path = "books", task: str | int | None = None) -> tuple[str, ...]:
-    """Filler sentences in a fixed order.
-
-    Args:
-        source: ``"books"`` (the shipped books, `BOOKS` order, each in reading order), ``"babi"``
-            (the distinct facts of a bAbI task unrelated to ``task``, sorted: see
-            `babilong.FILLER_TASKS`), or the path of a UTF-8 text file (split with
-            `split_sentences`). A `Path` is always a file, even one named ``books``.
-        task: for ``"babi"``: the task the filler is for (``None``: qa4 facts, as for qa1).
-    """
-    if isinstance(source, str) and source == "books":
-        return _book_sentences()
-    if isinstance(source, str) and source == "babi":
-        from .babilong import babi_filler_task, _task_filler
-
-        return _task_filler(babi_filler_task(task))
-    path = Path(source)
-    if not path.is_file():
-        raise DiffMambaError(f"filler file {str(path)!r} does not exist (filler is 'books', 'babi' or a text file)")
-    sentences = _file_sentences(str(path.resolve()), path.stat().st_mtime_ns)
-    if not sentences:
-        raise DiffMambaError(f"filler file {str(path)!r} has no sentences")
-    return sentences
 
 
 def main(argv: list[str] | None = None) -> None:  # pragma: no cover - maintenance script
