@@ -90,3 +90,10 @@ class Differential(nn.Module):
         """(1 − λ_init)·subln(a − λ·b), with `hook_diff` on the difference."""
         diff = self.hook_diff(a - lam.to(a.dtype) * b)
         return (1 - self.lambda_init) * self.subln(diff)
+
+    def branch_terms(self, a: Tensor, b: Tensor, lam: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+        """The two terms that `combine` adds up, with subln's 1/rms `scale` frozen (read from
+        `subln.hook_scale`): (1 − λ_init)·w ⊙ (a·scale) and (1 − λ_init)·w ⊙ (−λ·b·scale).
+        Their sum is `combine(a, b, lam)`; the branch lens maps each to the logits."""
+        g = (1 - self.lambda_init) * self.subln.weight.to(a.dtype)
+        return g * (a * scale), g * (-lam * b * scale)

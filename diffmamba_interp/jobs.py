@@ -15,7 +15,7 @@ import pandas as pd
 
 from .errors import DiffMambaError
 
-# the shipped models, Mamba first and Diff-Mamba second (issue: every command defaults to them)
+# the shipped models, Mamba first and Diff-Mamba second: every command defaults to them
 SHIPPED = ("mamba2-babi", "diffmamba2-babi")
 
 

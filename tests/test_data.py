@@ -233,7 +233,7 @@ def test_filler_counts_with_a_given_tokenizer():
             return list(text)
 
     prompts = babilong("qa1", 3000, tokenizer=CharTokenizer(), n=3)
-    for p in prompts:  # 300 of the 3000 are left for template and question (issue 13)
+    for p in prompts:  # 300 of the 3000 are left for template and question, as BABILong reserves
         body = " ".join(context_sentences(p.prompt))
         assert p.meta["n_tokens"] == len(p.prompt) and len(" " + body) >= 2700
 

@@ -121,7 +121,7 @@ def test_differential_layers_follow_settings(tiny):
 
 
 def expected_hooks(cfg: MambaConfig, pos: int) -> dict[str, tuple]:
-    """The hook list of the issue, enumerated independently of the model code."""
+    """Every hook of docs/conventions.md, "Hooks", enumerated independently of the model code."""
     b, d, V = 1, cfg.d_model, cfg.vocab_size
     out = {"hook_embed": (b, pos, d), "norm_f.hook_scale": (b, pos, 1), "norm_f.hook_normalized": (b, pos, d)}
 

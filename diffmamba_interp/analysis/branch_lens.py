@@ -51,7 +51,8 @@ def _batch_contributions(model, ids: torch.Tensor, tids: torch.Tensor, position:
     diff = [i for i, b in enumerate(model.blocks) if isinstance(b, Differential)]
     names = {"hook_embed", "norm_f.hook_scale"} | {f"blocks.{i}.hook_mixer_out" for i in range(model.cfg.n_layers)}
     for i in diff:
-        names |= {f"blocks.{i}.mixer_1.hook_out", f"blocks.{i}.mixer_2.hook_out", f"blocks.{i}.hook_lambda",
+        b1, b2 = model.blocks[i].BRANCHES
+        names |= {f"blocks.{i}.{b1}.hook_out", f"blocks.{i}.{b2}.hook_out", f"blocks.{i}.hook_lambda",
                   f"blocks.{i}.subln.hook_scale"}
     cache: dict[str, torch.Tensor] = {}
     dt = compute_dtype(model.dtype)
@@ -68,12 +69,13 @@ def _batch_contributions(model, ids: torch.Tensor, tids: torch.Tensor, position:
             out.append((-1, "embed", dla(cache["hook_embed"])))
         for i, block in enumerate(model.blocks):
             if i in diff:
-                o1, o2 = cache[f"blocks.{i}.mixer_1.hook_out"], cache[f"blocks.{i}.mixer_2.hook_out"]  # [b, d]
+                b1, b2 = block.BRANCHES
+                o1, o2 = cache[f"blocks.{i}.{b1}.hook_out"], cache[f"blocks.{i}.{b2}.hook_out"]  # [b, d]
                 lam, s = cache[f"blocks.{i}.hook_lambda"], cache[f"blocks.{i}.subln.hook_scale"]  # [], [b, 1]
-                g = (1 - block.lambda_init) * block.subln.weight.to(dt)  # [d]
-                out.append((i, "mixer_1", dla(g * (o1 * s))))
-                out.append((i, "-λ·mixer_2", dla(g * (-lam * o2 * s))))
-            out.append((i, "block", dla(cache[f"blocks.{i}.hook_mixer_out"])))
+                t1, t2 = block.branch_terms(o1, o2, lam, s)
+                out.append((i, BRANCH_COMPONENTS[0], dla(t1)))
+                out.append((i, BRANCH_COMPONENTS[1], dla(t2)))
+            out.append((i, BRANCH_COMPONENTS[2], dla(cache[f"blocks.{i}.hook_mixer_out"])))
     return out
 
 
