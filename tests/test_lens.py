@@ -202,3 +202,24 @@ def test_branch_lens_prompts_of_different_lengths_match_one_by_one(make_model, t
         torch.testing.assert_close(torch.tensor(mine.value.values), torch.tensor(one.value.values), atol=1e-12, rtol=0)
     with pytest.raises(DiffMambaError, match="targets"):
         branch_lens(model, prompts, ["kitchen"], progress=False)
+
+
+def test_lens_is_a_module_that_follows_its_model(make_model, tmp_path):
+    model = make_model("mamba2", n_layers=2, dtype=torch.float32)
+    lens = TunedLens(model)
+    assert isinstance(lens, torch.nn.Module) and lens.model is model
+    assert set(lens.state_dict()) == {f"translators.{k}.{p}" for k in range(2) for p in ("weight", "bias")}
+    assert sum(p.numel() for p in lens.parameters()) == 2 * (32 * 32 + 32)  # its own parameters, not the model's
+    model.tuned_lens = lens  # attached: follows model.to(...), never saved with the weights
+    assert not any(k.startswith("tuned_lens") for k in model.state_dict())
+    assert "tuned_lens" not in dict(model.named_modules())
+    model.to(torch.float64)
+    assert lens.translators[0].weight.dtype == torch.float64
+    from diffmamba_interp.analysis.lens import resolve_lens
+
+    assert resolve_lens(model, "tuned") is lens
+    model.save_pretrained(tmp_path)
+    from diffmamba_interp import load_model
+
+    assert load_model(tmp_path).state_dict().keys() == model.state_dict().keys()
+    del model.tuned_lens
