@@ -32,6 +32,12 @@ _state = {"debug": False}
 
 
 LensKind = Enum("LensKind", {name: name for name in LENSES}, type=str)  # the lens registry's names
+Preset = Enum("Preset", {"paper": "paper"}, type=str)
+Bootstrap = Enum("Bootstrap", {"story": "story", "question": "question"}, type=str)
+
+
+def _value(option):
+    return option.value if isinstance(option, Enum) else option
 
 
 class MapKind(str, Enum):
@@ -96,27 +102,35 @@ def _write_json(path: Path, obj) -> None:
 
 
 CKPT = typer.Option(None, "--ckpt", help="Checkpoint directory (repeat for several). Default: the two shipped models.")
-DATA = typer.Option("babi:qa1", "--data", help="babi:qa1, babi:qa2:train, babilong:qa2:1k or jsonl:PATH.")
-N = typer.Option(200, "--n", help="Number of examples.")
-LENS = typer.Option("logit", "--lens", help=f"{' or '.join(LENSES)} (tuned: the lens saved in the checkpoint directory).")
+DATA = typer.Option(None, "--data", help="babi:qa1 (default), babi:qa2:train, babilong:qa2:1k, paper or jsonl:PATH.")
+N = typer.Option(None, "--n", help="Number of examples, a seeded sample (default 200; the paper preset: all 2,000).")
+LENS = typer.Option(None, "--lens", help="auto (default: tuned where the checkpoint has a tuned lens, else logit), logit or tuned.")
 SEED = typer.Option(0, "--seed", help="Seed for data sampling and bootstrap.")
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars.")
+PRESET = typer.Option(None, "--preset", help="paper: the Diff-Mamba paper's protocol (BABILong 0k, qa1-qa20, last 100 each, "
+                      "shuffled with seed 42, tuned lens).")
+BOOTSTRAP = typer.Option("story", "--bootstrap", help="What the CIs resample: story (questions of one story together) or question.")
+FILLER = typer.Option("books", "--filler", help="babilong filler: books (public-domain prose), babi (sentences of other bAbI "
+                      "tasks: distractors) or a text file.")
 
 
 @app.command()
 @_errors
 def snr(
-    ckpt: Optional[List[str]] = CKPT, data: str = DATA, n: int = N, lens: LensKind = LENS, seed: int = SEED,
+    ckpt: Optional[List[str]] = CKPT, data: Optional[str] = DATA, n: Optional[int] = N, lens: Optional[LensKind] = LENS,
+    seed: int = SEED, preset: Optional[Preset] = PRESET, bootstrap: Bootstrap = BOOTSTRAP, filler: str = FILLER,
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON (schema in the README)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write an HTML report (plotly, works offline)."),
     quiet: bool = QUIET,
 ) -> None:
     """Per-layer needle probability, SNR (dB), rank and distractor ratio with 95% CIs, per model, plus
-    paired differences (the paper's Figure 6 analysis)."""
+    paired differences (the paper's Figure 6 analysis; paper_layer is the figure's layer index)."""
     from .jobs import run_snr
 
-    run = run_snr(ckpt, data, n, lens.value, seed=seed, progress=not quiet)
-    _print_table(run.layer_table())
+    run = run_snr(ckpt, data, n, _value(lens), seed=seed, progress=not quiet, preset=_value(preset),
+                  bootstrap=_value(bootstrap), filler=filler)
+    typer.echo(run.title)
+    _print_table(run.summary_table())
     if len(run.result.paired):
         p = run.result.paired
         typer.echo("\npaired difference of prob (b − a):")
@@ -135,14 +149,15 @@ def lens(
     ckpt: Optional[List[str]] = CKPT,
     prompt: str = typer.Option(..., "--prompt", help="The prompt text."),
     answer: str = typer.Option(..., "--answer", help="The answer word (target = first token of ' ' + answer)."),
-    lens: LensKind = LENS, top: int = typer.Option(5, "--top", help="How many top tokens per layer."),
+    lens: Optional[LensKind] = LENS, top: int = typer.Option(5, "--top", help="How many top tokens per layer."),
 ) -> None:
     """Per-layer target probability and each layer's top tokens for one prompt."""
     from .jobs import lens_table, load_models
 
     for model in load_models(ckpt):
-        typer.echo(f"== {model.label} ({model.cfg.arch}, {lens.value} lens)")
-        _print_table(lens_table(model, prompt, answer, lens.value, top_k=top))
+        table = lens_table(model, prompt, answer, _value(lens) or "auto", top_k=top)
+        typer.echo(f"== {model.label} ({model.cfg.arch}, {table.attrs['lens']} lens)")
+        _print_table(table)
 
 
 @app.command()
@@ -173,15 +188,19 @@ def attention(
 @app.command()
 @_errors
 def compare(
-    ckpt: Optional[List[str]] = CKPT, data: str = DATA, n: int = N, lens: LensKind = LENS, seed: int = SEED,
-    measure: str = typer.Option("prob", "--measure", help="prob, logprob, rank, snr_db or distractor_ratio."),
+    ckpt: Optional[List[str]] = CKPT, data: Optional[str] = DATA, n: Optional[int] = N, lens: Optional[LensKind] = LENS,
+    seed: int = SEED, preset: Optional[Preset] = PRESET, bootstrap: Bootstrap = BOOTSTRAP, filler: str = FILLER,
+    measure: str = typer.Option("prob", "--measure", help="prob, logprob, rank, snr_db, distractor_ratio or distractor_log_ratio."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write summary and paired tables as JSON."),
     quiet: bool = QUIET,
 ) -> None:
     """Side-by-side per-layer tables of two or more models, with paired differences."""
     from .jobs import run_snr
 
-    run = run_snr(ckpt, data, n, lens.value, seed=seed, progress=not quiet)
+    run = run_snr(ckpt, data, n, _value(lens), seed=seed, progress=not quiet, preset=_value(preset),
+                  bootstrap=_value(bootstrap), filler=filler)
+    for note in run.result.notes:
+        typer.echo(f"note: {note}", err=True)
     s = run.result.summary
     if measure not in set(s.measure):
         raise DiffMambaError(f"unknown measure {measure!r}; expected one of {sorted(set(s.measure))}")
@@ -200,7 +219,8 @@ def compare(
 @app.command()
 @_errors
 def report(
-    ckpt: Optional[List[str]] = CKPT, data: str = DATA, n: int = N, lens: LensKind = LENS, seed: int = SEED,
+    ckpt: Optional[List[str]] = CKPT, data: Optional[str] = DATA, n: Optional[int] = N, lens: Optional[LensKind] = LENS,
+    seed: int = SEED, preset: Optional[Preset] = PRESET, bootstrap: Bootstrap = BOOTSTRAP, filler: str = FILLER,
     out: Path = typer.Option(Path("reports/report.html"), "--out", help="The HTML report."),
     example: int = typer.Option(0, "--example", help="Which example's attention maps to show."),
     layer: Optional[int] = typer.Option(None, "--layer", help="Layer for the attention maps (default: first differential)."),
@@ -209,8 +229,10 @@ def report(
     """Everything in one self-contained HTML report: SNR, paired differences, branch lens, attention, tables."""
     from .jobs import full_report
 
-    run, path = full_report(ckpt, data, n, lens.value, out, example=example, layer=layer, seed=seed, progress=not quiet)
-    _print_table(run.layer_table())
+    run, path = full_report(ckpt, data, n, _value(lens), out, example=example, layer=layer, seed=seed, progress=not quiet,
+                            preset=_value(preset), bootstrap=_value(bootstrap), filler=filler)
+    typer.echo(run.title)
+    _print_table(run.summary_table())
     typer.echo(f"wrote {path}", err=True)
 
 

@@ -63,95 +63,160 @@ def tokenizer_of(model):
 
 
 # -- SNR: the main job -------------------------------------------------------------------------
+# the general defaults of snr / compare / report, and the presets that fix a protocol
+DEFAULTS = {"data": "babi:qa1", "n": 200, "lens": "auto"}
+PRESETS = {
+    # the Diff-Mamba paper's Figure 6 protocol, as upstream's test_babilong_0k.py runs it: BABILong 0k,
+    # qa1-qa20, the last 100 questions of each, shuffled with seed 42, tuned lens, plain mean of p
+    "paper": {"data": "paper", "n": None, "lens": "tuned"},
+}
+JSON_SCHEMA_VERSION = 2
+
+
+def resolve_protocol(preset: str | None, data: str | None, n: int | None, lens: str | None) -> dict:
+    """The data spec, example count and lens of a run: a preset's, else the defaults, with explicit
+    values filled in. A preset fixes its data and lens: giving others is an error (it would no longer
+    be that protocol); --n may shorten it."""
+    if preset is None:
+        return {"data": data or DEFAULTS["data"], "n": DEFAULTS["n"] if n is None else n, "lens": lens or DEFAULTS["lens"],
+                "preset": None}
+    if preset not in PRESETS:
+        raise DiffMambaError(f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
+    fixed = PRESETS[preset]
+    for name, value in (("data", data), ("lens", lens)):
+        if value is not None and value != fixed[name]:
+            raise DiffMambaError(f"--preset {preset} fixes --{name} {fixed[name]}; drop --{name} {value} (or drop the preset)")
+    return {"data": fixed["data"], "n": fixed["n"] if n is None else n, "lens": fixed["lens"], "preset": preset}
+
+
 @dataclass
 class SnrRun:
     """Per-layer needle probability / SNR / rank / distractor ratio for several models."""
 
     data: dict
-    lens: str
+    lens: str  # the lens asked for ("auto", "logit", "tuned")
     models: list = field(repr=False)
     prompts: list = field(repr=False)
     result: object = field(repr=False)  # analysis.compare.CompareResult
+    lenses: dict = field(default_factory=dict)  # model label -> the lens it was read with ("logit" / "tuned")
 
     @property
     def n_examples(self) -> int:
         return len(self.prompts)
 
+    @property
+    def lens_label(self) -> str:
+        """The lens(es) used, for titles: "tuned", or "tuned / logit" when models differ."""
+        return " / ".join(dict.fromkeys(self.lenses.values())) or self.lens
+
+    @property
+    def title(self) -> str:
+        n = self.n_examples
+        spec = self.data["spec"] if self.data.get("preset") is None else f"{self.data['spec']} (paper protocol)"
+        return f"Needle probability per layer: {self.lens_label} lens, {spec}, n = {n}"
+
     def layer_table(self) -> pd.DataFrame:
-        """Wide table: model, layer, prob_mean, prob_ci_low, prob_ci_high, prob_median, snr_db_mean,
-        rank_mean, distractor_ratio_mean (one row per model and layer, layer 0 = embeddings)."""
+        """Wide table, one row per model and layer (layer 0 = embeddings; paper_layer = the paper's
+        Figure 6 index): for every measure its mean, CI and median (`{measure}_mean`, `_ci_low`,
+        `_ci_high`, `_median`), and n / n_clusters of prob."""
         s = self.result.summary
-        prob = s[s.measure == "prob"].set_index(["model", "layer"])
-        out = pd.DataFrame({
-            "prob_mean": prob["mean"], "prob_ci_low": prob["ci_low"], "prob_ci_high": prob["ci_high"],
-            "prob_median": prob["median"],
-        })
-        for m in ("snr_db", "rank", "distractor_ratio"):
-            out[f"{m}_mean"] = s[s.measure == m].set_index(["model", "layer"])["mean"]
+        out = None
+        for m in dict.fromkeys(s.measure):
+            part = s[s.measure == m].set_index(["model", "layer"])
+            cols = part[["mean", "ci_low", "ci_high", "median"]].add_prefix(f"{m}_")
+            if out is None:
+                out = part[["paper_layer"]].join(cols)
+                out["n"], out["n_clusters"] = part["n"], part["n_clusters"]
+            else:
+                out = out.join(cols)
         out = out.reset_index()
         order = {label: i for i, label in enumerate(self.result.labels)}
         return out.sort_values(["model", "layer"], key=lambda c: c.map(order) if c.name == "model" else c).reset_index(drop=True)
 
+    def summary_table(self) -> pd.DataFrame:
+        """The columns the CLI prints: model, layer, paper_layer, prob (mean, CI), median prob, mean SNR
+        (dB), mean rank, mean distractor log-ratio and n."""
+        cols = ["model", "layer", "paper_layer", "prob_mean", "prob_ci_low", "prob_ci_high", "prob_median", "snr_db_mean",
+                "rank_mean", "distractor_log_ratio_mean", "n_clusters"]
+        return self.layer_table()[cols]
+
     def to_json(self) -> dict:
-        """The stable JSON of `diffmamba-interp snr --json` (documented in the README)."""
+        """The JSON of `diffmamba-interp snr --json`, schema version `JSON_SCHEMA_VERSION` (README)."""
         table = self.layer_table()
         models = []
         for m in self.models:
             rows = table[table.model == m.label].drop(columns="model")
-            models.append({"ckpt": display_path(m.checkpoint_path) if m.checkpoint_path else m.label, "label": m.label, "arch": m.cfg.arch,
-                           "n_layers": m.cfg.n_layers, "layers": _records(rows)})
-        return {"data": self.data, "lens": self.lens, "n_examples": self.n_examples, "models": models,
-                "paired": _records(self.result.paired)}
+            models.append({"ckpt": display_path(m.checkpoint_path) if m.checkpoint_path else m.label, "label": m.label,
+                           "arch": m.cfg.arch, "n_layers": m.cfg.n_layers, "lens": self.lenses.get(m.label, self.lens),
+                           "layers": _records(rows)})
+        return {"schema_version": JSON_SCHEMA_VERSION, "data": self.data, "lens": self.lens,
+                "n_examples": self.n_examples, "models": models, "paired": _records(self.result.paired),
+                "notes": list(self.result.notes)}
 
     def write_report(self, path, *, branch: pd.DataFrame | None = None, attention=None, title: str | None = None) -> Path:
         from .report import write_report
 
         table = self.layer_table()
         return write_report(
-            path, title=title or f"Needle probability per layer: {' vs '.join(self.result.labels)}",
+            path, title=title or self.title,
             summary=self.result.summary, paired=self.result.paired if len(self.result.paired) else None,
             branch=branch, attention=attention, tables={"per-layer summary": table.round(4)},
-            meta={"data": self.data["spec"], "lens": self.lens, "examples": self.n_examples,
+            meta={"data": self.data["spec"], "lens": self.lens_label, "examples": self.n_examples,
+                  "bootstrap": self.data.get("bootstrap", "story"),
                   "checkpoints": [display_path(m.checkpoint_path) if m.checkpoint_path else m.label for m in self.models]},
         )
 
 
 def _records(df: pd.DataFrame) -> list[dict]:
-    """DataFrame -> JSON-safe records (NaN -> None, numpy scalars -> Python)."""
-    return [{k: (None if isinstance(v, float) and v != v else (v.item() if hasattr(v, "item") else v))
-             for k, v in row.items()} for row in df.to_dict(orient="records")]
+    """DataFrame -> JSON-safe records (NaN / <NA> -> None, numpy scalars -> Python)."""
+    def clean(v):
+        if v is pd.NA or (isinstance(v, float) and v != v):
+            return None
+        return v.item() if hasattr(v, "item") else v
+
+    return [{k: clean(v) for k, v in row.items()} for row in df.to_dict(orient="records")]
 
 
-def load_prompts(data: str, n: int | None, seed: int = 0, tokenizer=None) -> list:
+def load_prompts(data: str, n: int | None, seed: int = 0, tokenizer=None, filler: str = "books") -> list:
     from .data import load_data
 
-    if n is not None and n <= 0:
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n <= 0):
         raise DiffMambaError(f"--n must be a positive number of examples, got {n}")
-    prompts = load_data(data, n=n, seed=seed, tokenizer=tokenizer)
+    prompts = load_data(data, n=n, seed=seed, tokenizer=tokenizer, filler=filler)
     if not prompts:
         raise DiffMambaError(f"data spec {data!r} gave no examples")
     return prompts
 
 
-def run_snr(ckpts: Sequence[str] | None = None, data: str = "babi:qa1", n: int | None = 200, lens: str = "logit",
-            seed: int = 0, n_boot: int = 1000, models: list | None = None, progress: bool = True) -> SnrRun:
-    """The main job: each model's per-layer needle probability on `data`, with CIs and paired diffs."""
-    from .analysis.compare import compare
-    from .analysis.lens import LENSES
+def run_snr(ckpts: Sequence[str] | None = None, data: str | None = None, n: int | None = None, lens: str | None = None,
+            seed: int = 0, n_boot: int = 1000, models: list | None = None, progress: bool = True,
+            preset: str | None = None, bootstrap: str = "story", filler: str = "books") -> SnrRun:
+    """The main job: each model's per-layer needle probability on `data`, with CIs and paired diffs.
 
-    if lens not in LENSES:
-        raise DiffMambaError(f"unknown lens {lens!r}; expected one of {', '.join(LENSES)}")
+    data / n / lens default to `DEFAULTS` (lens "auto": the tuned lens where a checkpoint has one);
+    preset="paper" runs the paper's protocol (`PRESETS`). bootstrap: "story" or "question".
+    """
+    from .analysis.compare import compare
+    from .analysis.lens import LENSES, lens_name, resolve_lens
+
+    protocol = resolve_protocol(preset, data, n, lens)
+    if protocol["lens"] not in LENSES:
+        raise DiffMambaError(f"unknown lens {protocol['lens']!r}; expected one of {', '.join(LENSES)}")
     models = models or load_models(ckpts)
-    prompts = load_prompts(data, n, seed, tokenizer=models[0].tokenizer)
-    result = compare(models, prompts, lens=lens, labels=[m.label for m in models], n_boot=n_boot, seed=seed,
-                     progress=progress)
-    return SnrRun({"spec": data, "n": n, "seed": seed}, lens, models, prompts, result)
+    prompts = load_prompts(protocol["data"], protocol["n"], seed, tokenizer=models[0].tokenizer, filler=filler)
+    lenses = [resolve_lens(m, protocol["lens"]) for m in models]
+    result = compare(models, prompts, lens=lenses, labels=[m.label for m in models], n_boot=n_boot, seed=seed,
+                     progress=progress, bootstrap=bootstrap)
+    info = {"spec": protocol["data"], "n": protocol["n"], "seed": seed, "preset": protocol["preset"],
+            "bootstrap": bootstrap, "filler": filler}
+    return SnrRun(info, protocol["lens"], models, prompts, result, {m.label: lens_name(ln) for m, ln in zip(models, lenses)})
 
 
 # -- one prompt --------------------------------------------------------------------------------
-def lens_table(model, prompt: str, answer: str, lens: str = "logit", top_k: int = 5) -> pd.DataFrame:
-    """Per layer: target probability and rank, and the lens's top tokens at the last position."""
-    from .analysis.lens import resolve_lens
+def lens_table(model, prompt: str, answer: str, lens: str = "auto", top_k: int = 5) -> pd.DataFrame:
+    """Per layer: target probability and rank, and the lens's top tokens at the last position
+    (`.attrs["lens"]` names the lens used)."""
+    from .analysis.lens import lens_name, resolve_lens
     from .analysis.snr import target_probs
 
     tok = tokenizer_of(model)
@@ -167,7 +232,9 @@ def lens_table(model, prompt: str, answer: str, lens: str = "logit", top_k: int 
         ", ".join(f"{t} ({p:.2f})" for t, p in zip(tok.convert_ids_to_tokens(i.tolist()), v.exp().tolist()))
         for i, v in zip(top.indices, top.values)
     ]
-    return rows[["layer", "target", "prob", "rank", "snr_db", "top_tokens"]]
+    table = rows[["layer", "paper_layer", "target", "prob", "rank", "snr_db", "top_tokens"]]
+    table.attrs["lens"] = lens_name(lens_obj)
+    return table
 
 
 def attention_entry(model, prompt: str, layer: int, branch: int | None = None, kind: str = "s6",
@@ -207,14 +274,17 @@ def branch_table(models, prompts, n: int = 50, progress: bool = True) -> pd.Data
     return pd.concat(frames, ignore_index=True)[["model", "layer", "component", "value"]]
 
 
-def full_report(ckpts: Sequence[str] | None = None, data: str = "babi:qa1", n: int | None = 200, lens: str = "logit",
-                out: str | Path = "reports/report.html", example: int = 0, layer: int | None = None,
-                kind: str = "s6", seed: int = 0, progress: bool = True) -> tuple[SnrRun, Path]:
+def full_report(ckpts: Sequence[str] | None = None, data: str | None = None, n: int | None = None,
+                lens: str | None = None, out: str | Path = "reports/report.html", example: int = 0,
+                layer: int | None = None, kind: str = "s6", seed: int = 0, progress: bool = True,
+                preset: str | None = None, bootstrap: str = "story", filler: str = "books") -> tuple[SnrRun, Path]:
     """Everything in one HTML report: SNR per layer, paired differences, branch lens, implicit
     attention of one example (the first differential layer by default) for each model, tables."""
-    run = run_snr(ckpts, data, n, lens, seed=seed, progress=progress)
+    run = run_snr(ckpts, data, n, lens, seed=seed, progress=progress, preset=preset, bootstrap=bootstrap, filler=filler)
     branch = branch_table(run.models, run.prompts, progress=progress)
-    prompt = run.prompts[min(example, len(run.prompts) - 1)].prompt
+    if isinstance(example, bool) or not isinstance(example, int) or not 0 <= example < len(run.prompts):
+        raise DiffMambaError(f"--example {example} is out of range: the run has examples 0..{len(run.prompts) - 1}")
+    prompt = run.prompts[example].prompt
     entries = []
     for m in run.models:
         k = layer if layer is not None else (m.cfg.diff_layer_indices[0] if m.cfg.diff_layer_indices else 0)

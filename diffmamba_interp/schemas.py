@@ -8,12 +8,15 @@ import pandas as pd
 
 from .errors import DiffMambaError
 
-# target_probs: one row per (example, layer)
-TARGET_COLUMNS = ("example", "layer", "prob", "logprob", "rank", "snr_db", "distractor_ratio", "target", "n_target_tokens")
+# target_probs: one row per (example, layer); paper_layer = layer − 1 (the paper's Figure 6 index, <NA> at 0)
+TARGET_COLUMNS = ("example", "story", "layer", "paper_layer", "prob", "logprob", "rank", "snr_db", "distractor_ratio",
+                  "distractor_log_ratio", "target", "n_target_tokens")
 # snr_summary / compare().summary: one row per (model, layer, measure)
-SUMMARY_COLUMNS = ("model", "layer", "measure", "mean", "median", "ci_low", "ci_high")
+SUMMARY_COLUMNS = ("model", "layer", "paper_layer", "measure", "mean", "median", "ci_low", "ci_high", "n", "n_clusters",
+                   "significant")
 # compare().paired: model b − model a per (layer, measure)
-PAIRED_COLUMNS = ("model_a", "model_b", "layer", "measure", "diff_mean", "ci_low", "ci_high")
+PAIRED_COLUMNS = ("model_a", "model_b", "layer", "paper_layer", "measure", "diff_mean", "ci_low", "ci_high", "n",
+                  "n_clusters", "significant")
 # branch contributions per (model, block, component)
 BRANCH_COLUMNS = ("model", "layer", "component", "value")
 # the components of a differential block's direct logit contribution (analysis.branch_lens)
@@ -31,3 +34,13 @@ def check_columns(df, required: Sequence[str], name: str) -> pd.DataFrame:
             f"(has: {', '.join(map(str, df.columns)) or 'none'})"
         )
     return df
+
+
+def paper_layer(layer):
+    """Our lens layer -> the paper's Figure 6 index (layer − 1; <NA> for layer 0, the embeddings, which
+    the paper's HF `hidden_states` do not hold). Works on an int, an array or a Series."""
+    import numpy as np
+
+    values = pd.array(np.asarray(layer, dtype=np.int64) - 1, dtype="Int64")
+    values[np.asarray(layer) == 0] = pd.NA
+    return values

@@ -57,7 +57,9 @@ def test_snr_json_schema_and_report(ckpts, tmp_path):
     assert code == 0, err
     assert "prob_mean" in out and "paired difference" in out
     doc = json.loads(out_json.read_text())
-    assert doc["lens"] == "logit" and doc["n_examples"] == 6 and doc["data"]["spec"] == "babi:qa1"
+    # the default lens is "auto": the tuned lens each checkpoint has (an identity one here)
+    assert doc["lens"] == "auto" and doc["n_examples"] == 6 and doc["data"]["spec"] == "babi:qa1"
+    assert doc["schema_version"] == 2 and [m["lens"] for m in doc["models"]] == ["tuned", "tuned"]
     assert [m["arch"] for m in doc["models"]] == ["mamba2", "diffmamba2"]
     for m in doc["models"]:
         assert m["n_layers"] == 2 and len(m["layers"]) == 3  # layer 0 = embeddings
@@ -66,9 +68,13 @@ def test_snr_json_schema_and_report(ckpts, tmp_path):
             assert set(r) >= {"layer", "prob_mean", "prob_ci_low", "prob_ci_high", "prob_median", "snr_db_mean",
                               "rank_mean", "distractor_ratio_mean"}
             assert r["prob_ci_low"] <= r["prob_mean"] <= r["prob_ci_high"]
+            assert r["paper_layer"] == (None if r["layer"] == 0 else r["layer"] - 1)
+            for measure in ("snr_db", "rank", "distractor_log_ratio"):  # an interval for every measure
+                assert {f"{measure}_ci_low", f"{measure}_ci_high", f"{measure}_median"} <= set(r)
     assert {p["measure"] for p in doc["paired"]} >= {"prob", "snr_db"}
     html = out_html.read_text()
     assert "Needle probability" in html and html.count("plotly.js v") <= 2
+    assert "tuned lens, babi:qa1, n = 6" in html  # the title names the lens and the data
 
 
 def test_snr_tuned_lens(ckpts, tmp_path):
@@ -161,3 +167,19 @@ def test_train_a_few_steps(tmp_path):
     assert model.cfg.arch == "diffmamba2" and model.tokenizer is not None
     training = json.loads((out / "training.json").read_text())
     assert [r["task"] for r in training["accuracy"]] == ["qa1", "qa2", "qa3", "qa4", "qa5"]
+
+
+def test_snr_paper_preset(ckpts, tmp_path):
+    out_json = tmp_path / "paper.json"
+    code, out, err = run("snr", "--ckpt", ckpts[0], "--ckpt", ckpts[1], "--preset", "paper", "--n", 8, "--json", out_json, "-q")
+    assert code == 0, err
+    doc = json.loads(out_json.read_text())
+    assert doc["data"]["spec"] == "paper" and doc["data"]["preset"] == "paper" and doc["lens"] == "tuned"
+    assert doc["n_examples"] == 8 and "paper protocol" in out
+    from diffmamba_interp.data import load_data
+
+    first = load_data("paper", n=8)
+    assert len({p.task for p in first}) > 1  # shuffled across the 20 tasks, not the head of qa1
+    for args, needle in ((["--data", "babi:qa1"], "fixes --data paper"), (["--lens", "logit"], "fixes --lens tuned")):
+        code, _, err = run("snr", "--ckpt", ckpts[0], "--preset", "paper", *args, "-q")
+        assert code == 2 and needle in err and err.count("\n") == 1

@@ -10,7 +10,7 @@ import torch
 
 from diffmamba_interp.analysis.compare import PAIRED_COLUMNS, compare
 from diffmamba_interp.analysis.lens import Lens, TunedLens
-from diffmamba_interp.analysis.snr import SUMMARY_COLUMNS, TARGET_COLUMNS, snr_summary, target_probs
+from diffmamba_interp.analysis.snr import MEASURES, SUMMARY_COLUMNS, TARGET_COLUMNS, snr_summary, target_probs
 from diffmamba_interp.analysis.stats import bootstrap_mean, paired_bootstrap, resample_counts
 from diffmamba_interp.config import ARCHS
 from diffmamba_interp.errors import DiffMambaError
@@ -82,7 +82,7 @@ def test_target_probs_matches_a_direct_softmax(model, tokenizer):
     assert df[df.example == 1].distractor_ratio.isna().all()  # no candidates given
 
 
-def test_rank_and_snr_clamp_with_a_hand_made_distribution(model, tokenizer):
+def test_rank_snr_and_distractors_with_a_hand_made_distribution(model, tokenizer):
     V = model.cfg.vocab_size
     t, c1, c2 = first_id(tokenizer, "kitchen"), first_id(tokenizer, "garden"), first_id(tokenizer, "office")
     logits = torch.full((V,), -1e4)
@@ -90,14 +90,21 @@ def test_rank_and_snr_clamp_with_a_hand_made_distribution(model, tokenizer):
     cands = [["garden", "office", "garden", "kitchen"]]  # duplicate and the answer itself count once / not at all
     df = target_probs(model, PROMPTS[:1], ["kitchen"], lens=FixedLens(logits), candidates=cands, progress=False)
     assert np.allclose(df.prob, 4 / 7) and (df["rank"] == 1).all()
-    assert np.allclose(df.distractor_ratio, 4 / 3)
+    assert np.allclose(df.distractor_ratio, 4 / 3) and np.allclose(df.distractor_log_ratio, np.log(4 / 3))
     assert np.allclose(df.snr_db, 10 * np.log10((4 / 7) / (3 / 7)))
     df = target_probs(model, PROMPTS[:1], ["garden"], lens=FixedLens(logits), candidates=cands, progress=False)
     assert (df["rank"] == 2).all() and np.allclose(df.distractor_ratio, 2 / 5)
+    # no floor at small p (the old clamp put every p < 1e-12 at −120 dB), float64 near p = 1
+    for p_target in (1e-30, 1e-13, 1 - 1e-9):
+        rest = np.log((1 - p_target) / (V - 1))
+        logits64 = torch.full((V,), rest, dtype=torch.float64)
+        logits64[t] = np.log(p_target)
+        df = target_probs(model, PROMPTS[:1], ["kitchen"], lens=FixedLens(logits64), progress=False)
+        assert np.allclose(df.snr_db, 10 * np.log10(p_target / (1 - p_target)), rtol=1e-6), p_target
     spike = torch.full((V,), -1e4)
-    spike[t] = 0.0  # p(target) = 1 exactly -> clamped to 1 − 1e-12
+    spike[t] = 0.0  # p(target) = 1 to float64 precision: saturated at the float64 limit, still finite
     df = target_probs(model, PROMPTS[:1], ["kitchen"], lens=FixedLens(spike), progress=False)
-    assert np.allclose(df.snr_db, 10 * np.log10((1 - 1e-12) / 1e-12)) and np.isfinite(df.snr_db).all()
+    assert np.isfinite(df.snr_db).all() and (df.snr_db > 3000).all()
 
 
 def test_multi_token_answer_warns_once_and_empty_answer_raises(model, tokenizer):
@@ -118,8 +125,8 @@ def test_grouping_by_length_matches_one_at_a_time(model):
     assert together.example.tolist() == sorted(together.example)
     for i, (p, a, c) in enumerate(zip(PROMPTS, ANSWERS, CANDIDATES)):
         one = target_probs(model, [p], [a], candidates=[c], progress=False)
-        mine = together[together.example == i].drop(columns="example").reset_index(drop=True)
-        pd.testing.assert_frame_equal(mine, one.drop(columns="example"), check_exact=False, atol=1e-12, rtol=0)
+        mine = together[together.example == i].drop(columns=["example", "story"]).reset_index(drop=True)
+        pd.testing.assert_frame_equal(mine, one.drop(columns=["example", "story"]), check_exact=False, atol=1e-12, rtol=0)
 
 
 def test_prompt_objects_and_tuned_lens_resolution(model):
@@ -178,7 +185,7 @@ def test_snr_summary_schema_ci_and_seed(model):
     assert list(s1.columns) == list(SUMMARY_COLUMNS)
     pd.testing.assert_frame_equal(s1, s2)
     assert not np.allclose(s1.ci_low, s3.ci_low)
-    assert set(s1.model) == {"model"} and len(s1) == 3 * 5
+    assert set(s1.model) == {"model"} and len(s1) == 3 * len(MEASURES)
     assert s1.measure.tolist()[:5] == ["prob", "logprob", "rank", "snr_db", "distractor_ratio"]
     assert ((s1.ci_low <= s1["mean"] + 1e-12) & (s1["mean"] <= s1.ci_high + 1e-12)).all()
     for layer in range(3):
@@ -233,3 +240,54 @@ def test_compare_paths_load_the_tuned_lens(model, tmp_path, monkeypatch):
     assert not np.allclose(res.per_example[res.per_example.layer == 0].prob, logit[logit.layer == 0].prob)
     with pytest.raises(DiffMambaError, match="no tuned lens"):
         compare([tmp_path / "bare"], PROMPTS[:1], ANSWERS[:1], lens="tuned", progress=False)
+
+
+def test_story_clusters_drive_the_bootstrap(model):
+    from types import SimpleNamespace
+
+    stories = ["s1", "s1", "s1", "s2", "s2", "s3"]
+    objs = [SimpleNamespace(prompt=p, answer=a, candidates=tuple(c), meta={"story": s})
+            for p, a, c, s in zip(PROMPTS, ANSWERS, CANDIDATES, stories)]
+    df = target_probs(model, objs, progress=False)
+    assert df.groupby("example").story.first().tolist() == stories
+    by_story = snr_summary(df, n_boot=200, measures=["prob"])
+    by_question = snr_summary(df, n_boot=200, measures=["prob"], bootstrap="question")
+    assert (by_story.n_clusters == 3).all() and (by_question.n_clusters == 6).all() and (by_story.n == 6).all()
+    wide = df.pivot(index="example", columns="layer", values="prob").to_numpy()
+    expected = bootstrap_mean(wide, n_boot=200, clusters=np.array(stories))
+    np.testing.assert_allclose(by_story.ci_low, expected.ci_low)
+    np.testing.assert_allclose(by_story["mean"], expected.mean)
+    assert not by_story.significant.any()  # 3 stories < min_n = 10: never called significant
+    with pytest.raises(DiffMambaError, match="bootstrap"):
+        snr_summary(df, bootstrap="seeds")
+
+
+def test_paper_layer_is_the_index_of_hf_hidden_states(perturb):
+    """The paper's layer k reads HF `hidden_states[k]` (no embedding entry for Mamba-2): our layer k + 1."""
+    from transformers import Mamba2Config, Mamba2ForCausalLM
+
+    from diffmamba_interp import HookedMamba
+    from diffmamba_interp.analysis.lens import lens_layers
+    from diffmamba_interp.loading.hf import read_hf_config
+    from diffmamba_interp.loading.keys import KEYS
+
+    torch.manual_seed(0)
+    hf = perturb(Mamba2ForCausalLM(Mamba2Config(vocab_size=50, hidden_size=32, state_size=8, num_hidden_layers=3,
+                                                head_dim=16, num_heads=4, n_groups=1, expand=2, chunk_size=8))).eval()
+    ours = HookedMamba(read_hf_config(hf.config.to_dict()))
+    ours.load_state_dict(KEYS.to_ours(hf.state_dict())[0])
+    ids = torch.randint(0, 50, (1, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hidden = hf(ids, output_hidden_states=True).hidden_states
+        _, cache = ours.run_with_cache(ids)
+    df = target_probs(ours.eval(), [ids[0]], [3], progress=False)
+    names = lens_layers(ours)
+    for _, row in df.iterrows():
+        if pd.isna(row.paper_layer):
+            assert row.layer == 0
+            continue
+        k = int(row.paper_layer)  # hidden_states[k] = the residual after block k = our layer k + 1
+        torch.testing.assert_close(cache[names[row.layer]], hidden[k], rtol=1e-4, atol=1e-4)
+    # the paper's last index (n_layers) is the normed output, which the logit lens at our last layer reads
+    assert len(hidden) == ours.cfg.n_layers + 1
+    torch.testing.assert_close(cache["norm_f.hook_normalized"], hidden[-1], rtol=1e-4, atol=1e-4)

@@ -19,9 +19,9 @@ import pandas as pd
 
 from ..errors import DiffMambaError
 from ..model import load_model
-from ..schemas import PAIRED_COLUMNS, SUMMARY_COLUMNS, TARGET_COLUMNS, check_columns
+from ..schemas import PAIRED_COLUMNS, SUMMARY_COLUMNS, TARGET_COLUMNS, check_columns, paper_layer
 from .lens import resolve_lens
-from .snr import MEASURES, snr_summary, target_probs
+from .snr import MEASURES, example_clusters, snr_summary, target_probs
 from .stats import paired_bootstrap
 
 __all__ = ["PAIRED_COLUMNS", "CompareResult", "compare", "paired_summary"]
@@ -58,21 +58,30 @@ class CompareResult:
 
 
 def paired_summary(per_example: pd.DataFrame, a: str, b: str, n_boot: int = 1000, seed: int = 0,
-                   measures: Sequence[str] = MEASURES, ci: float = 0.95) -> pd.DataFrame:
-    """Paired bootstrap of model b − model a per layer and measure over shared examples -> PAIRED_COLUMNS."""
+                   measures: Sequence[str] = MEASURES, ci: float = 0.95, bootstrap: str = "story",
+                   min_n: int = 10) -> pd.DataFrame:
+    """Paired bootstrap of model b − model a per layer and measure over shared examples -> PAIRED_COLUMNS.
+    bootstrap: "story" resamples story clusters (the same draw for both models), "question" questions."""
     rows = []
     ga = per_example[per_example["model"] == a]
     gb = per_example[per_example["model"] == b]
+    clusters = example_clusters(ga, bootstrap)
     for m in measures:
         wa = ga.pivot(index="example", columns="layer", values=m)
         wb = gb.pivot(index="example", columns="layer", values=m)
         if list(wa.columns) != list(wb.columns):
             raise DiffMambaError(f"models {a!r} and {b!r} have different layers; they cannot be paired")
         wb = wb.reindex(index=wa.index)
-        res = paired_bootstrap(wa.to_numpy(np.float64), wb.to_numpy(np.float64), n_boot=n_boot, seed=seed, ci=ci)
+        res = paired_bootstrap(wa.to_numpy(np.float64), wb.to_numpy(np.float64), n_boot=n_boot, seed=seed, ci=ci,
+                               clusters=None if clusters is None else clusters.reindex(wa.index).to_numpy(),
+                               min_n=min_n)
+        sig = res.significant
         for j, layer in enumerate(wa.columns):
-            rows.append((a, b, int(layer), m, res.mean[j], res.ci_low[j], res.ci_high[j]))
-    return pd.DataFrame(rows, columns=list(PAIRED_COLUMNS))
+            rows.append((a, b, int(layer), m, res.mean[j], res.ci_low[j], res.ci_high[j], int(res.n[j]),
+                         int(res.n_clusters[j]), bool(sig[j])))
+    out = pd.DataFrame(rows, columns=[c for c in PAIRED_COLUMNS if c != "paper_layer"])
+    out.insert(3, "paper_layer", paper_layer(out["layer"].to_numpy()))
+    return out
 
 
 def _label(item) -> str:
@@ -83,7 +92,7 @@ def _label(item) -> str:
 
 def compare(models_or_paths, prompts, answers=None, lens="logit", labels: Sequence[str] | None = None,
             candidates=None, n_boot: int = 1000, seed: int = 0, tokenizer=None, batch_size: int = 8,
-            progress: bool = True) -> CompareResult:
+            progress: bool = True, bootstrap: str = "story") -> CompareResult:
     """Run the same prompts through several models (HookedMamba objects or checkpoint paths).
 
     lens: a name of `lens.LENSES` ("logit", "tuned": the lens saved next to the checkpoint), a
@@ -122,13 +131,13 @@ def compare(models_or_paths, prompts, answers=None, lens="logit", labels: Sequen
         frames.append(df.assign(model=lab)[["model", *TARGET_COLUMNS]])
         depth[lab] = model.cfg.n_layers
     per_example = pd.concat(frames, ignore_index=True)
-    summary = snr_summary(per_example, n_boot=n_boot, seed=seed)
+    summary = snr_summary(per_example, n_boot=n_boot, seed=seed, bootstrap=bootstrap)
 
     notes, pairs = [], []
     for i, a in enumerate(labels):
         for b in labels[i + 1:]:
             if depth[a] == depth[b]:
-                pairs.append(paired_summary(per_example, a, b, n_boot=n_boot, seed=seed))
+                pairs.append(paired_summary(per_example, a, b, n_boot=n_boot, seed=seed, bootstrap=bootstrap))
             else:
                 notes.append(f"{a} ({depth[a]} layers) and {b} ({depth[b]} layers) have different depths: "
                              "no paired layer-by-layer comparison")

@@ -13,7 +13,7 @@ import torch
 
 from ..errors import DiffMambaError
 
-__all__ = ["first_token", "prompt_ids", "length_batches", "unpack_prompts"]
+__all__ = ["first_token", "prompt_ids", "length_batches", "unpack_prompts", "story_ids"]
 
 
 def first_token(text_or_id, tokenizer, what: str = "answer") -> tuple[int, int, str]:
@@ -76,3 +76,10 @@ def unpack_prompts(prompts, answers, candidates):
         if len(candidates) != len(prompts):
             raise DiffMambaError(f"{len(prompts)} prompts but {len(candidates)} candidate lists")
     return prompts, answers, candidates
+
+
+def story_ids(prompts) -> list | None:
+    """The story (cluster) of each prompt, from `Prompt.meta["story"]`: questions of one bAbI story are
+    not independent, so the bootstrap resamples stories. None when the prompts carry no story ids."""
+    ids = [getattr(p, "meta", {}).get("story") if isinstance(getattr(p, "meta", None), dict) else None for p in prompts]
+    return ids if ids and all(i is not None for i in ids) else None

@@ -29,7 +29,8 @@ from torch import nn
 from ..errors import DiffMambaError, one_line
 from ..scan import compute_dtype
 
-__all__ = ["Lens", "LogitLens", "TunedLens", "LensTrainConfig", "LENSES", "logit_lens", "resolve_lens", "residuals",
+__all__ = ["Lens", "LogitLens", "TunedLens", "LensTrainConfig", "LENSES", "logit_lens", "resolve_lens", "has_tuned_lens",
+           "lens_name", "residuals",
            "lens_layers", "LENS_WEIGHTS", "LENS_CONFIG"]
 
 LENS_WEIGHTS = "tuned_lens.safetensors"
@@ -114,15 +115,17 @@ class Lens(nn.Module, ABC):
             raise DiffMambaError(f"lens layer {layer} out of range 0..{model.cfg.n_layers}")
         return model.unembed(self.transform(h, layer))
 
-    def log_probs(self, model, input_ids: torch.Tensor, positions=None) -> torch.Tensor:
-        """input_ids [B, L] -> lens log-probs [K, B, P, V] (P = L, or len(positions)); no grad."""
+    def log_probs(self, model, input_ids: torch.Tensor, positions=None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """input_ids [B, L] -> lens log-probs [K, B, P, V] (P = L, or len(positions)); no grad.
+        dtype: of the log-softmax (default the compute dtype; float64 keeps p ≈ 1 apart from 1)."""
         model = self._model(model)
         self.check_model(model)
-        return self._log_probs(model, residuals(model, input_ids, positions))
+        return self._log_probs(model, residuals(model, input_ids, positions), dtype)
 
-    def _log_probs(self, model, resid: torch.Tensor) -> torch.Tensor:
+    def _log_probs(self, model, resid: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        dtype = dtype or resid.dtype
         with torch.no_grad():  # resid [K, B, P, d] -> [K, B, P, V]
-            return torch.stack([F.log_softmax(self.forward(resid[k], k, model).to(resid.dtype), -1) for k in range(len(resid))])
+            return torch.stack([F.log_softmax(self.forward(resid[k], k, model).to(dtype), -1) for k in range(len(resid))])
 
     def kl_to_final(self, model, input_ids: torch.Tensor) -> torch.Tensor:
         """Mean over batch and positions of KL(model's distribution ‖ lens distribution) per layer -> [K] (nats)."""
@@ -269,12 +272,31 @@ def _tuned(model) -> TunedLens:
     return TunedLens.load(path, model)
 
 
+def has_tuned_lens(model) -> bool:
+    """Whether a tuned lens is attached to the model or saved next to its checkpoint."""
+    if isinstance(getattr(model, "tuned_lens", None), TunedLens):
+        return True
+    path = getattr(model, "checkpoint_path", None)
+    return path is not None and (Path(path) / LENS_CONFIG).is_file() and (Path(path) / LENS_WEIGHTS).is_file()
+
+
+def _auto(model) -> Lens:
+    """The tuned lens where the model has one (the paper's instrument), else the logit lens."""
+    return _tuned(model) if has_tuned_lens(model) else LogitLens(model)
+
+
 # lens name -> function(model) -> Lens; the CLI's --lens choices and the jobs read this table
-LENSES = {"logit": LogitLens, "tuned": _tuned}
+LENSES = {"auto": _auto, "logit": LogitLens, "tuned": _tuned}
+
+
+def lens_name(lens: Lens) -> str:
+    """The registry name of a lens object ("logit" / "tuned"), or its class name."""
+    return {LogitLens: "logit", TunedLens: "tuned"}.get(type(lens), type(lens).__name__)
 
 
 def resolve_lens(model, lens) -> Lens:
-    """A lens name of `LENSES` ("logit", "tuned") or a `Lens` -> a Lens for `model`."""
+    """A lens name of `LENSES` ("auto": tuned where the model has one, else logit; "logit"; "tuned") or a
+    `Lens` -> a Lens for `model`."""
     if isinstance(lens, Lens):
         lens.check_model(model)
         return lens

@@ -1,16 +1,23 @@
-"""Target (needle) probability per lens layer, its signal-to-noise ratio, and bootstrap summaries (docs/conventions.md, "Lens and SNR").
+"""Target (needle) probability per lens layer, its signal-to-noise ratio, and bootstrap summaries
+(docs/conventions.md, "Lens and SNR").
 
 `target_probs` reads the lens distribution at the last prompt position for the first token of
 ``" " + answer``. Prompts of different lengths are grouped by token length and batched within a
 group, never padded: a Mamba model has no attention mask, so padding would change its state.
+The log-softmax is taken in float64, so p close to 1 stays apart from 1.
 
-Per (example, layer) it reports
+Per (example, layer) it reports (`layer` ours, 0 = embeddings; `paper_layer` = layer − 1, the
+index of the paper's Figure 6, <NA> at layer 0)
 - prob = p(target), logprob = log p(target), rank = 1 + #tokens with a strictly higher log-prob;
-- snr_db = 10·log10(p / (1 − p)), p clamped to [1e-12, 1 − 1e-12] (the target against all other mass);
+- snr_db = 10·log10(p / (1 − p)), the log-odds of the target against all other mass, computed from
+  the float64 log-probability with no floor (`stats.log_odds_db`);
 - distractor_ratio = p(target) / Σ p(c) over the other candidate answers' first tokens (the
-  candidates, e.g. `Prompt.candidates`, are meant to be the other answers that occur in the context;
-  a candidate whose first token is the target's is dropped, duplicates count once; the denominator
-  is clamped at 1e-12), NaN when there are no candidates.
+  candidates, e.g. `Prompt.candidates`, are the other answers that occur in the story; a candidate
+  whose first token is the target's is dropped, duplicates count once), NaN when there are none;
+  distractor_log_ratio = its natural log. A few huge ratios dominate the mean of the ratio, so
+  summaries should read the mean of the log-ratio and the median.
+- story: the cluster of the example (`Prompt.meta["story"]`; the example itself when unknown), which
+  `snr_summary` resamples by default.
 """
 
 from __future__ import annotations
@@ -25,27 +32,32 @@ import torch
 from tqdm import tqdm
 
 from ..errors import DiffMambaError
-from ..schemas import SUMMARY_COLUMNS, TARGET_COLUMNS
-from .inputs import first_token, length_batches, prompt_ids, unpack_prompts
+from ..schemas import SUMMARY_COLUMNS, TARGET_COLUMNS, paper_layer
+from .inputs import first_token, length_batches, prompt_ids, story_ids, unpack_prompts
 from .lens import resolve_lens
-from .stats import bootstrap_mean
+from .stats import bootstrap_mean, log_mass, log_odds_db, log_ratio
 
 __all__ = ["MEASURES", "TARGET_COLUMNS", "SUMMARY_COLUMNS", "target_probs", "snr_summary"]
 
-MEASURES = ("prob", "logprob", "rank", "snr_db", "distractor_ratio")
-P_CLAMP = 1e-12
+MEASURES = ("prob", "logprob", "rank", "snr_db", "distractor_ratio", "distractor_log_ratio")
+BOOTSTRAPS = ("story", "question")  # what the bootstrap resamples: story clusters or questions
 
 
 def target_probs(model, prompts, answers=None, lens="logit", candidates=None, tokenizer=None,
-                 batch_size: int = 8, progress: bool = True) -> pd.DataFrame:
+                 batch_size: int = 8, progress: bool = True, stories=None) -> pd.DataFrame:
     """Lens probability of each answer's first token at the last prompt position, per layer.
 
     prompts: texts (or token-id sequences), or `Prompt` objects when answers is None.
     answers: strings (target = first token of " " + answer) or token ids.
     lens: a name of `lens.LENSES` ("logit", "tuned") or a `Lens` (see `lens.resolve_lens`).
     candidates: per example a list of other answers (strings or ids) for the distractor ratio.
+    stories: per example its story (cluster) id; by default `Prompt.meta["story"]`, else the example.
     Returns one row per (example, layer), columns `TARGET_COLUMNS`; layer 0 = embeddings.
+    Raises DiffMambaError when a log-probability is not finite (NaN weights, an overflow).
     """
+    prompts = list(prompts)
+    if stories is None and answers is None:
+        stories = story_ids(prompts)
     prompts, answers, candidates = unpack_prompts(prompts, answers, candidates)
     if not prompts:
         raise DiffMambaError("no prompts")
@@ -68,11 +80,14 @@ def target_probs(model, prompts, answers=None, lens="logit", candidates=None, to
     n = len(prompts)
     logprob = np.empty((n, K))
     rank = np.empty((n, K), dtype=np.int64)
-    cand_mass = np.full((n, K), np.nan)
+    cand_log_mass = np.full((n, K), np.nan)
     bar = tqdm(total=n, desc="target probs", file=sys.stderr, disable=not progress)
     for idx in length_batches(seqs, batch_size):
         ids = torch.tensor([seqs[i] for i in idx], dtype=torch.long, device=model.device)
-        lp = lens.log_probs(model, ids, positions=[-1])[:, :, 0].double()  # [K, b, V]
+        lp = lens.log_probs(model, ids, positions=[-1], dtype=torch.float64)[:, :, 0]  # [K, b, V]
+        if not bool(torch.isfinite(lp).all()):
+            raise DiffMambaError(f"the {type(lens).__name__} gives non-finite log-probabilities (NaN or inf) for "
+                                 f"example {idx[0]}: check the model's weights and config (e.g. NaN weights or eps)")
         tid = torch.tensor([targets[i][0] for i in idx], device=lp.device)
         if int(tid.max()) >= lp.shape[-1] or int(tid.min()) < 0:
             raise DiffMambaError(f"a target token id is out of range for vocab size {lp.shape[-1]}")
@@ -84,36 +99,45 @@ def target_probs(model, prompts, answers=None, lens="logit", candidates=None, to
                 c = torch.tensor(cand_ids[i], device=lp.device)
                 if int(c.max()) >= lp.shape[-1]:
                     raise DiffMambaError(f"a candidate token id is out of range for vocab size {lp.shape[-1]}")
-                cand_mass[i] = lp[:, j, c].exp().sum(-1).cpu().numpy()
+                cand_log_mass[i] = torch.logsumexp(lp[:, j, c], -1).cpu().numpy()
         bar.update(len(idx))
     bar.close()
 
-    prob = np.exp(logprob)
-    pc = np.clip(prob, P_CLAMP, 1 - P_CLAMP)
-    snr_db = 10 * np.log10(pc / (1 - pc))
-    ratio = prob / np.maximum(cand_mass, P_CLAMP)  # NaN stays NaN
+    if stories is not None and len(stories) != n:
+        raise DiffMambaError(f"{n} prompts but {len(stories)} story ids")
+    log_r = log_ratio(logprob, cand_log_mass)  # NaN without candidates
+    layers = np.tile(np.arange(K), n)
     return pd.DataFrame({
         "example": np.repeat(np.arange(n), K),
-        "layer": np.tile(np.arange(K), n),
-        "prob": prob.ravel(),
+        "story": np.repeat(np.asarray(stories if stories is not None else np.arange(n), dtype=object), K),
+        "layer": layers,
+        "paper_layer": paper_layer(layers),
+        "prob": np.exp(logprob).ravel(),
         "logprob": logprob.ravel(),
         "rank": rank.ravel(),
-        "snr_db": snr_db.ravel(),
-        "distractor_ratio": ratio.ravel(),
+        "snr_db": log_odds_db(logprob).ravel(),
+        "distractor_ratio": np.exp(log_r).ravel(),
+        "distractor_log_ratio": log_r.ravel(),
         "target": np.repeat([t[2] for t in targets], K),
         "n_target_tokens": np.repeat([t[1] for t in targets], K),
     }, columns=list(TARGET_COLUMNS))
 
 
 def snr_summary(df: pd.DataFrame, n_boot: int = 1000, seed: int = 0, measures: Sequence[str] = MEASURES,
-                ci: float = 0.95) -> pd.DataFrame:
+                ci: float = 0.95, bootstrap: str = "story", min_n: int = 10) -> pd.DataFrame:
     """Per (model, layer, measure): mean, median and bootstrap percentile CI of the mean over examples.
 
     df: `target_probs` rows (columns example, layer and the measures), with a `model` column when
-    several models are stacked; without one the `model` column of the result is "model". One set of
-    resamples (seeded) is drawn per model and shared by all layers and measures. NaN values (a
-    distractor ratio without candidates) are left out. Returns columns `SUMMARY_COLUMNS`.
+    several models are stacked; without one the `model` column of the result is "model".
+    bootstrap: "story" (default) resamples the `story` clusters (questions of one story are not
+    independent), "question" resamples questions as if independent. One set of resamples (seeded)
+    is drawn per model and shared by all layers and measures. NaN values (a distractor ratio
+    without candidates) are left out. `n` / `n_clusters` count what the interval rests on;
+    `significant` is true where the CI excludes 0, has positive width and rests on ≥ `min_n`
+    clusters (`stats.BootstrapResult.significant`). Returns columns `SUMMARY_COLUMNS`.
     """
+    if bootstrap not in BOOTSTRAPS:
+        raise DiffMambaError(f"unknown bootstrap {bootstrap!r}; expected one of {', '.join(BOOTSTRAPS)}")
     need = {"example", "layer", *measures}
     missing = sorted(need - set(df.columns))
     if missing:
@@ -124,13 +148,28 @@ def snr_summary(df: pd.DataFrame, n_boot: int = 1000, seed: int = 0, measures: S
         if g.duplicated(["example", "layer"]).any():
             raise DiffMambaError(f"model {model!r} has several rows for one (example, layer)")
         layers = np.sort(g["layer"].unique())
+        clusters = example_clusters(g, bootstrap)
         for m in measures:
             wide = g.pivot(index="example", columns="layer", values=m).reindex(columns=layers)  # [n, layers]
-            res = bootstrap_mean(wide.to_numpy(dtype=np.float64), n_boot=n_boot, seed=seed, ci=ci)
+            res = bootstrap_mean(wide.to_numpy(dtype=np.float64), n_boot=n_boot, seed=seed, ci=ci,
+                                 clusters=None if clusters is None else clusters.reindex(wide.index).to_numpy(),
+                                 min_n=min_n)
+            sig = res.significant
             for j, layer in enumerate(layers):
-                rows.append((model, int(layer), m, res.mean[j], res.median[j], res.ci_low[j], res.ci_high[j]))
-    out = pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
+                rows.append((model, int(layer), m, res.mean[j], res.median[j], res.ci_low[j], res.ci_high[j],
+                             int(res.n[j]), int(res.n_clusters[j]), bool(sig[j])))
+    cols = [c for c in SUMMARY_COLUMNS if c != "paper_layer"]
+    out = pd.DataFrame(rows, columns=cols)
+    out.insert(2, "paper_layer", paper_layer(out["layer"].to_numpy()))
     order = {m: i for i, m in enumerate(measures)}
     models = {m: i for i, m in enumerate(dict.fromkeys(data["model"]))}
     return out.sort_values(["model", "layer", "measure"], key=lambda s: s.map(models) if s.name == "model" else
                            (s.map(order) if s.name == "measure" else s), kind="stable").reset_index(drop=True)
+
+
+def example_clusters(rows: pd.DataFrame, bootstrap: str) -> pd.Series | None:
+    """example -> cluster id for the bootstrap: the story (when the rows have one), else None (questions)."""
+    if bootstrap == "question" or "story" not in rows.columns:
+        return None
+    per = rows.drop_duplicates("example").set_index("example")["story"]
+    return per.astype(str)
