@@ -236,6 +236,35 @@ def report(
     typer.echo(f"wrote {path}", err=True)
 
 
+@app.command("lens-train")
+@_errors
+def lens_train(
+    ckpt: str = typer.Option(..., "--ckpt", help="The checkpoint directory to fit a tuned lens for."),
+    text: Optional[Path] = typer.Option(None, "--text", help="A UTF-8 text file to fit on (default: the shipped public-domain books)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Fit on a data spec's prompts + answers instead (task text)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Where to write tuned_lens.* (default: the checkpoint directory)."),
+    steps: int = typer.Option(250, "--steps"), batch: int = typer.Option(8, "--batch"),
+    seq_len: int = typer.Option(128, "--seq-len"), lr: Optional[float] = typer.Option(None, "--lr"),
+    optimizer: str = typer.Option("sgd", "--optimizer", help="sgd (Belrose et al.: Nesterov, wd 1e-3, linear decay, clip 1) or adam."),
+    eval_data: str = typer.Option("babi:qa1", "--eval-data", help="Prompts for the KL at the answer position."),
+    eval_n: int = typer.Option(100, "--eval-n"), seed: int = SEED,
+    force: bool = typer.Option(False, "--force", help="Replace an existing tuned lens."), quiet: bool = QUIET,
+) -> None:
+    """Fit a tuned lens for any checkpoint (Belrose et al.'s recipe on general text by default) and
+    report its per-layer held-out KL against the logit lens, at all positions and at answer positions."""
+    from .jobs import lens_train as job
+
+    for name, value in (("--steps", steps), ("--batch", batch), ("--seq-len", seq_len), ("--eval-n", eval_n)):
+        if value <= 0:
+            raise DiffMambaError(f"{name} must be positive, got {value}")
+    _, table, target = job(ckpt, str(text) if text else None, data, str(out) if out else None, steps=steps, seed=seed,
+                           batch=batch, seq_len=seq_len, optimizer=optimizer, lr=lr, eval_data=eval_data, eval_n=eval_n,
+                           force=force, progress=not quiet)
+    typer.echo("held-out KL(final ‖ lens) per layer, nats (all positions; answer positions):")
+    _print_table(table)
+    typer.echo(f"wrote {target}", err=True)
+
+
 @app.command()
 @_errors
 def hooks(ckpt: Optional[List[str]] = CKPT, pos: int = typer.Option(4, "--pos", help="Sequence length for the shapes.")) -> None:

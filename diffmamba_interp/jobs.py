@@ -290,3 +290,37 @@ def full_report(ckpts: Sequence[str] | None = None, data: str | None = None, n: 
         k = layer if layer is not None else (m.cfg.diff_layer_indices[0] if m.cfg.diff_layer_indices else 0)
         entries.append(attention_entry(m, prompt, k, kind=kind))
     return run, run.write_report(out, branch=branch, attention=entries, title="diffmamba-interp report")
+
+
+# -- tuned lens for any checkpoint --------------------------------------------------------------
+def lens_train(ckpt: str, text: str | None = None, data: str | None = None, out: str | None = None,
+               steps: int = 250, seed: int = 0, batch: int = 8, seq_len: int = 128, optimizer: str = "sgd",
+               lr: float | None = None, eval_data: str | None = "babi:qa1", eval_n: int = 100, force: bool = False,
+               progress: bool = True):
+    """Fit a tuned lens for one checkpoint (Belrose et al.'s recipe by default) on general text (the
+    shipped books), a text file (`text`) or a data spec's prompts + answers (`data`), evaluate it
+    (held-out text at every position; `eval_data` at the answer position) and save it to `out`
+    (default: the checkpoint directory). Refuses to replace an existing lens unless `force`.
+    Returns (lens, evaluation DataFrame, output directory)."""
+    from .analysis.lens import LENS_CONFIG, LENS_WEIGHTS
+    from .analysis.lens_training import fit_lens
+    from .data.books import read_text_file
+    from .model import load_model
+
+    if text is not None and data is not None:
+        raise DiffMambaError("give --text or --data, not both")
+    model = load_model(ckpt)
+    target = Path(out) if out is not None else Path(model.checkpoint_path)
+    existing = [n for n in (LENS_CONFIG, LENS_WEIGHTS) if (target / n).exists()]
+    if existing and not force:
+        raise DiffMambaError(f"{target} already has a tuned lens ({', '.join(existing)}); pass --force to replace it")
+    corpus = None
+    if text is not None:
+        corpus = read_text_file(Path(text), "training text")
+    elif data is not None:
+        corpus = "\n\n".join(f"{p.prompt} {p.answer}" for p in load_prompts(data, None, seed, tokenizer=model.tokenizer))
+    prompts = load_prompts(eval_data, eval_n, seed, tokenizer=model.tokenizer) if eval_data else None
+    lens = fit_lens(model, corpus, steps=steps, seed=seed, batch=batch, seq_len=seq_len, optimizer=optimizer, lr=lr,
+                    eval_prompts=prompts, progress=progress)
+    lens.save(target)
+    return lens, pd.DataFrame(lens.evaluation), target

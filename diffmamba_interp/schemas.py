@@ -38,9 +38,12 @@ def check_columns(df, required: Sequence[str], name: str) -> pd.DataFrame:
 
 def paper_layer(layer):
     """Our lens layer -> the paper's Figure 6 index (layer − 1; <NA> for layer 0, the embeddings, which
-    the paper's HF `hidden_states` do not hold). Works on an int, an array or a Series."""
+    the paper's HF `hidden_states` do not hold). An int gives an int or None; an array or a Series
+    gives a nullable Int64 array."""
     import numpy as np
 
+    if np.ndim(layer) == 0:
+        return None if int(layer) == 0 else int(layer) - 1
     values = pd.array(np.asarray(layer, dtype=np.int64) - 1, dtype="Int64")
     values[np.asarray(layer) == 0] = pd.NA
     return values

@@ -17,10 +17,13 @@ Shapes: B = batch, L = pos, P = number of positions read, d = d_model, V = vocab
 
 from __future__ import annotations
 
+import hashlib
 import json
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -127,13 +130,15 @@ class Lens(nn.Module, ABC):
         with torch.no_grad():  # resid [K, B, P, d] -> [K, B, P, V]
             return torch.stack([F.log_softmax(self.forward(resid[k], k, model).to(dtype), -1) for k in range(len(resid))])
 
-    def kl_to_final(self, model, input_ids: torch.Tensor) -> torch.Tensor:
-        """Mean over batch and positions of KL(model's distribution ‖ lens distribution) per layer -> [K] (nats)."""
+    def kl_to_final(self, model, input_ids: torch.Tensor, positions=None) -> torch.Tensor:
+        """Mean over batch and positions (all, or `positions`) of KL(model's distribution ‖ lens
+        distribution) per layer -> [K] (nats)."""
         model = self._model(model)
         self.check_model(model)
-        resid, logits = residuals(model, input_ids, return_logits=True)
-        lp = self._log_probs(model, resid)  # [K, B, L, V]
-        final = F.log_softmax(logits.detach().to(lp.dtype), -1)  # [B, L, V]
+        resid, logits = residuals(model, input_ids, positions, return_logits=True)
+        lp = self._log_probs(model, resid)  # [K, B, P, V]
+        pos = _positions(positions, input_ids.shape[1])
+        final = F.log_softmax((logits if pos is None else logits[:, pos]).detach().to(lp.dtype), -1)  # [B, P, V]
         return (final.exp() * (final - lp)).sum(-1).mean((1, 2))
 
 
@@ -163,32 +168,71 @@ class LensTrainConfig:
     optimizer: str = "adam"  # "sgd" (Belrose et al.) or "adam"; lenses saved before this field are "adam"
 
 
+def weights_fingerprint(model) -> dict:
+    """What a saved lens records of the weights it was fitted to: a sha256 of every tensor's bytes (in
+    the model's dtype), the dtype, and per tensor its mean |w| and std (float64), which survive a cast
+    to another dtype. See `fingerprint_matches`."""
+    digest = hashlib.sha256()
+    stats = {}
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        digest.update(name.encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        x = t.double()
+        stats[name] = [round(float(x.abs().mean()), 8), round(float(x.std()) if x.numel() > 1 else 0.0, 8)]
+    return {"sha256": digest.hexdigest(), "dtype": str(model.dtype).removeprefix("torch."), "stats": stats}
+
+
+def fingerprint_matches(saved: dict, model, rtol: float = 1e-2) -> bool:
+    """Whether a recorded fingerprint is this model's: the same bytes, or (when the model was cast to
+    another dtype) the same tensors with per-tensor statistics within `rtol`."""
+    now = weights_fingerprint(model)
+    if saved.get("sha256") == now["sha256"]:
+        return True
+    if saved.get("dtype") == now["dtype"] or set(saved.get("stats", {})) != set(now["stats"]):
+        return False
+    return all(abs(a - b) <= rtol * max(abs(a), abs(b), 1e-12) for name, pair in now["stats"].items()
+               for a, b in zip(pair, saved["stats"][name]))
+
+
 class TunedLens(Lens):
-    """Tuned lens: per layer k < n_layers an affine translator h -> h + A_k h + b_k (`nn.Linear(d, d)`
-    initialised to zero, so at init it is the logit lens); layer n_layers stays the identity, so the
-    last layer is the model's output. Trained with `lens_training.train_tuned_lens(model, data, ...)`
-    to minimise KL(final distribution ‖ lens distribution); saved next to a checkpoint with
-    `save(dir)` and read back with `TunedLens.load(dir, model)`.
+    """Tuned lens: at each translated layer k an affine translator h -> h + A_k h + b_k (`nn.Linear(d, d)`
+    initialised to zero, so at init it is the logit lens); other layers are the identity. By default
+    layers 0..n_layers − 1 are translated and layer n_layers (the model's output) is not. Trained with
+    `lens_training.train_tuned_lens(model, data, ...)` to minimise KL(final distribution ‖ lens
+    distribution); saved next to a checkpoint with `save(dir)` and read back with
+    `TunedLens.load(dir, model)`, which also reads lenses saved by the tuned-lens package.
+    A saved lens records a fingerprint of the weights it was fitted to and refuses other weights.
     """
 
-    def __init__(self, model, dtype: torch.dtype = torch.float32):
+    def __init__(self, model, dtype: torch.dtype = torch.float32, layers: Sequence[int] | None = None):
         super().__init__(model)
         self.n_layers = model.cfg.n_layers
         self.d_model = model.cfg.d_model
         self.arch = model.cfg.arch
+        self.layers = list(range(self.n_layers)) if layers is None else [int(k) for k in layers]  # translated layers
+        if any(not 0 <= k <= self.n_layers for k in self.layers) or len(set(self.layers)) != len(self.layers):
+            raise DiffMambaError(f"tuned-lens layers {self.layers} must be distinct lens layers 0..{self.n_layers}")
+        self._slot = {k: i for i, k in enumerate(self.layers)}
         self.train_config: LensTrainConfig | None = None
         self.history: list[float] = []  # training loss per step
-        self.translators = nn.ModuleList(nn.Linear(self.d_model, self.d_model) for _ in range(self.n_layers))
+        self.evaluation: list[dict] | None = None  # per-layer held-out KL (lens_training.evaluate_lens)
+        self.translators = nn.ModuleList(nn.Linear(self.d_model, self.d_model) for _ in self.layers)
         for t in self.translators:
             nn.init.zeros_(t.weight)
             nn.init.zeros_(t.bias)
         self.translators.to(device=model.device, dtype=dtype)
         self.translators.requires_grad_(False)
 
+    def translator(self, layer: int) -> nn.Linear | None:
+        """The translator of lens layer `layer`, or None where the lens is the identity."""
+        slot = self._slot.get(layer)
+        return None if slot is None else self.translators[slot]
+
     def transform(self, h: torch.Tensor, layer: int) -> torch.Tensor:
-        if layer >= self.n_layers:
+        t = self.translator(layer)
+        if t is None:
             return h
-        t = self.translators[layer]
         return h + t(h.to(t.weight.dtype)).to(h.dtype)
 
     def check_model(self, model) -> None:
@@ -201,7 +245,8 @@ class TunedLens(Lens):
 
     # -- persistence -----------------------------------------------------------------------------
     def save(self, directory) -> Path:
-        """Write tuned_lens.safetensors (translator weights) and tuned_lens.json into `directory`."""
+        """Write tuned_lens.safetensors (translator weights) and tuned_lens.json (sizes, translated
+        layers, the fingerprint of the bound model's weights, training and evaluation) into `directory`."""
         from safetensors.torch import save_file
 
         d = Path(directory)
@@ -209,32 +254,40 @@ class TunedLens(Lens):
         save_file({k: v.detach().contiguous().cpu() for k, v in self.translators.state_dict().items()}, str(d / LENS_WEIGHTS))
         meta = {
             "format": "diffmamba_interp.TunedLens",
-            "version": 1,
+            "version": 2,
             "n_layers": self.n_layers,
             "d_model": self.d_model,
             "arch": self.arch,
-            "dtype": str(self.translators[0].weight.dtype).removeprefix("torch.") if self.n_layers else "float32",
-            "identity_layers": [self.n_layers],
+            "dtype": str(self.translators[0].weight.dtype).removeprefix("torch.") if self.layers else "float32",
+            "layers": self.layers,
+            "identity_layers": [k for k in range(self.n_layers + 1) if k not in self._slot],
+            "fingerprint": weights_fingerprint(self.model) if self.model is not None else None,
             "train": asdict(self.train_config) if self.train_config else None,
+            "evaluation": self.evaluation,
         }
         (d / LENS_CONFIG).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         return d
 
     @classmethod
-    def load(cls, directory, model) -> "TunedLens":
-        """Read a tuned lens saved with `save(directory)` for `model`; DiffMambaError when absent or
-        when its n_layers / d_model do not match the model."""
+    def load(cls, directory, model, check_fingerprint: bool = True) -> "TunedLens":
+        """Read a tuned lens for `model` from `directory`: ours (tuned_lens.json + .safetensors) or one
+        saved by the tuned-lens package (config.json + params.pt, see `load_tuned_lens_package`).
+        DiffMambaError when absent, when its sizes do not match the model, or when it records a
+        fingerprint of other weights (check_fingerprint=False skips that check)."""
         from safetensors.torch import load_file
 
         d = Path(directory)
         if not (d / LENS_CONFIG).is_file() or not (d / LENS_WEIGHTS).is_file():
+            if is_tuned_lens_package(d):
+                return cls.load_tuned_lens_package(d, model)
             raise DiffMambaError(
                 f"no tuned lens in {d} (expected {LENS_CONFIG} and {LENS_WEIGHTS}); train one with "
-                "diffmamba_interp.analysis.lens_training.train_tuned_lens(model, data) and save it with lens.save(dir)"
+                "`diffmamba-interp lens-train --ckpt DIR` (or analysis.lens_training.train_tuned_lens)"
             )
         try:
             meta = json.loads((d / LENS_CONFIG).read_text(encoding="utf-8"))
             n_layers, d_model = int(meta["n_layers"]), int(meta["d_model"])
+            layers = meta.get("layers", list(range(n_layers)))
         except (ValueError, KeyError, TypeError) as e:
             raise DiffMambaError(f"{d / LENS_CONFIG} is not a valid tuned-lens config: {e}") from None
         cfg = model.cfg
@@ -243,8 +296,17 @@ class TunedLens(Lens):
                 f"tuned lens in {d} is for n_layers={n_layers}, d_model={d_model} but the model has "
                 f"n_layers={cfg.n_layers}, d_model={cfg.d_model}"
             )
+        saved = meta.get("fingerprint")
+        if check_fingerprint and saved and not fingerprint_matches(saved, model):
+            raise DiffMambaError(
+                f"the tuned lens in {d} was fitted to other weights (fingerprint {str(saved.get('sha256'))[:12]}…): "
+                "retrain it for these weights with `diffmamba-interp lens-train`"
+            )
+        if check_fingerprint and not saved:
+            warnings.warn(f"the tuned lens in {d} records no fingerprint of its model's weights, so it cannot be "
+                          "checked against this model; retrain it with `diffmamba-interp lens-train`", stacklevel=2)
         dtype = getattr(torch, str(meta.get("dtype", "float32")), torch.float32)
-        lens = cls(model, dtype=dtype if isinstance(dtype, torch.dtype) else torch.float32)
+        lens = cls(model, dtype=dtype if isinstance(dtype, torch.dtype) else torch.float32, layers=layers)
         state = load_file(str(d / LENS_WEIGHTS))
         try:
             lens.translators.load_state_dict(state)
@@ -253,7 +315,49 @@ class TunedLens(Lens):
         lens.translators.to(model.device)
         if meta.get("train"):
             lens.train_config = LensTrainConfig(**meta["train"])
+        lens.evaluation = meta.get("evaluation")
         return lens
+
+    @classmethod
+    def load_tuned_lens_package(cls, directory, model, layer_offset: int = 1) -> "TunedLens":
+        """A lens saved by the tuned-lens package (Belrose et al.; config.json + params.pt, translators
+        `{i}.weight` / `{i}.bias` applied as h + T_i(h) to HF `hidden_states[i]`). For Mamba models HF
+        `hidden_states` hold no embedding entry, so translator i reads our layer i + `layer_offset`
+        (1; pass 0 for a lens fitted on hidden states that start with the embeddings). params.pt is
+        read with torch.load(weights_only=True)."""
+        d = Path(directory)
+        try:
+            config = json.loads((d / "config.json").read_text(encoding="utf-8"))
+            n, d_model, bias = int(config["num_hidden_layers"]), int(config["d_model"]), bool(config.get("bias", True))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DiffMambaError(f"{d / 'config.json'} is not a tuned-lens package config: {one_line(e)}") from None
+        if (n, d_model) != (model.cfg.n_layers, model.cfg.d_model):
+            raise DiffMambaError(f"tuned lens in {d} is for num_hidden_layers={n}, d_model={d_model} but the model has "
+                                 f"n_layers={model.cfg.n_layers}, d_model={model.cfg.d_model}")
+        try:
+            state = torch.load(str(d / "params.pt"), map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file
+            raise DiffMambaError(f"{d / 'params.pt'}: not a readable tensor file ({one_line(e)})") from None
+        lens = cls(model, layers=[i + layer_offset for i in range(n)])
+        if not bias:
+            state = {**state, **{f"{i}.bias": torch.zeros(d_model) for i in range(n)}}
+        try:
+            lens.translators.load_state_dict({k: v.float() for k, v in state.items()})
+        except (RuntimeError, AttributeError) as e:
+            raise DiffMambaError(f"{d / 'params.pt'} does not match the tuned-lens layout: {one_line(e)}") from None
+        lens.translators.to(model.device)
+        return lens
+
+
+def is_tuned_lens_package(directory: Path) -> bool:
+    """Whether `directory` holds a lens saved by the tuned-lens package (config.json + params.pt)."""
+    config = Path(directory) / "config.json"
+    if not (config.is_file() and (Path(directory) / "params.pt").is_file()):
+        return False
+    try:
+        return {"num_hidden_layers", "d_model"} <= set(json.loads(config.read_text(encoding="utf-8")))
+    except (OSError, ValueError):
+        return False
 
 
 # -- the registry of lens kinds --------------------------------------------------------------------

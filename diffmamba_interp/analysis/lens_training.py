@@ -24,7 +24,7 @@ from tqdm import tqdm
 from ..errors import DiffMambaError
 from .lens import LensTrainConfig, TunedLens, residuals
 
-__all__ = ["train_tuned_lens", "token_stream", "OPTIMIZERS"]
+__all__ = ["train_tuned_lens", "token_stream", "OPTIMIZERS", "general_text", "evaluate_lens", "fit_lens"]
 
 OPTIMIZERS = ("sgd", "adam")
 
@@ -134,3 +134,70 @@ def token_stream(data, tokenizer=None) -> torch.Tensor:
             ids.append(int(eos))
         ids.extend(tokenizer.encode(text, add_special_tokens=False))
     return torch.tensor(ids, dtype=torch.long)
+
+
+# -- held-out evaluation and the lens-train job ---------------------------------------------------
+def general_text() -> str:
+    """The general text tuned lenses are fitted on by default: the public-domain books shipped as
+    filler (data/filler/), paragraphs joined by blank lines. (The paper used Pile validation text.)"""
+    from ..data.books import book_paragraphs
+
+    return "\n\n".join(book_paragraphs())
+
+
+@torch.no_grad()
+def evaluate_lens(model, lens: TunedLens, held_out: torch.Tensor, prompts=None, seq_len: int = 128,
+                  max_windows: int = 64) -> list[dict]:
+    """Per lens layer, mean KL(final ‖ lens) of the tuned lens and of the logit lens, in nats:
+    `kl_*_all` over every position of held-out text windows (`held_out`, a 1-d token stream, cut
+    into at most `max_windows` windows of `seq_len`), and `kl_*_answer` at the answer position (the
+    last prompt token) of `prompts` (`Prompt`s or texts; omitted when None)."""
+    from .inputs import prompt_ids
+    from .lens import LogitLens
+    from ..schemas import paper_layer
+
+    logit = LogitLens(model)
+    n_win = min(max_windows, held_out.numel() // seq_len)
+    if n_win < 1:
+        raise DiffMambaError(f"held-out text has {held_out.numel()} tokens; need at least {seq_len}")
+    windows = held_out[: n_win * seq_len].view(n_win, seq_len).to(model.device)
+    all_t = torch.stack([lens.kl_to_final(model, w[None]) for w in windows]).mean(0)
+    all_l = torch.stack([logit.kl_to_final(model, w[None]) for w in windows]).mean(0)
+    ans_t = ans_l = None
+    if prompts:
+        tok = model.tokenizer
+        t_rows, l_rows = [], []
+        for p in prompts:
+            ids = torch.tensor([prompt_ids(getattr(p, "prompt", p), tok)], device=model.device)
+            t_rows.append(lens.kl_to_final(model, ids, positions=[-1]))
+            l_rows.append(logit.kl_to_final(model, ids, positions=[-1]))
+        ans_t, ans_l = torch.stack(t_rows).mean(0), torch.stack(l_rows).mean(0)
+    rows = []
+    for k in range(len(all_t)):
+        row = {"layer": k, "paper_layer": paper_layer(k), "kl_logit_all": float(all_l[k]),
+               "kl_tuned_all": float(all_t[k])}
+        if ans_t is not None:
+            row |= {"kl_logit_answer": float(ans_l[k]), "kl_tuned_answer": float(ans_t[k])}
+        rows.append(row)
+    return rows
+
+
+def fit_lens(model, text: str | None = None, steps: int = 250, seed: int = 0, batch: int = 8, seq_len: int = 128,
+             optimizer: str = "sgd", lr: float | None = None, eval_prompts=None, held_out_fraction: float = 0.05,
+             progress: bool = True) -> TunedLens:
+    """The `lens-train` job: fit a tuned lens on `text` (default `general_text()`), holding out the last
+    `held_out_fraction` of its tokens, and evaluate it (`evaluate_lens`) on that held-out text and,
+    when given, at the answer position of `eval_prompts`. Returns the lens with `.evaluation` set."""
+    if model.tokenizer is None:
+        raise DiffMambaError(f"checkpoint {model.checkpoint_path} has no tokenizer; lens-train needs one for text")
+    if not 0 < held_out_fraction < 1:
+        raise DiffMambaError(f"held_out_fraction must be in (0, 1), got {held_out_fraction}")
+    stream = token_stream([text if text is not None else general_text()], model.tokenizer)
+    cut = int(stream.numel() * (1 - held_out_fraction))
+    train, held = stream[:cut], stream[cut:]
+    if train.numel() < 2 * seq_len or held.numel() < seq_len:
+        raise DiffMambaError(f"the training text has {stream.numel()} tokens; need at least {3 * seq_len}")
+    lens = train_tuned_lens(model, train, steps=steps, lr=lr, seed=seed, batch=batch, seq_len=seq_len,
+                            optimizer=optimizer, progress=progress)
+    lens.evaluation = evaluate_lens(model, lens, held, eval_prompts, seq_len=seq_len)
+    return lens
