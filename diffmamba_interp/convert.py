@@ -15,7 +15,7 @@ mixer's parameter of the same name:
 - Mamba-1 (to diffmamba1, expand halved): A_log [E, N], D [E], dt_proj.weight [E, R] and
   dt_proj.bias [E] are per channel and E is halved, so none has equal shape: they are sliced like
   the rest (first / last rows or entries), and x_proj [R+2N, E] by columns.
-λ parameters (lambda_q1, ...) keep their module init; subln.weight is ones. Embedding, block norms,
+λ parameters keep their module init (Diff-Mamba-2: lambda_q1 = randn(d), std 1, as upstream); subln.weight is ones. Embedding, block norms,
 norm_f, lm_head and the non-differential layers are copied unchanged.
 """
 

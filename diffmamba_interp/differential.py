@@ -7,7 +7,8 @@ branches ssm_1 / ssm_2). Code that asks "is this differential?" asks `isinstance
 
 λ_init(i) = 0.8 − 0.6·exp(−0.3·i), i the block index from 0 (not stored). λ is parametrised in one
 of two ways (`LAMBDA_FORMS`), with the checkpoints' parameter names:
-- "q1" (Diff-Mamba-2): λ = sigmoid(Σ_k lambda_q1[k]) + λ_init, lambda_q1 ∈ R^d;
+- "q1" (Diff-Mamba-2): λ = sigmoid(Σ_k lambda_q1[k]) + λ_init, lambda_q1 ∈ R^d, initialised with
+  `torch.randn(d)` (std 1) as upstream's DiffMamba2 block (and so `convert.mamba_to_diffmamba`);
 - "qk" (Diff-Mamba-1, Diff-S6): λ = exp(lambda_q1·lambda_k1) − exp(lambda_q2·lambda_k2) + λ_init,
   four vectors in R^N.
 """
@@ -39,7 +40,7 @@ def _param(module: nn.Module, name: str) -> Tensor:
 
 
 def _init_q1(module: nn.Module, d: int) -> None:
-    module.lambda_q1 = nn.Parameter(torch.randn(d) * 0.1)  # [d]
+    module.lambda_q1 = nn.Parameter(torch.randn(d))  # [d]  std 1, as upstream (so the sigmoid starts saturated)
 
 
 def _value_q1(module: nn.Module) -> Tensor:

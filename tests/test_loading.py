@@ -643,6 +643,9 @@ def test_mamba2_to_diffmamba2_alternate(tiny):
     for name in ("dt_bias", "A_log", "D"):  # equal shape [H]: copied to both
         assert torch.equal(getattr(m1, name), getattr(old, name)) and torch.equal(getattr(m2, name), getattr(old, name))
     assert torch.equal(blk.subln.weight, torch.ones(16)) and blk.lambda_q1.shape == (16,)
+    # lambda_q1 as upstream initialises it: randn(d), std 1 (not 0.1)
+    lam = torch.cat([mamba_to_diffmamba(src, "all").blocks[i].lambda_q1.detach() for i in range(4) for _ in range(8)])
+    assert 0.7 < float(lam.std()) < 1.3
     out = logits(new, ids())
     assert out.shape == (2, 11, V) and torch.isfinite(out).all()
 
