@@ -119,13 +119,33 @@ FILLER = typer.Option("books", "--filler", help="babilong filler: books (public-
 def snr(
     ckpt: Optional[List[str]] = CKPT, data: Optional[str] = DATA, n: Optional[int] = N, lens: Optional[LensKind] = LENS,
     seed: int = SEED, preset: Optional[Preset] = PRESET, bootstrap: Bootstrap = BOOTSTRAP, filler: str = FILLER,
+    ckpt_a: Optional[List[str]] = typer.Option(None, "--ckpt-a", help="Seeds of architecture a (repeat, or a glob): seed-level statistics."),
+    ckpt_b: Optional[List[str]] = typer.Option(None, "--ckpt-b", help="Seeds of architecture b (repeat, or a glob)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON (schema in the README)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write an HTML report (plotly, works offline)."),
     quiet: bool = QUIET,
 ) -> None:
     """Per-layer needle probability, SNR (dB), rank and distractor ratio with 95% CIs, per model, plus
-    paired differences (the paper's Figure 6 analysis; paper_layer is the figure's layer index)."""
-    from .jobs import run_snr
+    paired differences (the paper's Figure 6 analysis; paper_layer is the figure's layer index).
+    With --ckpt-a/--ckpt-b: across training seeds, per architecture and paired."""
+    from .jobs import run_seed_snr, run_snr
+
+    if ckpt_a or ckpt_b:
+        if ckpt:
+            raise DiffMambaError("give either --ckpt or --ckpt-a/--ckpt-b, not both")
+        if out:
+            raise DiffMambaError("--out is not available with --ckpt-a/--ckpt-b yet; use --json")
+        seeds = run_seed_snr(ckpt_a or [], ckpt_b or [], data, n, _value(lens), seed=seed, progress=not quiet,
+                             preset=_value(preset), bootstrap=_value(bootstrap), filler=filler)
+        typer.echo(seeds.title)
+        _print_table(seeds.summary_table())
+        typer.echo("\npaired difference of prob across seeds (b − a):")
+        _print_table(seeds.paired_table())
+        for note in seeds.result.notes:
+            typer.echo(f"note: {note}", err=True)
+        if json_out:
+            _write_json(json_out, seeds.to_json())
+        return
 
     run = run_snr(ckpt, data, n, _value(lens), seed=seed, progress=not quiet, preset=_value(preset),
                   bootstrap=_value(bootstrap), filler=filler)

@@ -324,3 +324,77 @@ def lens_train(ckpt: str, text: str | None = None, data: str | None = None, out:
                     eval_prompts=prompts, progress=progress)
     lens.save(target)
     return lens, pd.DataFrame(lens.evaluation), target
+
+
+# -- several training seeds per architecture ------------------------------------------------------
+def expand_checkpoints(patterns: Sequence[str], option: str) -> list[str]:
+    """Checkpoint arguments with shell-style globs expanded (sorted); a pattern that matches nothing is an error."""
+    import glob
+
+    out = []
+    for pattern in patterns:
+        if any(c in pattern for c in "*?["):
+            found = sorted(p for p in glob.glob(pattern) if Path(p).is_dir())
+            if not found:
+                raise DiffMambaError(f"{option} {pattern}: no checkpoint directory matches")
+            out.extend(found)
+        else:
+            out.append(pattern)
+    return out
+
+
+@dataclass
+class SeedRun:
+    """Seed-level per-layer statistics of two architectures (groups a and b), each with several checkpoints."""
+
+    data: dict
+    lens: str
+    prompts: list = field(repr=False)
+    result: object = field(repr=False)  # analysis.seeds.SeedCompareResult
+    ckpts: dict = field(default_factory=dict)  # group -> checkpoint paths
+
+    @property
+    def title(self) -> str:
+        sizes = ", ".join(f"{g}: {len(c)} seeds" for g, c in self.ckpts.items())
+        return f"Needle probability per layer across training seeds ({sizes}): {self.lens} lens, {self.data['spec']}, n = {len(self.prompts)}"
+
+    def summary_table(self, measure: str = "prob") -> pd.DataFrame:
+        s = self.result.summary
+        return s[s.measure == measure].drop(columns="measure").reset_index(drop=True)
+
+    def paired_table(self, measure: str = "prob") -> pd.DataFrame:
+        p = self.result.paired
+        return p[p.measure == measure].drop(columns="measure").reset_index(drop=True)
+
+    def to_json(self) -> dict:
+        groups = [{"name": g, "ckpts": [display_path(c) for c in self.ckpts[g]],
+                   "rows": _records(self.result.summary[self.result.summary.group == g].drop(columns="group"))}
+                  for g in self.ckpts]
+        return {"schema_version": JSON_SCHEMA_VERSION, "data": self.data, "lens": self.lens,
+                "n_examples": len(self.prompts), "groups": groups, "paired": _records(self.result.paired),
+                "notes": list(self.result.notes)}
+
+
+def run_seed_snr(ckpts_a: Sequence[str], ckpts_b: Sequence[str], data: str | None = None, n: int | None = None,
+                 lens: str | None = None, seed: int = 0, n_boot: int = 1000, progress: bool = True,
+                 preset: str | None = None, bootstrap: str = "story", filler: str = "books") -> SeedRun:
+    """`snr --ckpt-a A1 --ckpt-a A2 ... --ckpt-b B1 ...`: every checkpoint on the same prompts, seed-level
+    summaries per group and the paired comparison b − a across seeds (`analysis.seeds.compare_seeds`).
+    Groups are named after their checkpoints' architecture (a / b when both share one)."""
+    from .analysis.seeds import compare_seeds
+
+    protocol = resolve_protocol(preset, data, n, lens)
+    paths = {"a": expand_checkpoints(ckpts_a, "--ckpt-a"), "b": expand_checkpoints(ckpts_b, "--ckpt-b")}
+    if not paths["a"] or not paths["b"]:
+        raise DiffMambaError("give checkpoints for both groups: --ckpt-a ... and --ckpt-b ...")
+    models = {g: load_models(p) for g, p in paths.items()}
+    archs = {g: {m.cfg.arch for m in ms} for g, ms in models.items()}
+    names = {g: (next(iter(a)) if len(a) == 1 else g) for g, a in archs.items()}
+    if names["a"] == names["b"]:
+        names = {"a": "a", "b": "b"}
+    prompts = load_prompts(protocol["data"], protocol["n"], seed, tokenizer=models["a"][0].tokenizer, filler=filler)
+    result = compare_seeds({names[g]: models[g] for g in ("a", "b")}, prompts, lens=protocol["lens"], n_boot=n_boot,
+                           seed=seed, progress=progress, bootstrap=bootstrap)
+    info = {"spec": protocol["data"], "n": protocol["n"], "seed": seed, "preset": protocol["preset"],
+            "bootstrap": bootstrap, "filler": filler}
+    return SeedRun(info, protocol["lens"], prompts, result, {names[g]: paths[g] for g in ("a", "b")})
