@@ -51,6 +51,12 @@ class ScanOut(NamedTuple):
     final_state: Tensor | None  # h_{L−1} (only when return_final_state)
     path: str  # "mamba_ssm", "numba" or "torch"
 
+    def __iter__(self):
+        # TEMPORARY, until mixers.py indexes the result ([0], [1], [-1]) instead of unpacking three
+        # values: iteration (hence unpacking) yields (y, states, path). Indexing, len and the
+        # attributes see all four fields; _replace, _asdict and pickling rely on iteration, so avoid them.
+        return iter((self.y, self.states, self.path))
+
 
 @functools.cache
 def gpu_kernels() -> SimpleNamespace | None:
