@@ -234,6 +234,13 @@ def selective_state_step(state, u, dt, A, B, C, D) -> tuple[Tensor, Tensor]:
 
 
 # -- Mamba-2: chunked SSD ----------------------------------------------------------------------
+@functools.lru_cache(maxsize=64)
+def _tri_masks(T: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Float masks [T, T]: (s ≥ l, s < l, s ≤ l). Multiplying by a float mask is far faster than triu / where."""
+    ones = torch.ones(T, T, dtype=dtype, device=device)
+    return ones.tril(), ones.triu(1), ones.triu()
+
+
 def segprod(e: Tensor, masked: bool = True) -> Tensor:
     """The decay over every span of a chunk, e [..., T] -> [..., T(s), T(l)] (source-major):
     out[s, l] = Π_{s<k≤l} e_k for s ≤ l (1 on the diagonal), 0 for s > l (1 there when not masked,
@@ -247,11 +254,10 @@ def segprod(e: Tensor, masked: bool = True) -> Tensor:
     (a product is also exact where exp(segsum) underflows to 0). Source-major because torch's
     cumprod is ~3× faster along the contiguous dimension.
     """
-    T = e.shape[-1]
-    ones = torch.ones(T, T, dtype=e.dtype, device=e.device)  # float masks: much faster than triu / where
-    w = torch.addcmul(ones.tril(), e.unsqueeze(-2), ones.triu(1))  # [..., s, l] = e_l for l > s, else 1
+    diag_and_below, above, keep = _tri_masks(e.shape[-1], e.dtype, e.device)
+    w = torch.addcmul(diag_and_below, e.unsqueeze(-2), above)  # [..., s, l] = e_l for l > s, else 1
     out = torch.cumprod(w, dim=-1)
-    return out * ones.triu() if masked else out
+    return out * keep if masked else out
 
 
 def ssd(x, dt, A, B, C, D, *, chunk_size, initial_state=None, return_final_state=False, return_states=False) -> ScanOut:
@@ -298,7 +304,7 @@ def ssd_torch(x, dt, A, B, C, D, *, chunk_size, initial_state=None, return_final
     e = torch.exp(dt * A).transpose(1, 2).contiguous().view(b, G, J, L)  # per-step decays
     Bg, Cg = B.transpose(1, 2), C.transpose(1, 2)  # [b, G, L, N]
     S = x.new_zeros(b, G, J, P, N) if initial_state is None else initial_state.to(f).reshape(b, G, J, P, N)
-    states = x.new_empty(b, L, H, P, N) if return_states else None
+    states = _ssd_states(e, X, Bg, S) if return_states else None
     ys = [x.new_empty(b, 0, G, J, P)]
     for t0 in range(0, L, chunk_size):
         t1 = min(t0 + chunk_size, L)
@@ -306,9 +312,7 @@ def ssd_torch(x, dt, A, B, C, D, *, chunk_size, initial_state=None, return_final
         Dec = segprod(ek, masked=False)  # [b, g, j, s, l]   (s > l: masked in CB)
         from_start = Dec[..., 0, :] * ek[..., :1]  # [b, g, j, l]   Π_{k≤l} e_k
         to_end = Dec[..., :, -1]  # [b, g, j, s]   Π_{s<k} e_k
-        if return_states:
-            states[:, t0:t1] = _chunk_states(ek, Xk, Bk, S).permute(0, 3, 1, 2, 4, 5).reshape(b, t1 - t0, H, P, N)
-        CB = torch.einsum("bgsn,bgln->bgsl", Bk, Ck).triu()  # [b, g, s, l]   B_s·C_l for s ≤ l
+        CB = torch.einsum("bgsn,bgln->bgsl", Bk, Ck) * _tri_masks(t1 - t0, f, x.device)[2]  # [b, g, s, l]   B_s·C_l, s ≤ l
         y = torch.einsum("bgjsl,bgjsp->bgjlp", Dec * CB.unsqueeze(2), Xk)  # 1. within the chunk
         y = y + torch.einsum("bgln,bgjpn->bgjlp", Ck, S) * from_start.unsqueeze(-1)  # 2. from the start state
         ys.append(y.permute(0, 3, 1, 2, 4))  # [b, l, g, j, p]
@@ -318,14 +322,30 @@ def ssd_torch(x, dt, A, B, C, D, *, chunk_size, initial_state=None, return_final
     return ScanOut(y.to(dtype), states, final, "torch")
 
 
-def _chunk_states(e: Tensor, X: Tensor, Bk: Tensor, S: Tensor, q: int = 16) -> Tensor:
-    """h_l for every position of one chunk: e [b, G, J, l] decays, X [b, G, J, l, P] (Δ x),
-    Bk [b, G, l, N], S [b, G, J, P, N] the state before the chunk -> [b, G, J, l, P, N].
+def _ssd_states(e: Tensor, X: Tensor, Bg: Tensor, S: Tensor, piece: int = 64) -> Tensor:
+    """h_t for every position: e [b, G, J, L] decays, X [b, G, J, L, P] (Δ x), Bg [b, G, L, N],
+    S [b, G, J, P, N] the initial state -> [b, L, H, P, N]. Pieces of 64 positions one after the
+    other (each piece's last state starts the next), so that besides the result only one piece's
+    worth of states is held: peak memory ≈ the states tensor + L / 64 of it.
+    """
+    b, G, J, L, P = X.shape
+    out = X.new_empty(b, L, G, J, P, Bg.shape[-1])
+    for t0 in range(0, L, piece):
+        t1 = min(t0 + piece, L)
+        h = _piece_states(e[..., t0:t1], X[..., t0:t1, :], Bg[:, :, t0:t1], S)  # [b, g, l, j, p, n]
+        out[:, t0:t1].copy_(h.transpose(1, 2))
+        S = h[:, :, -1]
+    return out.flatten(2, 3)
 
-    Sub-blocks of q positions: inside each, a [q, q] decay matrix times the Δ x ⊗ B of its
-    positions (one GEMM, zero start); across them, an [m, m] decay matrix carries the sub-block end
-    states and the chunk start state. Work O(l·q·P·N) instead of O(l²·P·N); peak memory two copies
-    of the chunk's states.
+
+def _piece_states(e: Tensor, X: Tensor, Bk: Tensor, S: Tensor, q: int = 16) -> Tensor:
+    """h_l for every position of a piece: e [b, G, J, l], X [b, G, J, l, P], Bk [b, G, l, N] and the
+    state before it S [b, G, J, P, N] -> [b, G, l, J, P, N].
+
+    Sub-blocks of q positions (m of them): inside each, Σ_s Dec[s, i] Δx_s ⊗ B_s from a zero start,
+    one GEMM per sub-block and group ([q·J·P, q] @ [q, N]); across them, an [m, m] decay matrix
+    carries the sub-block end states and the piece's start state. Work O(l·q·P·N), not O(l²·P·N);
+    besides the result, the largest temporary is q / N of it.
     """
     b, G, J, l, P = X.shape
     N = Bk.shape[-1]
@@ -335,17 +355,18 @@ def _chunk_states(e: Tensor, X: Tensor, Bk: Tensor, S: Tensor, q: int = 16) -> T
         e = F.pad(e, (0, m * q - l), value=1.0)
         X, Bk = F.pad(X, (0, 0, 0, m * q - l)), F.pad(Bk, (0, 0, 0, m * q - l))
     eq = e.view(b, G, J, m, q)
-    XB = X.view(b, G, J, m, q, P, 1) * Bk.view(b, G, 1, m, q, 1, N)  # [b, g, j, m, s, p, n]
     Dec = segprod(eq)  # [b, g, j, m, s, i]
-    local = torch.einsum("bgjmsi,bgjmspn->bgjmipn", Dec, XB)  # states from zero at each sub-block start
-    del XB
+    DX = Dec.permute(0, 1, 3, 5, 2, 4).unsqueeze(5) * X.view(b, G, J, m, q, P).permute(0, 1, 3, 2, 5, 4).unsqueeze(3)
+    local = DX.reshape(b, G, m, q * J * P, q) @ Bk.view(b, G, m, q, N)  # [b, g, m, (i j p), n]   zero start
+    local = local.view(b, G, m, q, J, P, N)
+    del DX
     from_start = Dec[..., 0, :] * eq[..., :1]  # [b, g, j, m, i]   sub-block start -> i
     totals = from_start[..., -1]  # [b, g, j, m]
-    ends = torch.einsum("bgjkm,bgjkpn->bgjmpn", segprod(totals), local[..., -1, :, :])  # [b, g, j, m, p, n]
-    ends = ends + torch.cumprod(totals, dim=-1)[..., None, None] * S.unsqueeze(3)
-    starts = torch.cat([S.unsqueeze(3), ends[:, :, :, :-1]], dim=3)  # the state before each sub-block
-    local += from_start[..., None, None] * starts.unsqueeze(4)
-    return local.view(b, G, J, m * q, P, N)[:, :, :, :l]
+    ends = torch.einsum("bgjkm,bgkjpn->bgmjpn", segprod(totals), local[:, :, :, -1].clone())  # [b, g, m, j, p, n]
+    ends = ends + torch.cumprod(totals, dim=-1).transpose(-1, -2)[..., None, None] * S.unsqueeze(2)
+    starts = torch.cat([S.unsqueeze(2), ends[:, :, :-1]], dim=2)  # [b, g, m, j, p, n]   before each sub-block
+    local.addcmul_(from_start.permute(0, 1, 3, 4, 2)[..., None, None], starts.unsqueeze(3))  # + carried-in state
+    return local.view(b, G, m * q, J, P, N)[:, :, :l]
 
 
 def ssd_state_step(state, x, dt, A, B, C, D) -> tuple[Tensor, Tensor]:
