@@ -236,9 +236,11 @@ def selective_state_step(state, u, dt, A, B, C, D) -> tuple[Tensor, Tensor]:
 # -- Mamba-2: chunked SSD ----------------------------------------------------------------------
 @functools.lru_cache(maxsize=64)
 def _tri_masks(T: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """Float masks [T, T]: (s ≥ l, s < l, s ≤ l). Multiplying by a float mask is far faster than triu / where."""
-    ones = torch.ones(T, T, dtype=dtype, device=device)
-    return ones.tril(), ones.triu(1), ones.triu()
+    """Float masks [T, T]: (s ≥ l, s < l, s ≤ l). Multiplying by a float mask is far faster than triu / where.
+    Cached, so made outside inference mode: an inference tensor cannot be saved for a later backward."""
+    with torch.inference_mode(False):
+        ones = torch.ones(T, T, dtype=dtype, device=device)
+        return ones.tril(), ones.triu(1), ones.triu()
 
 
 def segprod(e: Tensor, masked: bool = True) -> Tensor:
@@ -334,7 +336,7 @@ def _ssd_states(e: Tensor, X: Tensor, Bg: Tensor, S: Tensor, piece: int = 64) ->
         t1 = min(t0 + piece, L)
         h = _piece_states(e[..., t0:t1], X[..., t0:t1, :], Bg[:, :, t0:t1], S)  # [b, g, l, j, p, n]
         out[:, t0:t1].copy_(h.transpose(1, 2))
-        S = h[:, :, -1]
+        S = h[:, :, -1].clone()  # (a view would keep the piece alive)
     return out.flatten(2, 3)
 
 

@@ -235,6 +235,17 @@ def test_ssd_gradients_reach_the_initial_state():
     assert torch.autograd.gradcheck(f, (*inputs, h0))
 
 
+def test_ssd_autograd_after_an_inference_mode_call():
+    """The float masks are cached: one made under inference_mode must still serve a backward."""
+    inputs, h0 = ssd_inputs(1, 13, 2, 2, 3, 1, seed=8, dtype=torch.float32)
+    with torch.inference_mode():
+        ssd_torch(*inputs, chunk_size=13, initial_state=h0, return_states=True)
+    inputs = [t.requires_grad_() for t in inputs]
+    out = ssd_torch(*inputs, chunk_size=13, initial_state=h0, return_states=True)
+    (out.y.sum() + out.states.sum()).backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in inputs)
+
+
 def test_ssd_half_precision_returns_input_dtype_y_and_float32_states():
     inputs, h0 = ssd_inputs(1, 20, 4, 2, 3, 2, seed=4, dtype=torch.bfloat16)
     out = ssd(*inputs, chunk_size=8, initial_state=h0, return_final_state=True, return_states=True)
