@@ -3,6 +3,7 @@
     python benchmarks/ssd.py [--batch 1 --length 2048 --heads 32 --head-dim 64 --state 128 --groups 1
                               --chunk 256 --threads 2 --repeats 7]
     python benchmarks/ssd.py --states [--length 256 ...]   # per-position states, with peak memory
+    python benchmarks/ssd.py --model [--length 512 ...]    # the 370M-shaped Mamba-2 forward, old vs new SSD
 
 (a) "old": `ssd_old` below, a verbatim copy of `scan.ssd_torch` before issue 11 (all chunks at once;
     within-chunk decay exp(cumsum[l] − cumsum[s]); states through a [b, c, l, s, H, P] intermediate);
@@ -16,6 +17,9 @@ other processes hits all of them alike; prints a markdown table (median and min 
 the median vs (a)) and the largest difference of each output to a float64 run of (b) (which the unit
 tests check against a per-token float64 loop to ~1e-12). With --states each method runs in its own
 subprocess, so that its peak RSS (ru_maxrss, minus the RSS after building the inputs) is its own.
+With --model: transformers' Mamba2ForCausalLM (d 1024, 48 layers, N 128, P 64, expand 2, random
+weights), our HookedMamba on the same weights with the new SSD, and the same HookedMamba with the old
+SSD patched in (`mixers.ssd`), alternated as above.
 """
 
 from __future__ import annotations
@@ -104,11 +108,15 @@ def make_inputs(args, dtype=torch.float32):
     return [t.to(dtype) for t in (x, dt, A, B, C, D)]
 
 
+def y_states(out):
+    return out.y, out.states
+
+
 def methods(args, inputs, states=False):
     T = args.chunk
     out = {
         f"(a) old ssd_torch (chunk {T})": lambda: ssd_old(*inputs, chunk_size=T, return_states=states),
-        f"(b) new ssd_torch (chunk {T})": lambda: tuple(ssd_torch(*inputs, chunk_size=T, return_states=states))[:2],
+        f"(b) new ssd_torch (chunk {T})": lambda: y_states(ssd_torch(*inputs, chunk_size=T, return_states=states)),
     }
     if not states:
         from transformers.models.mamba2.modeling_mamba2 import mamba2_chunk_scan
@@ -116,7 +124,7 @@ def methods(args, inputs, states=False):
         x, dt, A, B, C, D = inputs
         out[f"(c) transformers mamba2_chunk_scan (chunk {T})"] = lambda: (mamba2_chunk_scan(x, dt, A, B, C, T, D=D), None)
         for T2 in args.extra_chunks:
-            out[f"(b) new ssd_torch (chunk {T2})"] = lambda T2=T2: tuple(ssd_torch(*inputs, chunk_size=T2))[:2]
+            out[f"(b) new ssd_torch (chunk {T2})"] = lambda T2=T2: y_states(ssd_torch(*inputs, chunk_size=T2))
     return out
 
 
@@ -199,6 +207,59 @@ def time_states(args) -> None:
     print(f"\nload average after: {load()}")
 
 
+def time_model(args) -> None:
+    from transformers import Mamba2Config, Mamba2ForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from diffmamba_interp import HookedMamba, mixers
+    from diffmamba_interp import MambaConfig as OurConfig
+    from diffmamba_interp.keys import to_ours
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    hf_logging.set_verbosity_error()
+    vocab = 50280
+    hf = Mamba2ForCausalLM(Mamba2Config(vocab_size=vocab, hidden_size=1024, state_size=128, head_dim=64, num_heads=32,
+                                        num_hidden_layers=48, n_groups=1, chunk_size=args.chunk)).eval()
+    ours = HookedMamba(OurConfig.from_hf_dict(hf.config.to_dict()))
+    ours.load_state_dict(to_ours(hf.state_dict())[0])
+    ours.eval()
+    ids = torch.randint(0, vocab, (args.batch, args.length))
+    new_ssd = mixers.ssd
+
+    def old_ssd(x, dt, A, B, C, D, *, chunk_size, return_states=False, **_):
+        return ssd_old(x, dt, A, B, C, D, chunk_size=chunk_size, return_states=return_states) + ("torch",)
+
+    def with_ssd(fn):
+        def run():
+            mixers.ssd = fn
+            try:
+                return ours(ids)
+            finally:
+                mixers.ssd = new_ssd
+        return run
+
+    runs = {"transformers": lambda: hf(ids).logits, "ours, new SSD": with_ssd(new_ssd), "ours, old SSD": with_ssd(old_ssd)}
+    with torch.no_grad():
+        outs = {k: fn() for k, fn in runs.items()}  # also the warm-up
+        times = {k: [] for k in runs}
+        for _ in range(args.repeats):
+            for k, fn in runs.items():
+                start = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - start)
+    print(f"\nMamba-2 370M-shaped (d 1024, 48 layers, N 128, P 64, chunk {args.chunk}), {args.batch}x{args.length}, "
+          f"float32, {args.threads} threads, {args.repeats} alternating repeats, load average before/after: "
+          f"{args.load} / {load()}\n")
+    base = statistics.median(times["transformers"])
+    ref = outs["transformers"]
+    print("| run | median s | min s | × transformers | max relative logit difference to transformers |")
+    print("|---|---|---|---|---|")
+    for k, ts in times.items():
+        err = ((outs[k] - ref).abs().max() / ref.abs().max()).item()
+        print(f"| {k} | {statistics.median(ts):.3f} | {min(ts):.3f} | {statistics.median(ts) / base:.2f} | {err:.1e} |")
+
+
 def load() -> str:
     with open("/proc/loadavg") as fh:
         return " ".join(fh.read().split()[:3])
@@ -218,6 +279,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--states", action="store_true", help="time return_states=True and measure peak memory")
+    parser.add_argument("--model", action="store_true", help="time the 370M-shaped Mamba-2 forward, old vs new SSD")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.load = load()
@@ -225,6 +287,8 @@ def main() -> None:
         states_child(args, args.child)
     elif args.states:
         time_states(args)
+    elif args.model:
+        time_model(args)
     else:
         time_methods(args)
 

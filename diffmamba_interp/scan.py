@@ -12,6 +12,7 @@ Dimension letters (as config.py; SPEC §1):
   b batch   L sequence length   E channels (d_inner)   N state size   K conv kernel width
   H heads   P head_dim (E = H·P)   G groups of B, C   J = H / G heads per group (head h = g·J + j
   reads group g)   T chunk length   l, s target / source position inside a chunk   q sub-block length
+  (in the conv, C is the channel count)
 
 Shapes:
   S6:   u, dt [b, L, E]; A [E, N]; B, C [b, L, N]; D [E]
