@@ -13,8 +13,9 @@
     runs on CPU (the same computation as ssd_minimal.py), called on the same Δ (already softplus'd).
 
 float32, one warm-up call each, then the repeats alternate between the methods so that load from
-other processes hits all of them alike; prints a markdown table (median and min seconds, speed-up of
-the median vs (a)) and the largest difference of each output to a float64 run of (b) (which the unit
+other processes hits all of them alike; prints a markdown table (median and min wall seconds, median
+CPU seconds of the process, and the speed-up of the median CPU time vs (a): on a shared machine the
+CPU time is the steadier measure) and the largest difference of each output to a float64 run of (b) (which the unit
 tests check against a per-token float64 loop to ~1e-12). With --states each method runs in its own
 subprocess, so that its peak RSS (ru_maxrss, minus the RSS after building the inputs) is its own.
 With --model: transformers' Mamba2ForCausalLM (d 1024, 48 layers, N 128, P 64, expand 2, random
@@ -108,6 +109,13 @@ def make_inputs(args, dtype=torch.float32):
     return [t.to(dtype) for t in (x, dt, A, B, C, D)]
 
 
+def timed(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process): on a shared machine the CPU time is the steadier."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
 def y_states(out):
     return out.y, out.states
 
@@ -155,21 +163,19 @@ def time_methods(args) -> None:
             print(f"warm-up {name}: {time.perf_counter() - start:.3f} s", file=sys.stderr)
         for _ in range(args.repeats):
             for name, fn in fns.items():
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
+                times[name].append(timed(fn))
         ref = ssd_torch(*(t.double() for t in inputs), chunk_size=args.chunk).y
     b, L, H, P, N, G = args.batch, args.length, args.heads, args.head_dim, args.state, args.groups
     print(f"\nSSD, batch {b}, L {L}, H {H}, P {P}, N {N}, G {G}, float32, {torch.get_num_threads()} threads, "
           f"{args.repeats} alternating repeats, load average before/after: {args.load} / {load()}\n")
-    base = statistics.median(next(iter(times.values())))
-    print("| method | median s | min s | speed-up vs (a) | max abs diff to float64 |")
-    print("|---|---|---|---|---|")
+    base = statistics.median(c for _, c in next(iter(times.values())))
+    print("| method | median wall s | min wall s | median CPU s | speed-up vs (a), CPU | max abs diff to float64 |")
+    print("|---|---|---|---|---|---|")
     scale = ref.abs().max().item()
     for name, ts in times.items():
-        med = statistics.median(ts)
+        wall, cpu = statistics.median(w for w, _ in ts), statistics.median(c for _, c in ts)
         diff = (outputs[name].double() - ref).abs().max().item()
-        print(f"| {name} | {med:.4f} | {min(ts):.4f} | {base / med:.2f}× | {diff:.1e} |")
+        print(f"| {name} | {wall:.4f} | {min(w for w, _ in ts):.4f} | {cpu:.4f} | {base / cpu:.2f}× | {diff:.1e} |")
     print(f"\nmax |y| = {scale:.2f}; {strong_decay_check()}")
 
 
@@ -182,12 +188,10 @@ def states_child(args, which: str) -> None:
     ts = []
     with torch.inference_mode():
         for _ in range(args.repeats):
-            start = time.perf_counter()
-            y, states = fn()
-            ts.append(time.perf_counter() - start)
-            del y, states
+            ts.append(timed(fn))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss
-    print(json.dumps({"median": statistics.median(ts), "min": min(ts), "peak_mib": peak / 1024}))
+    print(json.dumps({"median": statistics.median(w for w, _ in ts), "cpu": statistics.median(c for _, c in ts),
+                      "peak_mib": peak / 1024}))
 
 
 def time_states(args) -> None:
@@ -196,13 +200,13 @@ def time_states(args) -> None:
     print(f"\nSSD with per-position states, batch {b}, L {L}, H {H}, P {P}, N {N}, G {args.groups}, chunk {args.chunk}, "
           f"float32, {args.threads} threads, {args.repeats} repeats in a fresh process per method; the states "
           f"tensor is {states_mib:.0f} MiB; load average before: {args.load}\n")
-    print("| method | median s | min s | peak RSS over inputs (MiB) | peak / states |")
+    print("| method | median wall s | median CPU s | peak RSS over inputs (MiB) | peak / states |")
     print("|---|---|---|---|---|")
     for which in ("(a)", "(b)"):
         cmd = [sys.executable, __file__, "--child", which, *sys.argv[1:]]
         res = subprocess.run(cmd, capture_output=True, text=True, check=True)
         r = json.loads(res.stdout.strip().splitlines()[-1])
-        print(f"| {which} {'old' if which == '(a)' else 'new'} ssd_torch | {r['median']:.3f} | {r['min']:.3f} | "
+        print(f"| {which} {'old' if which == '(a)' else 'new'} ssd_torch | {r['median']:.3f} | {r['cpu']:.3f} | "
               f"{r['peak_mib']:.0f} | {r['peak_mib'] / states_mib:.2f} |")
     print(f"\nload average after: {load()}")
 
@@ -245,19 +249,18 @@ def time_model(args) -> None:
         times = {k: [] for k in runs}
         for _ in range(args.repeats):
             for k, fn in runs.items():
-                start = time.perf_counter()
-                fn()
-                times[k].append(time.perf_counter() - start)
+                times[k].append(timed(fn))
     print(f"\nMamba-2 370M-shaped (d 1024, 48 layers, N 128, P 64, chunk {args.chunk}), {args.batch}x{args.length}, "
           f"float32, {args.threads} threads, {args.repeats} alternating repeats, load average before/after: "
           f"{args.load} / {load()}\n")
-    base = statistics.median(times["transformers"])
+    base = statistics.median(c for _, c in times["transformers"])
     ref = outs["transformers"]
-    print("| run | median s | min s | × transformers | max relative logit difference to transformers |")
-    print("|---|---|---|---|---|")
+    print("| run | median wall s | min wall s | median CPU s | × transformers, CPU | max relative logit difference to transformers |")
+    print("|---|---|---|---|---|---|")
     for k, ts in times.items():
         err = ((outs[k] - ref).abs().max() / ref.abs().max()).item()
-        print(f"| {k} | {statistics.median(ts):.3f} | {min(ts):.3f} | {statistics.median(ts) / base:.2f} | {err:.1e} |")
+        wall, cpu = statistics.median(w for w, _ in ts), statistics.median(c for _, c in ts)
+        print(f"| {k} | {wall:.3f} | {min(w for w, _ in ts):.3f} | {cpu:.3f} | {cpu / base:.2f} | {err:.1e} |")
 
 
 def load() -> str:
