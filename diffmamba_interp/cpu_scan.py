@@ -1,10 +1,11 @@
 """A compiled CPU selective scan (Mamba-1 / S6) for inference, with numba.
 
-    h_t[e, n] = exp(Δ_t[e] A[e, n]) h_{t-1}[e, n] + Δ_t[e] B_t[n] u_t[e]        (h_{-1} = 0)
+    h_t[e, n] = exp(Δ_t[e] A[e, n]) h_{t-1}[e, n] + Δ_t[e] B_t[n] u_t[e]   (h_{-1} = initial state, or 0)
     y_t[e]    = Σ_n C_t[n] h_t[e, n] + D[e] u_t[e]
 
-Shapes: u, delta [batch, L, E]; A [E, N]; B, C [batch, L, N]; D [E]
-        -> y [batch, L, E] (and states [batch, L, E, N], h_t for every t).
+Shapes: u, delta [batch, L, E]; A [E, N]; B, C [batch, L, N]; D [E]; initial state [batch, E, N]
+        -> y [batch, L, E] (and states [batch, L, E, N], h_t for every t; final state [batch, E, N],
+        h_{L-1}).
 
 No autograd: this is the inference path; `scan.selective_scan_torch` is the autograd path.
 
@@ -15,8 +16,9 @@ Design (measured on a 2-core AMD EPYC, see benchmarks/scan.py):
     are cut into tiles of W = 32 adjacent ones; for every position t the kernel loops over the N
     states and, innermost, over the W channels of a tile, which are contiguous in u, delta, y and
     in the tile's copy of A (transposed to [N, W]): LLVM turns that loop into AVX code. The state
-    is a small [N, W] local array per tile; nothing of size [L, E, N] is built unless the states
-    are asked for. Parallel jobs (prange): batch x tile when only y is wanted (the tile's state
+    is a small [N, W] local array per tile, loaded from the initial state before t = 0 and stored to
+    the final state after t = L - 1; nothing of size [L, E, N] is built unless the states are asked
+    for. Parallel jobs (prange): batch x tile when only y is wanted (the tile's state
     stays in L1), batch x thread when the states are written (each job walks t over a contiguous
     run of tiles, so each step writes one contiguous stretch of states[b, t]).
   * `math.exp` is a scalar libm call that LLVM cannot vectorise (numba has no vector math library
@@ -126,8 +128,9 @@ if numba is not None:
         return None
 
     @njit(fastmath=False, cache=True)
-    def _scan_job(u, dt, AT, B, C, D, y, states, write_states, b, first, count):
-        """Scan channel tiles first..first+count-1 of batch row b over all positions (one parallel job)."""
+    def _scan_job(u, dt, AT, B, C, D, h0, hT, y, states, write_states, b, first, count):
+        """Scan channel tiles first..first+count-1 of batch row b over all positions (one parallel job),
+        starting from h0[b] and leaving the last state in hT[b]."""
         L, E = u.shape[1], u.shape[2]
         N = AT.shape[0]
         W = _TILE
@@ -143,6 +146,8 @@ if numba is not None:
                     at[k, n, j] = AT[n, e0 + j]
             for j in range(w):
                 dd[k, j] = D[e0 + j]
+                for n in range(N):
+                    h[k, n, j] = h0[b, e0 + j, n]
         dl = np.zeros(W, dtype=y.dtype)  # Δ_t
         xl = np.zeros(W, dtype=y.dtype)  # Δ_t u_t
         yl = np.zeros(W, dtype=y.dtype)
@@ -174,10 +179,16 @@ if numba is not None:
                     for j in range(w):
                         for n in range(N):
                             st[e0 + j, n] = hk[n, j]
+        for k in range(count):
+            e0 = (first + k) * W
+            for j in range(min(W, E - e0)):
+                for n in range(N):
+                    hT[b, e0 + j, n] = h[k, n, j]
 
     @njit(parallel=True, fastmath=False, cache=True)
-    def _scan_kernel(u, dt, AT, B, C, D, y, states, write_states, groups):
-        """u, dt, y [b, L, E]; AT [N, E]; B, C [b, L, N]; D [E]; states [b, L, E, N] (if written).
+    def _scan_kernel(u, dt, AT, B, C, D, h0, hT, y, states, write_states, groups):
+        """u, dt, y [b, L, E]; AT [N, E]; B, C [b, L, N]; D [E]; h0, hT [b, E, N] (initial state in,
+        final state out); states [b, L, E, N] (if written).
 
         The channels are cut into tiles of W; each batch row's tiles into `groups` contiguous runs, one
         parallel job each. A job walks t = 0..L-1 over its run of tiles (groups = number of tiles:
@@ -191,11 +202,13 @@ if numba is not None:
             g = job % groups
             first = (ntiles * g) // groups
             count = (ntiles * (g + 1)) // groups - first
-            _scan_job(u, dt, AT, B, C, D, y, states, write_states, b, first, count)
+            _scan_job(u, dt, AT, B, C, D, h0, hT, y, states, write_states, b, first, count)
 
 
-def _check(u, delta, A, B, C, D) -> None:
+def _check(u, delta, A, B, C, D, initial_state) -> None:
     tensors = {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D}
+    if initial_state is not None:
+        tensors["initial_state"] = initial_state
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"selective_scan_numba: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -216,8 +229,10 @@ def _check(u, delta, A, B, C, D) -> None:
     if A.dim() != 2 or A.shape[0] != E:
         raise ValueError(f"selective_scan_numba: A must be [E={E}, N], got shape {tuple(A.shape)}")
     N = A.shape[1]
-    expected = {"delta": (b, L, E), "B": (b, L, N), "C": (b, L, N), "D": (E,)}
+    expected = {"delta": (b, L, E), "B": (b, L, N), "C": (b, L, N), "D": (E,), "initial_state": (b, E, N)}
     for name, shape in expected.items():
+        if name not in tensors:
+            continue
         if tuple(tensors[name].shape) != shape:
             raise ValueError(
                 f"selective_scan_numba: {name} must have shape {shape} (u {tuple(u.shape)}, A {tuple(A.shape)}), "
@@ -225,19 +240,24 @@ def _check(u, delta, A, B, C, D) -> None:
             )
 
 
-def selective_scan_numba(u, delta, A, B, C, D, return_states: bool = False):
+def selective_scan_numba(
+    u, delta, A, B, C, D, return_states: bool = False, *, initial_state=None, return_final_state: bool = False
+):
     """The S6 selective scan, compiled with numba and parallel over batch x channel tiles.
 
-    u, delta: [batch, L, E]; A: [E, N] (negative); B, C: [batch, L, N]; D: [E]. CPU tensors of any
-    floating dtype and any strides. Recurrence per channel e and state n:
+    u, delta: [batch, L, E]; A: [E, N] (negative); B, C: [batch, L, N]; D: [E]; initial_state:
+    [batch, E, N] or None (zeros). CPU tensors of any floating dtype and any strides. Recurrence per
+    channel e and state n:
 
-        h_t = exp(delta_t[e] * A[e, n]) * h_{t-1} + delta_t[e] * B_t[n] * u_t[e]      (h_{-1} = 0)
+        h_t = exp(delta_t[e] * A[e, n]) * h_{t-1} + delta_t[e] * B_t[n] * u_t[e]   (h_{-1} = initial_state)
         y_t[e] = sum_n C_t[n] * h_t[e, n] + D[e] * u_t[e]
 
     Accumulates in float64 when u is float64 and in float32 otherwise (float32 / bfloat16 / float16;
     the other inputs are cast to that dtype, like `scan.selective_scan_torch`). Returns y
-    [batch, L, E] in u's dtype; with return_states=True returns (y, states), states [batch, L, E, N]
-    (h_t for every t) in the accumulation dtype, as `scan.selective_scan_torch` does.
+    [batch, L, E] in u's dtype, and after it, in this order and only when asked: states
+    [batch, L, E, N] (h_t for every t) and final_state [batch, E, N] (h_{L-1}; the initial state when
+    L = 0), both in the accumulation dtype as `scan.selective_scan_torch` returns them. So y,
+    (y, states), (y, final_state) or (y, states, final_state), as mamba-ssm's `return_last_state`.
 
     Raises RuntimeError when grad mode is on and an input requires grad (no autograd here). Uses
     min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS) threads. The first call per
@@ -245,7 +265,7 @@ def selective_scan_numba(u, delta, A, B, C, D, return_states: bool = False):
     """
     if numba is None:
         raise ImportError("selective_scan_numba needs numba (pip install numba)")
-    _check(u, delta, A, B, C, D)
+    _check(u, delta, A, B, C, D, initial_state)
     out_dtype = u.dtype
     acc = torch.float64 if out_dtype == torch.float64 else torch.float32
 
@@ -258,6 +278,8 @@ def selective_scan_numba(u, delta, A, B, C, D, return_states: bool = False):
     AT_np = arr(A.detach().t())  # [N, E]: contiguous over channels, like the kernel's inner loop
     y = torch.empty((b, L, E), dtype=acc)
     states = torch.empty((b, L, E, N) if return_states else (0, 0, 0, 0), dtype=acc)
+    h0 = np.zeros((b, E, N), dtype=u_np.dtype) if initial_state is None else arr(initial_state)
+    final = torch.empty((b, E, N), dtype=acc)
     torch_threads = torch.get_num_threads()
     threads = max(1, min(torch_threads, numba.config.NUMBA_NUM_THREADS))
     numba.set_num_threads(threads)  # the first call also starts numba's thread pool, which (omp layer)
@@ -267,6 +289,6 @@ def selective_scan_numba(u, delta, A, B, C, D, return_states: bool = False):
     # Without states: one tile per job (its state stays in L1). With states: one run of tiles per
     # thread, so that every step writes one contiguous stretch of the [b, L, E, N] output.
     groups = max(1, min(ntiles, threads)) if return_states else max(1, ntiles)
-    _scan_kernel(u_np, dt_np, AT_np, B_np, C_np, D_np, y.numpy(), states.numpy(), return_states, groups)
-    y = y.to(out_dtype)
-    return (y, states) if return_states else y
+    _scan_kernel(u_np, dt_np, AT_np, B_np, C_np, D_np, h0, final.numpy(), y.numpy(), states.numpy(), return_states, groups)
+    out = (y.to(out_dtype),) + ((states,) if return_states else ()) + ((final,) if return_final_state else ())
+    return out if len(out) > 1 else out[0]

@@ -1,16 +1,28 @@
-"""The selective scans: Mamba-1's S6 scan and Mamba-2's chunked SSD, plus the causal conv.
+"""The selective scans: Mamba-1's S6 scan and Mamba-2's chunked SSD, the causal conv, and one-token
+steps of all three (recurrent mode: run a sequence in pieces, carrying the state).
 
-Each public function picks one path and says which (returned as `path`):
+Each scan returns a `ScanOut(y, states, final_state, path)`; `path` says which implementation ran:
   - "mamba_ssm" / "causal_conv1d": the CUDA kernels of the `gpu` extra (tensors on CUDA, kernels
-    installed, no per-position state requested);
+    installed, and the kernel supports what was asked; otherwise the PyTorch path runs);
   - "numba": the compiled CPU S6 scan (`cpu_scan.py`) for inference (no autograd);
-  - "torch": the vectorised PyTorch reference, which also carries autograd (training).
+  - "torch": the vectorised PyTorch implementation, which also carries autograd (training).
 Like mamba-ssm's `ssd_minimal.py`, the kernels are a lazy try-import; one `if` picks the path.
 
-Shapes (see config.py for the dimension letters):
-  S6:  u, dt [batch, L, E]; A [E, N]; B, C [batch, L, N]; D [E] -> y [batch, L, E], states [batch, L, E, N]
-  SSD: x [batch, L, H, P]; dt [batch, L, H]; A [H]; B, C [batch, L, G, N]; D [H]
-       -> y [batch, L, H, P], states [batch, L, H, P, N]
+Dimension letters (as config.py; SPEC §1):
+  b batch   L sequence length   E channels (d_inner)   N state size   K conv kernel width
+  H heads   P head_dim (E = H·P)   G groups of B, C   J = H / G heads per group (head h = g·J + j
+  reads group g)   T chunk length   l, s target / source position inside a chunk   q sub-block length
+  (in the conv, C is the channel count)
+
+Shapes:
+  S6:   u, dt [b, L, E]; A [E, N]; B, C [b, L, N]; D [E]
+        -> y [b, L, E]; states [b, L, E, N] (h_t for every t); initial / final state [b, E, N]
+  SSD:  x [b, L, H, P]; dt [b, L, H]; A [H]; B, C [b, L, G, N]; D [H]
+        -> y [b, L, H, P]; states [b, L, H, P, N]; initial / final state [b, H, P, N]
+  conv: x [b, L, C]; weight [C, 1, K] (nn.Conv1d layout); bias [C]; conv state [b, C, K − 1] (the
+        last K − 1 inputs, oldest first)
+The initial state is h_{−1} (zeros when not given); the final state is h_{L−1}. Scans accumulate in
+float32 (float64 stays float64); y comes back in the input dtype, states in the accumulation dtype.
 """
 
 from __future__ import annotations
@@ -18,11 +30,33 @@ from __future__ import annotations
 import functools
 import math
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 Tensor = torch.Tensor
+
+__all__ = [
+    "ScanOut", "causal_conv1d", "causal_conv1d_final_state", "causal_conv1d_step", "compute_dtype",
+    "gpu_kernels", "segprod", "selective_scan", "selective_scan_torch", "selective_state_step", "ssd",
+    "ssd_state_step", "ssd_torch",
+]
+
+
+class ScanOut(NamedTuple):
+    """What a scan returns. Keep y first, states second and path last: callers index [0], [1], [-1]."""
+
+    y: Tensor  # [b, L, E] (S6) or [b, L, H, P] (SSD), in the input dtype
+    states: Tensor | None  # h_t for every t (only when return_states)
+    final_state: Tensor | None  # h_{L−1} (only when return_final_state)
+    path: str  # "mamba_ssm", "numba" or "torch"
+
+    def __iter__(self):
+        # TEMPORARY, until mixers.py indexes the result ([0], [1], [-1]) instead of unpacking three
+        # values: iteration (hence unpacking) yields (y, states, path). Indexing, len and the
+        # attributes see all four fields; _replace, _asdict and pickling rely on iteration, so avoid them.
+        return iter((self.y, self.states, self.path))
 
 
 @functools.cache
@@ -55,8 +89,8 @@ def _use_kernels(*tensors: Tensor) -> bool:
     return tensors[0].is_cuda and gpu_kernels() is not None
 
 
-def _needs_grad(*tensors: Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+def _needs_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -65,63 +99,110 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # -- causal depthwise conv ---------------------------------------------------------------------
-def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, str]:
-    """Depthwise causal conv over time, before the activation.
+def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, initial_state: Tensor | None = None) -> tuple[Tensor, str]:
+    """Depthwise causal conv over time, before the activation. Returns (out [b, L, C], path).
 
-    x [batch, L, C]; weight [C, 1, K] (nn.Conv1d layout); bias [C] -> [batch, L, C].
-    out[t, c] = bias[c] + Σ_j weight[c, 0, j] · x[t − (K − 1) + j, c]   (x = 0 before the start)
+    x [b, L, C]; weight [C, 1, K]; bias [C]; initial_state [b, C, K − 1]: the K − 1 inputs before x
+    (zeros when None). out[t, c] = bias[c] + Σ_j weight[c, 0, j] · x[t − (K − 1) + j, c].
     """
-    L = x.shape[1]
-    if _use_kernels(x):
+    L, K = x.shape[1], weight.shape[-1]
+    if _use_kernels(x) and initial_state is None:
         out = gpu_kernels().causal_conv1d_fn(x.transpose(1, 2).contiguous(), weight.squeeze(1), bias, activation=None)
         return out.transpose(1, 2), "causal_conv1d"
-    K = weight.shape[-1]
-    out = F.conv1d(x.transpose(1, 2), weight, bias, padding=K - 1, groups=x.shape[-1])[..., :L]
+    xt = x.transpose(1, 2)  # [b, C, L]
+    if initial_state is None:
+        out = F.conv1d(xt, weight, bias, padding=K - 1, groups=x.shape[-1])[..., :L]
+    else:
+        out = F.conv1d(torch.cat([initial_state.to(x.dtype), xt], dim=-1), weight, bias, groups=x.shape[-1])
     return out.transpose(1, 2), "torch"
 
 
+def causal_conv1d_final_state(x: Tensor, kernel_size: int, initial_state: Tensor | None = None) -> Tensor:
+    """The conv state after x: its last K − 1 inputs, x [b, L, C] -> [b, C, K − 1] (oldest first).
+
+    When L < K − 1 the older entries come from initial_state [b, C, K − 1] (zeros when None).
+    """
+    b, L, C = x.shape
+    k = kernel_size - 1
+    prefix = x.new_zeros(b, C, k) if initial_state is None else initial_state.to(x.dtype)
+    seq = torch.cat([prefix, x[:, max(L - k, 0):].transpose(1, 2)], dim=-1)  # [b, C, k + min(L, k)]
+    return seq[..., seq.shape[-1] - k:]
+
+
+def causal_conv1d_step(conv_state: Tensor, x_t: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    """One token of the causal conv: (out_t [b, C], new_conv_state [b, C, K − 1]).
+
+    conv_state [b, C, K − 1] holds the previous K − 1 inputs; x_t [b, C]; weight [C, 1, K]; bias [C].
+    """
+    window = torch.cat([conv_state.to(x_t.dtype), x_t.unsqueeze(-1)], dim=-1)  # [b, C, K]
+    out = torch.einsum("bck,ck->bc", window, weight[:, 0])
+    return (out + bias if bias is not None else out), window[..., 1:]
+
+
 # -- Mamba-1: the S6 selective scan ------------------------------------------------------------
-def selective_scan(u, dt, A, B, C, D, *, return_states: bool = False, chunk_size: int = 0):
+def selective_scan(
+    u, dt, A, B, C, D, *, initial_state=None, return_final_state=False, return_states=False, chunk_size=0
+) -> ScanOut:
     """S6: h_t = exp(Δ_t A) ⊙ h_{t−1} + Δ_t B_t u_t,  y_t = C_t · h_t + D ⊙ u_t  (SPEC §1).
 
-    Returns (y [batch, L, E], states [batch, L, E, N] or None, path).
+    u, dt [b, L, E]; A [E, N]; B, C [b, L, N]; D [E]; initial_state [b, E, N] (h_{−1}; zeros when None).
+    Returns ScanOut(y [b, L, E], states [b, L, E, N] or None, final_state [b, E, N] or None, path).
+    The CUDA kernel takes no initial state and returns no per-position states: those go to PyTorch.
     """
-    if _use_kernels(u) and not return_states:
-        y = gpu_kernels().selective_scan_fn(
+    if _use_kernels(u) and not return_states and initial_state is None:
+        out = gpu_kernels().selective_scan_fn(
             u.transpose(1, 2).contiguous(), dt.transpose(1, 2).contiguous(), A.float(),
             B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(), D.float(),
-            z=None, delta_bias=None, delta_softplus=False,
+            z=None, delta_bias=None, delta_softplus=False, return_last_state=return_final_state,
         )
-        return y.transpose(1, 2).to(u.dtype), None, "mamba_ssm"
-    if not u.is_cuda and not _needs_grad(u, dt, A, B, C, D) and _numba() is not None:
-        out = _numba().selective_scan_numba(u, dt, A, B, C, D, return_states=return_states)
-        y, states = out if return_states else (out, None)
-        return y, states, "numba"
-    y, states = selective_scan_torch(u, dt, A, B, C, D, return_states=return_states, chunk_size=chunk_size)
-    return y, states, "torch"
+        y, last = out if return_final_state else (out, None)  # last [b, E, N], float32
+        final = last.to(compute_dtype(u.dtype)) if return_final_state else None
+        return ScanOut(y.transpose(1, 2).to(u.dtype), None, final, "mamba_ssm")
+    if not u.is_cuda and not _needs_grad(u, dt, A, B, C, D, initial_state) and _numba() is not None:
+        out = _numba().selective_scan_numba(
+            u, dt, A, B, C, D, initial_state=initial_state, return_states=return_states,
+            return_final_state=return_final_state,
+        )
+        out = list(out) if isinstance(out, tuple) else [out]
+        y = out.pop(0)
+        states = out.pop(0) if return_states else None
+        final = out.pop(0) if return_final_state else None
+        return ScanOut(y, states, final, "numba")
+    return selective_scan_torch(
+        u, dt, A, B, C, D, initial_state=initial_state, return_final_state=return_final_state,
+        return_states=return_states, chunk_size=chunk_size,
+    )
 
 
-def selective_scan_torch(u, dt, A, B, C, D, *, return_states: bool = False, chunk_size: int = 0):
+def selective_scan_torch(
+    u, dt, A, B, C, D, *, initial_state=None, return_final_state=False, return_states=False, chunk_size=0
+) -> ScanOut:
     """The PyTorch S6 scan, vectorised as a two-level scan (autograd-friendly reference).
 
     Split L into c chunks of T. Pass 1 runs the recurrence over the T positions of every chunk at
-    once (zero start state); pass 2 carries the chunk-start states over the c chunks; then
-    h_t = h_t^local + exp(Σ_{chunk start..t} Δ A) ⊙ h_start. That is T + c Python steps instead of L,
-    and only exponentials of non-positive numbers (no overflow, no exp-then-mask).
+    once (zero start state); pass 2 carries the chunk-start states over the c chunks, starting from
+    initial_state; then h_t = h_t^local + exp(Σ_{chunk start..t} Δ A) ⊙ h_start. That is T + c
+    Python steps instead of L, and only exponentials of non-positive numbers (no overflow, no
+    exp-then-mask). Shapes as `selective_scan`.
     """
     dtype = u.dtype
     f = compute_dtype(dtype)
     u, dt, A, B, C, D = (t.to(f) for t in (u, dt, A, B, C, D))
     b, L, E = u.shape
+    N = A.shape[1]
+    start = u.new_zeros(b, E, N) if initial_state is None else initial_state.to(f)  # [b, E, N]
+    if L == 0:
+        states = u.new_zeros(b, 0, E, N) if return_states else None
+        return ScanOut(u.to(dtype), states, start if return_final_state else None, "torch")
     T = chunk_size or max(8, int(math.sqrt(L)))
     c = -(-L // T)
     pad = c * T - L
     dA = dt.unsqueeze(-1) * A  # [b, L, E, N]   log decay, ≤ 0
     dBu = (dt * u).unsqueeze(-1) * B.unsqueeze(2)  # [b, L, E, N]
-    if pad:
+    if pad:  # padded steps: decay 1, input 0, so the carry passes them unchanged
         dA, dBu = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (dA, dBu))
-    dA = dA.view(b, c, T, E, -1)
-    dBu = dBu.view(b, c, T, E, -1)
+    dA = dA.view(b, c, T, E, N)
+    dBu = dBu.view(b, c, T, E, N)
     decay = torch.exp(dA)  # [b, c, T, E, N]
     h = torch.zeros_like(dBu[:, :, 0])  # [b, c, E, N]
     local = []
@@ -130,93 +211,180 @@ def selective_scan_torch(u, dt, A, B, C, D, *, return_states: bool = False, chun
         local.append(h)
     local = torch.stack(local, dim=2)  # [b, c, T, E, N]
     cum = torch.exp(torch.cumsum(dA, dim=2))  # [b, c, T, E, N]  decay from chunk start to t
-    start = torch.zeros_like(h[:, 0])  # [b, E, N]
     starts = []
     for k in range(c):  # pass 2: carry states across chunks
         starts.append(start)
         start = cum[:, k, -1] * start + local[:, k, -1]
     states = local + cum * torch.stack(starts, dim=1).unsqueeze(2)  # [b, c, T, E, N]
-    states = states.view(b, c * T, E, -1)[:, :L]  # [b, L, E, N]
+    states = states.view(b, c * T, E, N)[:, :L]  # [b, L, E, N]
     y = torch.einsum("blen,bln->ble", states, C) + D * u  # [b, L, E]
-    return y.to(dtype), (states if return_states else None)
+    return ScanOut(y.to(dtype), states if return_states else None, start if return_final_state else None, "torch")
+
+
+def selective_state_step(state, u, dt, A, B, C, D) -> tuple[Tensor, Tensor]:
+    """One token of S6: (y [b, E], new_state [b, E, N]); O(1) in the sequence length.
+
+    state [b, E, N] (h_{t−1}); u, dt [b, E]; A [E, N]; B, C [b, N]; D [E].
+    """
+    dtype = u.dtype
+    f = compute_dtype(dtype)
+    state, u, dt, A, B, C, D = (t.to(f) for t in (state, u, dt, A, B, C, D))
+    new = torch.exp(dt.unsqueeze(-1) * A) * state + (dt * u).unsqueeze(-1) * B.unsqueeze(1)  # [b, E, N]
+    y = torch.einsum("ben,bn->be", new, C) + D * u
+    return y.to(dtype), new
 
 
 # -- Mamba-2: chunked SSD ----------------------------------------------------------------------
-def decay_matrix(cum: Tensor) -> Tensor:
-    """cum [..., T] (a cumulative sum of log decays) -> [..., T, T] with out[l, s] = exp(cum[l] − cum[s])
-    for s ≤ l and 0 above the diagonal, masked to −inf before the exponential (as mamba-ssm's kernels)."""
-    T = cum.shape[-1]
-    diff = cum.unsqueeze(-1) - cum.unsqueeze(-2)  # [..., l, s]
-    causal = torch.ones(T, T, dtype=torch.bool, device=cum.device).tril()
-    return torch.exp(diff.masked_fill(~causal, -torch.inf))
+@functools.lru_cache(maxsize=64)
+def _tri_masks(T: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Float masks [T, T]: (s ≥ l, s < l, s ≤ l). Multiplying by a float mask is far faster than triu / where.
+    Cached, so made outside inference mode: an inference tensor cannot be saved for a later backward."""
+    with torch.inference_mode(False):
+        ones = torch.ones(T, T, dtype=dtype, device=device)
+        return ones.tril(), ones.triu(1), ones.triu()
 
 
-def ssd(x, dt, A, B, C, D, *, chunk_size: int, return_states: bool = False):
+def segprod(e: Tensor, masked: bool = True) -> Tensor:
+    """The decay over every span of a chunk, e [..., T] -> [..., T(s), T(l)] (source-major):
+    out[s, l] = Π_{s<k≤l} e_k for s ≤ l (1 on the diagonal), 0 for s > l (1 there when not masked,
+    for callers that fold the mask into a factor they multiply by anyway).
+
+    e_k = exp(Δ_k A) ∈ [0, 1] are the per-step decays, so out[s, l] = exp(Σ_{s<k≤l} Δ_k A), the
+    exp(segsum) of mamba-ssm's ssd_minimal. Like its segsum (a cumulative sum down a masked copy,
+    masked to −inf before exp), the product runs down a masked copy, so each entry multiplies exactly
+    the factors of its own span: a short span after a long strong decay keeps full precision (exp of
+    a difference of two prefix sums does not), nothing overflows, and no T × T exponential is taken
+    (a product is also exact where exp(segsum) underflows to 0). Source-major because torch's
+    cumprod is ~3× faster along the contiguous dimension.
+    """
+    diag_and_below, above, keep = _tri_masks(e.shape[-1], e.dtype, e.device)
+    w = torch.addcmul(diag_and_below, e.unsqueeze(-2), above)  # [..., s, l] = e_l for l > s, else 1
+    out = torch.cumprod(w, dim=-1)
+    return out * keep if masked else out
+
+
+def ssd(x, dt, A, B, C, D, *, chunk_size, initial_state=None, return_final_state=False, return_states=False) -> ScanOut:
     """SSD: h_t = exp(Δ_t A_h) h_{t−1} + Δ_t x_t ⊗ B_t,  y_t = h_t C_t + D_h x_t  (SPEC §1).
 
-    Returns (y [batch, L, H, P], states [batch, L, H, P, N] or None, path).
+    x [b, L, H, P]; dt [b, L, H]; A [H]; B, C [b, L, G, N]; D [H]; initial_state [b, H, P, N].
+    Returns ScanOut(y [b, L, H, P], states [b, L, H, P, N] or None, final_state [b, H, P, N] or None,
+    path). Per-position states go to PyTorch; the CUDA kernel takes the initial and final states.
     """
     if _use_kernels(x) and not return_states:
-        y = gpu_kernels().mamba_chunk_scan_combined(
+        out = gpu_kernels().mamba_chunk_scan_combined(
             x.contiguous(), dt.contiguous(), A.float(), B.contiguous(), C.contiguous(), chunk_size,
-            D=D.float(), z=None, dt_bias=None, dt_softplus=False,
+            D=D.float(), z=None, dt_bias=None, initial_states=initial_state, dt_softplus=False,
+            return_final_states=return_final_state,
         )
-        return y.to(x.dtype), None, "mamba_ssm"
-    y, states = ssd_torch(x, dt, A, B, C, D, chunk_size=chunk_size, return_states=return_states)
-    return y, states, "torch"
+        y, final = out if return_final_state else (out, None)  # final [b, H, P, N], float32
+        final = final.to(compute_dtype(x.dtype)) if return_final_state else None
+        return ScanOut(y.to(x.dtype), None, final, "mamba_ssm")
+    return ssd_torch(
+        x, dt, A, B, C, D, chunk_size=chunk_size, initial_state=initial_state,
+        return_final_state=return_final_state, return_states=return_states,
+    )
 
 
-def ssd_torch(x, dt, A, B, C, D, *, chunk_size: int, return_states: bool = False):
-    """The chunked SSD algorithm in PyTorch (after mamba-ssm's ssd_minimal.py).
+def ssd_torch(x, dt, A, B, C, D, *, chunk_size, initial_state=None, return_final_state=False, return_states=False) -> ScanOut:
+    """The chunked SSD algorithm in PyTorch (after mamba-ssm's ssd_minimal.py). Shapes as `ssd`.
 
-    Letters: b batch, c chunk, l/s positions in a chunk (target/source), h head, g group, p head_dim,
-    n state. Heads map to groups in contiguous blocks: head h reads group h // (H / G).
+    Chunks of T = chunk_size positions (the last one shorter), one after the other, carrying the
+    state S [b, G, J, P, N] (a Python loop over the L / T chunks, never over positions). Per chunk,
+    with e_k = exp(Δ_k A) and Dec = segprod(e) [s, l] the decay over each span:
+      1. within the chunk: y_l = Σ_{s≤l} (C_l·B_s) Dec[s, l] Δ_s x_s          (a [T, T] per head)
+      2. from the start state: y_l += (Π_{k≤l} e_k) C_l · S
+      3. the state at the chunk end: S ← (Π_k e_k) S + Σ_s Dec[s, end] Δ_s x_s ⊗ B_s
+    Steps 2 and 3 contract over all J·P columns of a group at once (one GEMM per group), the chunk's
+    working set stays in cache, and no [T, T, P] or [T, P, N] tensor is built unless states are asked.
     """
     dtype = x.dtype
     f = compute_dtype(dtype)
     x, dt, A, B, C, D = (t.to(f) for t in (x, dt, A, B, C, D))
     b, L, H, P = x.shape
-    G = B.shape[2]
-    c = -(-L // chunk_size)  # chunks of at most chunk_size, as even as possible (padding < c)
-    T = -(-L // c)
-    pad = c * T - L
-    Xdt = x * dt.unsqueeze(-1)  # [b, L, H, P]   Δ_s x_s
-    Adt = A * dt  # [b, L, H]   log decay, ≤ 0
-    if pad:
-        Xdt = F.pad(Xdt, (0, 0, 0, 0, 0, pad))
-        Adt = F.pad(Adt, (0, 0, 0, pad))
-        B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (B, C))
-    Xdt = Xdt.view(b, c, T, G, H // G, P)  # heads split as (group, head-in-group)
-    Bc = B.view(b, c, T, G, -1)  # [b, c, s, g, n]
-    Cc = C.view(b, c, T, G, -1)  # [b, c, l, g, n]
-    Acs = Adt.view(b, c, T, H).permute(0, 3, 1, 2)  # [b, h, c, l]
-    Acum = torch.cumsum(Acs, dim=-1)  # [b, h, c, l]
+    G, N = B.shape[2], B.shape[3]
+    J = H // G
+    X = (x * dt.unsqueeze(-1)).transpose(1, 2).contiguous().view(b, G, J, L, P)  # Δ_s x_s, head-major
+    e = torch.exp(dt * A).transpose(1, 2).contiguous().view(b, G, J, L)  # per-step decays
+    Bg, Cg = B.transpose(1, 2), C.transpose(1, 2)  # [b, G, L, N]
+    S = x.new_zeros(b, G, J, P, N) if initial_state is None else initial_state.to(f).reshape(b, G, J, P, N)
+    states = _ssd_states(e, X, Bg, S) if return_states else None
+    ys = [x.new_empty(b, 0, G, J, P)]
+    for t0 in range(0, L, chunk_size):
+        t1 = min(t0 + chunk_size, L)
+        ek, Xk, Bk, Ck = e[..., t0:t1], X[..., t0:t1, :], Bg[:, :, t0:t1], Cg[:, :, t0:t1]
+        Dec = segprod(ek, masked=False)  # [b, g, j, s, l]   (s > l: masked in CB)
+        from_start = Dec[..., 0, :] * ek[..., :1]  # [b, g, j, l]   Π_{k≤l} e_k
+        to_end = Dec[..., :, -1]  # [b, g, j, s]   Π_{s<k} e_k
+        CB = torch.einsum("bgsn,bgln->bgsl", Bk, Ck) * _tri_masks(t1 - t0, f, x.device)[2]  # [b, g, s, l]   B_s·C_l, s ≤ l
+        y = torch.einsum("bgjsl,bgjsp->bgjlp", Dec * CB.unsqueeze(2), Xk)  # 1. within the chunk
+        y = y + torch.einsum("bgln,bgjpn->bgjlp", Ck, S) * from_start.unsqueeze(-1)  # 2. from the start state
+        ys.append(y.permute(0, 3, 1, 2, 4))  # [b, l, g, j, p]
+        S = from_start[..., -1, None, None] * S + torch.einsum("bgjsp,bgsn->bgjpn", Xk * to_end.unsqueeze(-1), Bk)  # 3.
+    y = torch.addcmul(torch.cat(ys, dim=1).view(b, L, H, P), D.view(H, 1), x)  # [b, L, H, P]   + D x
+    final = S.reshape(b, H, P, N) if return_final_state else None
+    return ScanOut(y.to(dtype), states, final, "torch")
 
-    # 1. within chunks: y_l = Σ_{s≤l} (C_l·B_s) exp(A_{s+1..l}) Δ_s x_s
-    Lmask = decay_matrix(Acum).view(b, G, H // G, c, T, T)  # [b, g, j, c, l, s]
-    CB = torch.einsum("bclgn,bcsgn->bgcls", Cc, Bc)  # [b, g, c, l, s]
-    M = CB.unsqueeze(2) * Lmask  # [b, g, j, c, l, s]
-    Y = torch.einsum("bgjcls,bcsgjp->bclgjp", M, Xdt)
 
-    # 2. state contributed by each chunk, at its end
-    decay_to_end = torch.exp(Acum[..., -1:] - Acum).view(b, G, H // G, c, T)  # [b, g, j, c, s]
-    chunk_states = torch.einsum("bcsgn,bgjcs,bcsgjp->bcgjpn", Bc, decay_to_end, Xdt)
+def _ssd_states(e: Tensor, X: Tensor, Bg: Tensor, S: Tensor, piece: int = 64) -> Tensor:
+    """h_t for every position: e [b, G, J, L] decays, X [b, G, J, L, P] (Δ x), Bg [b, G, L, N],
+    S [b, G, J, P, N] the initial state -> [b, L, H, P, N]. Pieces of 64 positions one after the
+    other (each piece's last state starts the next), so that besides the result only one piece's
+    worth of states is held: peak memory ≈ the states tensor + L / 64 of it.
+    """
+    b, G, J, L, P = X.shape
+    out = X.new_empty(b, L, G, J, P, Bg.shape[-1])
+    for t0 in range(0, L, piece):
+        t1 = min(t0 + piece, L)
+        h = _piece_states(e[..., t0:t1], X[..., t0:t1, :], Bg[:, :, t0:t1], S)  # [b, g, l, j, p, n]
+        out[:, t0:t1].copy_(h.transpose(1, 2))
+        S = h[:, :, -1].clone()  # (a view would keep the piece alive)
+    return out.flatten(2, 3)
 
-    # 3. carry states across chunks (c is small: a segment-sum over chunk boundaries)
-    zeros = torch.zeros_like(chunk_states[:, :1])
-    chunk_states = torch.cat([zeros, chunk_states], dim=1)  # [b, c+1, g, j, p, n]
-    chunk_cum = torch.cumsum(F.pad(Acum[..., -1], (1, 0)), dim=-1)  # [b, h, c+1]
-    decay_chunk = decay_matrix(chunk_cum).view(b, G, H // G, c + 1, c + 1)
-    starts = torch.einsum("bgjzc,bcgjpn->bzgjpn", decay_chunk, chunk_states)[:, :-1]  # [b, c, g, j, p, n]
 
-    # 4. start state -> output within each chunk
-    decay_from_start = torch.exp(Acum).view(b, G, H // G, c, T)  # [b, g, j, c, l]
-    Y = Y + torch.einsum("bclgn,bcgjpn,bgjcl->bclgjp", Cc, starts, decay_from_start)
-    y = Y.reshape(b, c * T, H, P)[:, :L] + D.view(H, 1) * x
+def _piece_states(e: Tensor, X: Tensor, Bk: Tensor, S: Tensor, q: int = 16) -> Tensor:
+    """h_l for every position of a piece: e [b, G, J, l], X [b, G, J, l, P], Bk [b, G, l, N] and the
+    state before it S [b, G, J, P, N] -> [b, G, l, J, P, N].
 
-    states = None
-    if return_states:  # h_l = exp(A_{start..l}) h_start + Σ_{s≤l} exp(A_{s+1..l}) Δ_s x_s ⊗ B_s
-        local = torch.einsum("bgjcls,bcsgjp,bcsgn->bclgjpn", Lmask, Xdt, Bc)
-        carried = torch.einsum("bgjcl,bcgjpn->bclgjpn", decay_from_start, starts)
-        states = (local + carried).reshape(b, c * T, H, P, -1)[:, :L]
-    return y.to(dtype), states
+    Sub-blocks of q positions (m of them): inside each, Σ_s Dec[s, i] Δx_s ⊗ B_s from a zero start,
+    one GEMM per sub-block and group ([q·J·P, q] @ [q, N]); across them, an [m, m] decay matrix
+    carries the sub-block end states and the piece's start state. Work O(l·q·P·N), not O(l²·P·N);
+    besides the result, the largest temporary is q / N of it.
+    """
+    b, G, J, l, P = X.shape
+    N = Bk.shape[-1]
+    q = min(q, l)
+    m = -(-l // q)
+    if m * q > l:  # padded positions: decay 1, input 0
+        e = F.pad(e, (0, m * q - l), value=1.0)
+        X, Bk = F.pad(X, (0, 0, 0, m * q - l)), F.pad(Bk, (0, 0, 0, m * q - l))
+    eq = e.view(b, G, J, m, q)
+    Dec = segprod(eq)  # [b, g, j, m, s, i]
+    DX = Dec.permute(0, 1, 3, 5, 2, 4).unsqueeze(5) * X.view(b, G, J, m, q, P).permute(0, 1, 3, 2, 5, 4).unsqueeze(3)
+    local = DX.reshape(b, G, m, q * J * P, q) @ Bk.view(b, G, m, q, N)  # [b, g, m, (i j p), n]   zero start
+    local = local.view(b, G, m, q, J, P, N)
+    del DX
+    from_start = Dec[..., 0, :] * eq[..., :1]  # [b, g, j, m, i]   sub-block start -> i
+    totals = from_start[..., -1]  # [b, g, j, m]
+    ends = torch.einsum("bgjkm,bgkjpn->bgmjpn", segprod(totals), local[:, :, :, -1].clone())  # [b, g, m, j, p, n]
+    ends = ends + torch.cumprod(totals, dim=-1).transpose(-1, -2)[..., None, None] * S.unsqueeze(2)
+    starts = torch.cat([S.unsqueeze(2), ends[:, :, :-1]], dim=2)  # [b, g, m, j, p, n]   before each sub-block
+    local.addcmul_(from_start.permute(0, 1, 3, 4, 2)[..., None, None], starts.unsqueeze(3))  # + carried-in state
+    return local.view(b, G, m * q, J, P, N)[:, :, :l]
+
+
+def ssd_state_step(state, x, dt, A, B, C, D) -> tuple[Tensor, Tensor]:
+    """One token of SSD: (y [b, H, P], new_state [b, H, P, N]); O(1) in the sequence length.
+
+    state [b, H, P, N] (h_{t−1}); x [b, H, P]; dt [b, H]; A [H]; B, C [b, G, N]; D [H].
+    """
+    dtype = x.dtype
+    f = compute_dtype(dtype)
+    state, x, dt, A, B, C, D = (t.to(f) for t in (state, x, dt, A, B, C, D))
+    b, H, P = x.shape
+    G, N = B.shape[1], B.shape[2]
+    state = state.view(b, G, H // G, P, N)
+    decay = torch.exp(dt * A).view(b, G, H // G, 1, 1)
+    dx = (dt.unsqueeze(-1) * x).view(b, G, H // G, P, 1)
+    new = decay * state + dx * B.view(b, G, 1, 1, N)  # [b, g, j, p, n]
+    y = torch.einsum("bgjpn,bgn->bgjp", new, C).reshape(b, H, P) + D.view(H, 1) * x
+    return y.to(dtype), new.reshape(b, H, P, N)
