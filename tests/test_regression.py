@@ -2,7 +2,11 @@
 the logits and every hook of the shipped models and of a tiny random model per architecture.
 
 The refactor into an architecture registry, a Mixer protocol and one Differential concept changed
-no arithmetic, so these are compared bit for bit (torch.equal), hook names included.
+no arithmetic: the models were compared bit for bit (torch.equal), hook names included. Since then
+the chunked SSD was rewritten on purpose (segment sums over each span instead of differences of
+prefix sums, for precision under strong decay, and states carried between calls), which moves the
+last bits of Mamba-2-based models: those are compared to float32 rounding (1e-5 relative), the
+S6-based ones still bit for bit.
 """
 
 from __future__ import annotations
@@ -34,14 +38,21 @@ def _run(model, ids):
         return model.run_with_cache(ids, names_filter=lambda name: True)
 
 
-def _compare(prefix: str, logits, cache, states_at=None) -> None:
-    assert torch.equal(logits, REF[f"{prefix}/logits"]), f"{prefix}: logits changed"
+def _same(a, b, exact: bool, what: str) -> None:
+    if exact:
+        assert torch.equal(a, b), what
+    else:
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max().clamp_min(1e-6)), msg=what)
+
+
+def _compare(prefix: str, logits, cache, exact: bool, states_at=None) -> None:
+    _same(logits, REF[f"{prefix}/logits"], exact, f"{prefix}: logits changed")
     recorded = {k.split("/hook/", 1)[1] for k in REF if k.startswith(f"{prefix}/hook/")}
     assert set(cache) == recorded, f"{prefix}: hook names changed: {sorted(set(cache) ^ recorded)[:5]}"
     for name, value in cache.items():
         if states_at is not None and name.endswith("hook_ssm_state"):
             value = value[:, states_at]
-        assert torch.equal(value, REF[f"{prefix}/hook/{name}"]), f"{prefix}: hook {name} changed"
+        _same(value, REF[f"{prefix}/hook/{name}"], exact, f"{prefix}: hook {name} changed")
 
 
 @pytest.mark.parametrize("name", ["mamba2-babi", "diffmamba2-babi"])
@@ -51,7 +62,7 @@ def test_shipped_models_bit_identical(name):
         pytest.skip(f"shipped model {name} not present")
     model = dmi.load_model(path)
     logits, cache = _run(model, model.to_tokens(META["prompt"]))
-    _compare(f"shipped/{name}", logits, cache, STATE_POSITIONS)
+    _compare(f"shipped/{name}", logits, cache, exact=model.cfg.family != "mamba2", states_at=STATE_POSITIONS)
 
 
 @pytest.mark.parametrize("arch", list(json.loads(META["random"])))
@@ -62,4 +73,4 @@ def test_random_models_bit_identical(arch):
     state = {k[len(prefix):]: v for k, v in REF.items() if k.startswith(prefix)}
     model.load_state_dict(state, strict=True)
     logits, cache = _run(model, REF["random/ids"])
-    _compare(f"random/{arch}", logits, cache)
+    _compare(f"random/{arch}", logits, cache, exact=model.cfg.family != "mamba2")
