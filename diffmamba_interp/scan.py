@@ -147,9 +147,11 @@ def selective_scan(
 
     u, dt [b, L, E]; A [E, N]; B, C [b, L, N]; D [E]; initial_state [b, E, N] (h_{−1}; zeros when None).
     Returns ScanOut(y [b, L, E], states [b, L, E, N] or None, final_state [b, E, N] or None, path).
-    The CUDA kernel takes no initial state and returns no per-position states: those go to PyTorch.
+    The CUDA kernel takes no initial state, returns no per-position states and passes no gradient
+    through its last state: those cases go to PyTorch.
     """
-    if _use_kernels(u) and not return_states and initial_state is None:
+    final_grad = return_final_state and _needs_grad(u, dt, A, B, C, D)
+    if _use_kernels(u) and not return_states and initial_state is None and not final_grad:
         out = gpu_kernels().selective_scan_fn(
             u.transpose(1, 2).contiguous(), dt.transpose(1, 2).contiguous(), A.float(),
             B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(), D.float(),
