@@ -319,9 +319,9 @@ def ssd_torch(x, dt, A, B, C, D, *, chunk_size, initial_state=None, return_final
         to_end = Dec[..., :, -1]  # [b, g, j, s]   Π_{s<k} e_k
         CB = torch.einsum("bgsn,bgln->bgsl", Bk, Ck) * _tri_masks(t1 - t0, f, x.device)[2]  # [b, g, s, l]   B_s·C_l, s ≤ l
         y = torch.einsum("bgjsl,bgjsp->bgjlp", Dec * CB.unsqueeze(2), Xk)  # 1. within the chunk
-        y = y + torch.einsum("bgln,bgjpn->bgjlp", Ck, S) * from_start.unsqueeze(-1)  # 2. from the start state
+        y = torch.addcmul(y, torch.einsum("bgln,bgjpn->bgjlp", Ck, S), from_start.unsqueeze(-1))  # 2. from the start state
         ys.append(y.permute(0, 3, 1, 2, 4))  # [b, l, g, j, p]
-        S = from_start[..., -1, None, None] * S + torch.einsum("bgjsp,bgsn->bgjpn", Xk * to_end.unsqueeze(-1), Bk)  # 3.
+        S = torch.addcmul(torch.einsum("bgjsp,bgsn->bgjpn", Xk * to_end.unsqueeze(-1), Bk), from_start[..., -1, None, None], S)  # 3.
     y = torch.addcmul(torch.cat(ys, dim=1).view(b, L, H, P), D.view(H, 1), x)  # [b, L, H, P]   + D x
     final = S.reshape(b, H, P, N) if return_final_state else None
     return ScanOut(y.to(dtype), states, final, "torch")
