@@ -147,9 +147,11 @@ def selective_scan(
 
     u, dt [b, L, E]; A [E, N]; B, C [b, L, N]; D [E]; initial_state [b, E, N] (h_{−1}; zeros when None).
     Returns ScanOut(y [b, L, E], states [b, L, E, N] or None, final_state [b, E, N] or None, path).
-    The CUDA kernel takes no initial state and returns no per-position states: those go to PyTorch.
+    The CUDA kernel takes no initial state, returns no per-position states and passes no gradient
+    through its last state: those cases go to PyTorch.
     """
-    if _use_kernels(u) and not return_states and initial_state is None:
+    final_grad = return_final_state and _needs_grad(u, dt, A, B, C, D)
+    if _use_kernels(u) and not return_states and initial_state is None and not final_grad:
         out = gpu_kernels().selective_scan_fn(
             u.transpose(1, 2).contiguous(), dt.transpose(1, 2).contiguous(), A.float(),
             B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(), D.float(),
@@ -317,9 +319,9 @@ def ssd_torch(x, dt, A, B, C, D, *, chunk_size, initial_state=None, return_final
         to_end = Dec[..., :, -1]  # [b, g, j, s]   Π_{s<k} e_k
         CB = torch.einsum("bgsn,bgln->bgsl", Bk, Ck) * _tri_masks(t1 - t0, f, x.device)[2]  # [b, g, s, l]   B_s·C_l, s ≤ l
         y = torch.einsum("bgjsl,bgjsp->bgjlp", Dec * CB.unsqueeze(2), Xk)  # 1. within the chunk
-        y = y + torch.einsum("bgln,bgjpn->bgjlp", Ck, S) * from_start.unsqueeze(-1)  # 2. from the start state
+        y = torch.addcmul(y, torch.einsum("bgln,bgjpn->bgjlp", Ck, S), from_start.unsqueeze(-1))  # 2. from the start state
         ys.append(y.permute(0, 3, 1, 2, 4))  # [b, l, g, j, p]
-        S = from_start[..., -1, None, None] * S + torch.einsum("bgjsp,bgsn->bgjpn", Xk * to_end.unsqueeze(-1), Bk)  # 3.
+        S = torch.addcmul(torch.einsum("bgjsp,bgsn->bgjpn", Xk * to_end.unsqueeze(-1), Bk), from_start[..., -1, None, None], S)  # 3.
     y = torch.addcmul(torch.cat(ys, dim=1).view(b, L, H, P), D.view(H, 1), x)  # [b, L, H, P]   + D x
     final = S.reshape(b, H, P, N) if return_final_state else None
     return ScanOut(y.to(dtype), states, final, "torch")
