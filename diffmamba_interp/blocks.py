@@ -16,6 +16,7 @@ from transformer_lens.hook_points import HookPoint
 from .differential import Differential
 from .mixers.base import Mixer
 from .norms import RMSNorm
+from .state import Recurrence
 
 Tensor = torch.Tensor
 
@@ -40,9 +41,9 @@ class Block(nn.Module):
         self.hook_mixer_out = HookPoint()  # [batch, pos, d]  what is added to the residual
         self.hook_resid_post = HookPoint()  # [batch, pos, d]
 
-    def forward(self, resid: Tensor) -> Tensor:
+    def forward(self, resid: Tensor, rec: Recurrence | None = None) -> Tensor:
         resid = self.hook_resid_pre(resid)
-        out = self.hook_mixer_out(self.mixer(self.norm(resid.to(self.norm.weight.dtype))))
+        out = self.hook_mixer_out(self.mixer(self.norm(resid.to(self.norm.weight.dtype)), rec))
         return self.hook_resid_post(_residual_add(resid, out, self.residual_in_fp32))
 
 
@@ -70,11 +71,11 @@ class DiffBlock(Differential, Mixer):
         self.hook_mixer_out = HookPoint()  # [batch, pos, d]  (1 − λ_init) · subln(diff)
         self.hook_resid_post = HookPoint()  # [batch, pos, d]
 
-    def forward(self, resid: Tensor) -> Tensor:
+    def forward(self, resid: Tensor, rec: Recurrence | None = None) -> Tensor:
         resid = self.hook_resid_pre(resid)
         h = self.norm(resid.to(self.norm.weight.dtype))
         lam = self.hook_lambda(self.lam())
-        out = self.hook_mixer_out(self.combine(self.mixer_1(h), self.mixer_2(h), lam))
+        out = self.hook_mixer_out(self.combine(self.mixer_1(h, rec), self.mixer_2(h, rec), lam))
         return self.hook_resid_post(_residual_add(resid, out, self.residual_in_fp32))
 
     def attention_hooks(self, kind: str, branch: int | None = None) -> list[str]:

@@ -22,9 +22,12 @@ from transformer_lens.hook_points import HookPoint
 from . import loading
 from .archs import create_block
 from .config import MambaConfig
+from .differential import Differential
 from .errors import DiffMambaError, one_line
 from .mixers import ScanUnit
 from .norms import RMSNorm
+from .scan import compute_dtype
+from .state import MixerState, ModelState, Recurrence
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,12 @@ class HookedMamba(HookedRootModule):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.setup()
+        for name, unit in self.mixers():
+            unit.state_key = unit.conv_group = name  # its entry in a ModelState, and which conv state it reads
+        for name, module in self.named_modules():  # the scan cores of one differential mixer share its conv
+            if isinstance(module, Differential) and all(isinstance(module.branch(k), ScanUnit) for k in (1, 2)):
+                for k in (1, 2):
+                    module.branch(k).conv_group = name
 
     # -- an attached tuned lens follows the model's device and dtype, outside its state dict ----------
     def __setattr__(self, name: str, value) -> None:
@@ -66,14 +75,30 @@ class HookedMamba(HookedRootModule):
         return self
 
     # -- forward ---------------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, return_type: str | None = "logits"):
+    def forward(self, input_ids: torch.Tensor, return_type: str | None = "logits", state: ModelState | None = None,
+                return_state: bool = False):
         """input_ids [batch, pos] -> logits [batch, pos, vocab] (return_type "logits"), the mean
-        next-token cross-entropy ("loss"), both as a tuple ("both"), or None."""
+        next-token cross-entropy ("loss"), both as a tuple ("both"), or None.
+
+        Recurrent mode: `state` (a `ModelState` from `return_state=True` or `init_state`) is the state
+        before input_ids, so a sequence run in pieces with the state carried equals one run;
+        `return_state=True` returns (output, the state after the last position). The given state is
+        never modified.
+        """
         self.check_input_ids(input_ids)
+        if state is not None:
+            self.check_state(state, input_ids.shape[0])
+        rec = Recurrence(state, return_state) if (state is not None or return_state) else None
         resid = self.hook_embed(self.embed(input_ids.to(self.embed.weight.device)))  # [batch, pos, d]
         for block in self.blocks:
-            resid = block(resid)
+            resid = block(resid, rec)
         self._log_paths()
+        out = self._output(resid, input_ids, return_type)
+        if return_state:
+            return out, rec.result((state.seen if state is not None else 0) + input_ids.shape[1])
+        return out
+
+    def _output(self, resid: torch.Tensor, input_ids: torch.Tensor, return_type):
         if return_type is None:
             return None
         logits = self.unembed(resid)
@@ -85,6 +110,68 @@ class HookedMamba(HookedRootModule):
         if return_type == "both":
             return logits, loss
         raise DiffMambaError(f"unknown return_type {return_type!r}; expected 'logits', 'loss', 'both' or None")
+
+    # -- recurrent mode --------------------------------------------------------------------------
+    def init_state(self, batch: int = 1) -> ModelState:
+        """The state before any token (zero conv inputs, zero SSM states), in the compute dtype."""
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch <= 0:
+            raise DiffMambaError(f"batch must be a positive integer, got {batch!r}")
+        f = compute_dtype(self.dtype)
+        entries, convs = {}, {}
+        for name, unit in self.mixers():
+            conv_shape, ssm_shape = unit.state_shapes()
+            if unit.conv_group not in convs:
+                convs[unit.conv_group] = torch.zeros(batch, *conv_shape, dtype=f, device=self.device)
+            entries[name] = MixerState(convs[unit.conv_group], torch.zeros(batch, *ssm_shape, dtype=f, device=self.device))
+        return ModelState(entries, 0)
+
+    def check_state(self, state, batch: int) -> None:
+        """Raise a one-line DiffMambaError unless `state` is a ModelState of this model for `batch` rows,
+        in the compute dtype and on the model's device."""
+        if not isinstance(state, ModelState):
+            raise DiffMambaError(f"state must be a ModelState (from return_state=True or init_state), got {type(state).__name__}")
+        units = dict(self.mixers())
+        if set(state) != set(units):
+            extra, missing = sorted(set(state) - set(units)), sorted(set(units) - set(state))
+            raise DiffMambaError(f"the state is from another model: {len(missing)} mixers of this model have no state "
+                                 f"({', '.join(missing[:2]) or 'none'}), {len(extra)} entries are unknown ({', '.join(extra[:2]) or 'none'})")
+        f = compute_dtype(self.dtype)
+        for name, unit in units.items():
+            entry = state.entries[name]
+            for what, tensor, shape in (("conv", entry.conv, unit.state_shapes()[0]), ("ssm", entry.ssm, unit.state_shapes()[1])):
+                if tuple(tensor.shape) != (batch, *shape):
+                    raise DiffMambaError(f"state[{name!r}].{what} has shape {tuple(tensor.shape)} but this model and a batch of "
+                                         f"{batch} need {(batch, *shape)} (a state from another model or batch size)")
+                if tensor.dtype != f:
+                    raise DiffMambaError(f"state[{name!r}].{what} is {tensor.dtype} but this model keeps states in {f}; "
+                                         f"use state.to({f})")
+                if tensor.device != self.device:
+                    raise DiffMambaError(f"state[{name!r}].{what} is on {tensor.device} but the model is on {self.device}; "
+                                         f"use state.to({str(self.device)!r})")
+
+    def step(self, token_ids: torch.Tensor, state: ModelState, return_type: str | None = "logits"):
+        """One token per sequence from `state`: token_ids [batch] (or [batch, 1]) -> (logits [batch, vocab],
+        the new state). O(1) in the length of what the state has seen; hooks fire with pos = 1."""
+        if isinstance(token_ids, torch.Tensor) and token_ids.ndim == 1:
+            token_ids = token_ids[:, None]
+        if not isinstance(token_ids, torch.Tensor) or token_ids.ndim != 2 or token_ids.shape[1] != 1:
+            raise DiffMambaError(f"step takes one token per sequence, token_ids [batch] or [batch, 1]; got "
+                                 f"{tuple(token_ids.shape) if isinstance(token_ids, torch.Tensor) else type(token_ids).__name__}")
+        if state is None:
+            raise DiffMambaError("step needs a state: prefill with model(ids, return_state=True) or use model.init_state(batch)")
+        out, new = self(token_ids, return_type=return_type, state=state, return_state=True)
+        return (out[:, -1] if return_type == "logits" else out), new
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: int | None = None, seed: int | None = None, chunk_size: int | None = None) -> torch.Tensor:
+        """Prefill `input_ids` [batch, pos] (in chunks of `chunk_size` tokens) and decode `max_new_tokens`
+        tokens one step at a time -> [batch, pos + max_new_tokens]. Greedy by default (the argmax, as
+        transformers' `generate`); `do_sample=True` samples from softmax(logits / temperature), over
+        the `top_k` most likely tokens when given, from a generator seeded with `seed`."""
+        from .generation import generate
+
+        return generate(self, input_ids, max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
+                        seed=seed, chunk_size=chunk_size)
 
     def unembed(self, resid: torch.Tensor) -> torch.Tensor:
         """norm_f then lm_head: resid [..., d] -> logits [..., vocab] (the logit lens reuses this)."""

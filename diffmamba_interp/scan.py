@@ -45,18 +45,12 @@ __all__ = [
 
 
 class ScanOut(NamedTuple):
-    """What a scan returns. Keep y first, states second and path last: callers index [0], [1], [-1]."""
+    """What a scan returns (read it by attribute)."""
 
     y: Tensor  # [b, L, E] (S6) or [b, L, H, P] (SSD), in the input dtype
     states: Tensor | None  # h_t for every t (only when return_states)
     final_state: Tensor | None  # h_{L−1} (only when return_final_state)
     path: str  # "mamba_ssm", "numba" or "torch"
-
-    def __iter__(self):
-        # TEMPORARY, until mixers.py indexes the result ([0], [1], [-1]) instead of unpacking three
-        # values: iteration (hence unpacking) yields (y, states, path). Indexing, len and the
-        # attributes see all four fields; _replace, _asdict and pickling rely on iteration, so avoid them.
-        return iter((self.y, self.states, self.path))
 
 
 @functools.cache

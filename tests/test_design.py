@@ -97,8 +97,8 @@ def test_every_architecture_is_one_registry_entry(tiny_model):
 class _ScaledMamba2Mixer(Mamba2Mixer):
     """A made-up architecture for the test: a Mamba-2 mixer whose output is halved."""
 
-    def forward(self, h):
-        return 0.5 * super().forward(h)
+    def forward(self, h, rec=None):
+        return 0.5 * super().forward(h, rec)
 
 
 def test_a_new_architecture_needs_only_a_registry_entry(monkeypatch, tiny_model):
@@ -118,5 +118,7 @@ def test_a_new_architecture_needs_only_a_registry_entry(monkeypatch, tiny_model)
     diff = dmi.differential_attention(model, ids, layer=0)
     assert diff.shape == (1, 7, 7)
     rows = dmi.branch_lens(model, ids, targets=torch.tensor([3]), progress=False)
+    a, state = model(ids[:, :4], return_state=True)  # recurrent mode too
+    torch.testing.assert_close(torch.cat([a, model(ids[:, 4:], state=state)], 1), logits)
     assert set(rows.component) == {"mixer_1", "-λ·mixer_2", "block"}
     assert dataclasses.replace(model.cfg).arch == "halfmamba2"

@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import DiffMambaError
+from ..recurrent import collect
 from ..scan import compute_dtype
 from ..schemas import BRANCH_COMPONENTS
 from ..differential import Differential
@@ -42,27 +43,33 @@ def direct_logit(model, vec: torch.Tensor, scale_f: torch.Tensor, targets: torch
     return ((w_f * vec * scale_f.to(vec.dtype)) * w_u).sum(-1)
 
 
-def _batch_contributions(model, ids: torch.Tensor, tids: torch.Tensor, position: int, include_embed: bool):
+def final_norm_scale(model, resid: torch.Tensor) -> torch.Tensor:
+    """norm_f's 1/rms (its `hook_scale`) for final residuals resid [b, d] -> [b, 1], read from norm_f itself."""
+    seen = {}
+    with torch.no_grad(), model.hooks(fwd_hooks=[("norm_f.hook_scale", lambda t, hook: seen.update(s=t))]):
+        model.norm_f(resid.to(model.norm_f.weight.dtype))
+    return seen["s"].to(resid.dtype)
+
+
+def _batch_contributions(model, ids: torch.Tensor, tids: torch.Tensor, position: int, include_embed: bool,
+                         chunk_size: int | None):
     """-> list of (block index, component, values [b]) for one batch of equal-length prompts."""
     L = ids.shape[1]
     pos = position + L if position < 0 else position
     if not 0 <= pos < L:
         raise DiffMambaError(f"position {position} is out of range for a prompt of {L} tokens")
     diff = [i for i, b in enumerate(model.blocks) if isinstance(b, Differential)]
-    names = {"hook_embed", "norm_f.hook_scale"} | {f"blocks.{i}.hook_mixer_out" for i in range(model.cfg.n_layers)}
+    final = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+    names = {"hook_embed", final} | {f"blocks.{i}.hook_mixer_out" for i in range(model.cfg.n_layers)}
     for i in diff:
         b1, b2 = model.blocks[i].BRANCHES
         names |= {f"blocks.{i}.{b1}.hook_out", f"blocks.{i}.{b2}.hook_out", f"blocks.{i}.hook_lambda",
                   f"blocks.{i}.subln.hook_scale"}
-    cache: dict[str, torch.Tensor] = {}
     dt = compute_dtype(model.dtype)
-
-    def grab(t, hook):
-        cache[hook.name] = (t if t.ndim == 0 else t[:, pos]).detach().to(dt)
-
-    with torch.no_grad(), model.hooks(fwd_hooks=[(lambda n: n in names, grab)]):
-        model(ids)
-        s_f = cache["norm_f.hook_scale"]  # [b, 1]
+    cache = {k: (v if v.ndim == 0 else v[:, 0]) for k, v in
+             collect(model, ids, names, positions=[pos], chunk_size=chunk_size, dtype=dt).items()}
+    with torch.no_grad():
+        s_f = final_norm_scale(model, cache[final])  # [b, 1]
         dla = lambda v: direct_logit(model, v, s_f, tids)  # noqa: E731
         out = []
         if include_embed:
@@ -80,7 +87,7 @@ def _batch_contributions(model, ids: torch.Tensor, tids: torch.Tensor, position:
 
 
 def branch_lens(model, input_ids, targets, position: int = -1, include_embed: bool = False,
-                tokenizer=None, batch_size: int = 8, progress: bool = True) -> pd.DataFrame:
+                tokenizer=None, batch_size: int = 8, progress: bool = True, chunk_size: int | None = None) -> pd.DataFrame:
     """Direct logit contribution of mixer_1, −λ·mixer_2 and the whole block, per example and block.
 
     input_ids: a LongTensor [batch, pos], or a list of prompts (texts or id sequences; grouped by
@@ -88,6 +95,7 @@ def branch_lens(model, input_ids, targets, position: int = -1, include_embed: bo
     " " + target). position: where to read (default the last token of each prompt).
     include_embed: also a row (layer −1, component "embed") for the embedding's direct contribution,
     so that per example the embed and "block" rows sum to the target logit.
+    chunk_size: long prompts run in pieces with the state carried (`recurrent.collect`).
     Returns columns example, layer (block index), component, value.
     """
     tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
@@ -114,7 +122,7 @@ def branch_lens(model, input_ids, targets, position: int = -1, include_embed: bo
         ids = torch.tensor([seqs[i] for i in idx], dtype=torch.long, device=model.device)
         model.check_input_ids(ids)
         t = torch.tensor([tids[i] for i in idx], device=model.device)
-        for layer, comp, vals in _batch_contributions(model, ids, t, position, include_embed):
+        for layer, comp, vals in _batch_contributions(model, ids, t, position, include_embed, chunk_size):
             rows.extend((ex, layer, comp, float(v)) for ex, v in zip(idx, vals.cpu().tolist()))
         bar.update(len(idx))
     bar.close()

@@ -92,7 +92,7 @@ def _label(item) -> str:
 
 def compare(models_or_paths, prompts, answers=None, lens="logit", labels: Sequence[str] | None = None,
             candidates=None, n_boot: int = 1000, seed: int = 0, tokenizer=None, batch_size: int = 8,
-            progress: bool = True, bootstrap: str = "story") -> CompareResult:
+            progress: bool = True, bootstrap: str = "story", chunk_size: int | None = None) -> CompareResult:
     """Run the same prompts through several models (HookedMamba objects or checkpoint paths).
 
     lens: a name of `lens.LENSES` ("logit", "tuned": the lens saved next to the checkpoint), a
@@ -127,7 +127,7 @@ def compare(models_or_paths, prompts, answers=None, lens="logit", labels: Sequen
         model = load_model(item) if isinstance(item, (str, os.PathLike)) else item
         ln = resolve_lens(model, ln)
         df = target_probs(model, prompts, answers, lens=ln, candidates=candidates, tokenizer=tokenizer,
-                          batch_size=batch_size, progress=progress)
+                          batch_size=batch_size, progress=progress, chunk_size=chunk_size)
         frames.append(df.assign(model=lab)[["model", *TARGET_COLUMNS]])
         depth[lab] = model.cfg.n_layers
     per_example = pd.concat(frames, ignore_index=True)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DiffMambaError, one_line
+from ..recurrent import collect
 from ..scan import compute_dtype
 
 __all__ = ["Lens", "LogitLens", "TunedLens", "LensTrainConfig", "LENSES", "logit_lens", "resolve_lens", "has_tuned_lens",
@@ -45,45 +46,22 @@ def lens_layers(model) -> list[str]:
     return ["hook_embed"] + [f"blocks.{i}.hook_resid_post" for i in range(model.cfg.n_layers)]
 
 
-def _positions(positions, L: int) -> list[int] | None:
-    """Normalise positions (None, an int or ints, negatives counting from the end) to indices 0..L−1."""
-    if positions is None:
-        return None
-    if isinstance(positions, torch.Tensor):
-        positions = positions.flatten().tolist()
-    elif isinstance(positions, int):
-        positions = [positions]
-    out = []
-    for p in positions:
-        q = int(p) + L if int(p) < 0 else int(p)
-        if not 0 <= q < L:
-            raise DiffMambaError(f"position {p} is out of range for a sequence of {L} tokens")
-        out.append(q)
-    if not out:
-        raise DiffMambaError("positions is empty")
-    return out
+def residuals(model, input_ids: torch.Tensor, positions=None, return_logits: bool = False,
+              chunk_size: int | None = None):
+    """Residual stream at every lens layer, no grad -> [K, B, P, d] (and the logits [B, P, V] at those positions).
 
-
-def residuals(model, input_ids: torch.Tensor, positions=None, return_logits: bool = False):
-    """Residual stream at every lens layer, no grad -> [K, B, P, d] (and the logits [B, L, V]).
-
-    Only the requested positions are kept while the forward runs, so long prompts read at one
-    position cost K·B·d memory, not K·B·L·d.
+    The prompt runs in pieces of `chunk_size` tokens with the state carried (`recurrent.collect`;
+    default `recurrent.DEFAULT_CHUNK`) and only the requested positions are kept, so a long prompt
+    read at one position costs K·B·d memory, not K·B·L·d, and no [B, L, V] logits are built.
     """
     model.check_input_ids(input_ids)
-    pos = _positions(positions, input_ids.shape[1])
     names = lens_layers(model)
-    index = {n: k for k, n in enumerate(names)}
-    found: list[torch.Tensor | None] = [None] * len(names)
-    dt = compute_dtype(model.dtype)
-
-    def grab(t, hook):
-        found[index[hook.name]] = (t if pos is None else t[:, pos]).detach().to(dt)
-
-    with torch.no_grad(), model.hooks(fwd_hooks=[(lambda n: n in index, grab)]):
-        logits = model(input_ids.to(model.device))
-    resid = torch.stack(found)  # [K, B, P, d]
-    return (resid, logits) if return_logits else resid
+    kept = collect(model, input_ids, names, positions, chunk_size=chunk_size, dtype=compute_dtype(model.dtype))
+    resid = torch.stack([kept[n] for n in names])  # [K, B, P, d]
+    if not return_logits:
+        return resid
+    with torch.no_grad():
+        return resid, model.unembed(resid[-1])  # the model's logits at those positions
 
 
 class Lens(nn.Module, ABC):
@@ -118,12 +96,14 @@ class Lens(nn.Module, ABC):
             raise DiffMambaError(f"lens layer {layer} out of range 0..{model.cfg.n_layers}")
         return model.unembed(self.transform(h, layer))
 
-    def log_probs(self, model, input_ids: torch.Tensor, positions=None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def log_probs(self, model, input_ids: torch.Tensor, positions=None, dtype: torch.dtype | None = None,
+                  chunk_size: int | None = None) -> torch.Tensor:
         """input_ids [B, L] -> lens log-probs [K, B, P, V] (P = L, or len(positions)); no grad.
-        dtype: of the log-softmax (default the compute dtype; float64 keeps p ≈ 1 apart from 1)."""
+        dtype: of the log-softmax (default the compute dtype; float64 keeps p ≈ 1 apart from 1).
+        chunk_size: tokens per piece of a long prompt (see `residuals`)."""
         model = self._model(model)
         self.check_model(model)
-        return self._log_probs(model, residuals(model, input_ids, positions), dtype)
+        return self._log_probs(model, residuals(model, input_ids, positions, chunk_size=chunk_size), dtype)
 
     def _log_probs(self, model, resid: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         dtype = dtype or resid.dtype
@@ -137,8 +117,7 @@ class Lens(nn.Module, ABC):
         self.check_model(model)
         resid, logits = residuals(model, input_ids, positions, return_logits=True)
         lp = self._log_probs(model, resid)  # [K, B, P, V]
-        pos = _positions(positions, input_ids.shape[1])
-        final = F.log_softmax((logits if pos is None else logits[:, pos]).detach().to(lp.dtype), -1)  # [B, P, V]
+        final = F.log_softmax(logits.detach().to(lp.dtype), -1)  # [B, P, V]
         return (final.exp() * (final - lp)).sum(-1).mean((1, 2))
 
 

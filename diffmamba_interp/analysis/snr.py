@@ -44,7 +44,7 @@ BOOTSTRAPS = ("story", "question")  # what the bootstrap resamples: story cluste
 
 
 def target_probs(model, prompts, answers=None, lens="logit", candidates=None, tokenizer=None,
-                 batch_size: int = 8, progress: bool = True, stories=None) -> pd.DataFrame:
+                 batch_size: int = 8, progress: bool = True, stories=None, chunk_size: int | None = None) -> pd.DataFrame:
     """Lens probability of each answer's first token at the last prompt position, per layer.
 
     prompts: texts (or token-id sequences), or `Prompt` objects when answers is None.
@@ -52,6 +52,8 @@ def target_probs(model, prompts, answers=None, lens="logit", candidates=None, to
     lens: a name of `lens.LENSES` ("logit", "tuned") or a `Lens` (see `lens.resolve_lens`).
     candidates: per example a list of other answers (strings or ids) for the distractor ratio.
     stories: per example its story (cluster) id; by default `Prompt.meta["story"]`, else the example.
+    chunk_size: long prompts run in pieces of this many tokens with the state carried (default
+    `recurrent.DEFAULT_CHUNK`), only the last position is read, so memory does not grow with length.
     Returns one row per (example, layer), columns `TARGET_COLUMNS`; layer 0 = embeddings.
     Raises DiffMambaError when a log-probability is not finite (NaN weights, an overflow).
     """
@@ -84,7 +86,7 @@ def target_probs(model, prompts, answers=None, lens="logit", candidates=None, to
     bar = tqdm(total=n, desc="target probs", file=sys.stderr, disable=not progress)
     for idx in length_batches(seqs, batch_size):
         ids = torch.tensor([seqs[i] for i in idx], dtype=torch.long, device=model.device)
-        lp = lens.log_probs(model, ids, positions=[-1], dtype=torch.float64)[:, :, 0]  # [K, b, V]
+        lp = lens.log_probs(model, ids, positions=[-1], dtype=torch.float64, chunk_size=chunk_size)[:, :, 0]  # [K, b, V]
         if not bool(torch.isfinite(lp).all()):
             raise DiffMambaError(f"the {type(lens).__name__} gives non-finite log-probabilities (NaN or inf) for "
                                  f"example {idx[0]}: check the model's weights and config (e.g. NaN weights or eps)")

@@ -8,6 +8,8 @@ A new architecture adds one mixer file that implements `Mixer` (and `ScanUnit` f
 one entry in `archs.ARCHS`; the analysis code asks the mixer, never its attributes by name:
 - `A()`: the state matrix A = −exp(A_log) in the scan's compute dtype;
 - `SCAN_HOOKS`: the hooks of its scan inputs and outputs (Δ, B, C, x, h, y), relative names;
+- `state_shapes()` and a `forward(h, rec)` that reads its initial state from a `state.Recurrence`
+  and writes its final one (recurrent mode: chunked prefill, decoding, state patching);
 - `attention_hooks(kind, branch)` / `implicit_attention(cache, kind, ...)`: the hooks its
   implicit-attention map needs and the map itself, computed from a cache of those hooks.
 """
@@ -74,6 +76,12 @@ class ScanUnit(nn.Module):
 
     capture_states: bool
     last_path: str
+    state_key: str | None = None  # this unit's module path, the key of its entry in a `ModelState` (set by HookedMamba)
+    conv_group: str | None = None  # units of one conv (the cores of a Diff-S6 mixer) share a conv state
+
+    def state_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Per batch row: the shape of the conv state and of the SSM state (`state.MixerState`)."""
+        raise NotImplementedError
 
     def A(self) -> Tensor:
         """A = −exp(A_log) ([E, N] for S6, [H] for SSD) in float32 (float64 in a float64 model)."""

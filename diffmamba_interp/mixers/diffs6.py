@@ -11,6 +11,7 @@ import torch
 from transformer_lens.hook_points import HookPoint
 
 from ..differential import Differential
+from ..state import Recurrence
 from .base import Mixer, MixerDims
 from .mamba1 import S6, ConvFront
 
@@ -36,10 +37,18 @@ class DiffS6Mixer(ConvFront, Differential, Mixer):
         self.hook_lambda = HookPoint()  # []  λ
         self.hook_diff = HookPoint()  # [batch, pos, E]  S6₁ − λ·S6₂
 
-    def forward(self, h: Tensor) -> Tensor:
-        u, z = self.front(h)
+    def forward(self, h: Tensor, rec: Recurrence | None = None) -> Tensor:
+        """h [batch, pos, d] -> [batch, pos, d]; the two cores share the conv state (stored under both keys)."""
+        k1, k2 = self.ssm_1.state_key, self.ssm_2.state_key
+        collect = rec is not None and rec.collect
+        u, z, conv = self.front(h, rec.conv_in(k1) if rec else None, collect)
         lam = self.hook_lambda(self.lam())
-        return self.back(self.combine(self.ssm_1(u), self.ssm_2(u), lam), z)
+        y1, h1 = self.ssm_1(u, rec.ssm_in(k1) if rec else None, collect)
+        y2, h2 = self.ssm_2(u, rec.ssm_in(k2) if rec else None, collect)
+        if collect:
+            rec.put(k1, conv, h1)
+            rec.put(k2, conv, h2)
+        return self.back(self.combine(y1, y2, lam), z)
 
     @property
     def last_path(self) -> str:

@@ -19,7 +19,8 @@ from torch import nn
 from transformer_lens.hook_points import HookPoint
 
 from .. import implicit
-from ..scan import causal_conv1d, selective_scan
+from ..scan import causal_conv1d, causal_conv1d_final_state, selective_scan, selective_state_step
+from ..state import Recurrence
 from .base import Mixer, MixerDims, ScanUnit, init_dt_bias
 
 Tensor = torch.Tensor
@@ -30,7 +31,7 @@ class S6Core(ScanUnit):
 
     def _init_s6(self, dims: MixerDims) -> None:
         E, N, R = dims.d_inner, dims.d_state, dims.dt_rank
-        self.d_state, self.dt_rank = N, R
+        self.d_state, self.dt_rank, self.d_conv, self.scan_width = N, R, dims.d_conv, E
         self.capture_states = False
         self.last_path = ""
         self.x_proj = nn.Linear(E, R + 2 * N, bias=False)
@@ -45,18 +46,29 @@ class S6Core(ScanUnit):
         self.hook_ssm_state = HookPoint()  # [batch, pos, E, N]  h_t (only when hooked)
         self.hook_ssm_out = HookPoint()  # [batch, pos, E]  C·h + D⊙u
 
-    def ssm(self, u: Tensor) -> Tensor:
-        """u [batch, pos, E] -> y [batch, pos, E]."""
+    def state_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Per batch row: conv state (E, K − 1) and SSM state (E, N)."""
+        return (self.scan_width, self.d_conv - 1), (self.scan_width, self.d_state)
+
+    def ssm(self, u: Tensor, state: Tensor | None = None, want_final: bool = False) -> tuple[Tensor, Tensor | None]:
+        """u [batch, pos, E], state h_{−1} [batch, E, N] (zeros when None) -> (y [batch, pos, E],
+        the state after the last position when `want_final`). One position from a state takes the
+        O(1) step."""
         dt_low, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = self.hook_dt(F.softplus(self.dt_proj(dt_low)))  # [batch, pos, E]
         B, C = self.hook_B(B), self.hook_C(C)  # [batch, pos, N]
         want = self.wants_states()
-        res = selective_scan(u, dt, self.A(), B, C, self.D, return_states=want)
-        y, states, self.last_path = res[0], res[1], res[-1]
-        if want:
-            states = self.hook_ssm_state(states)
-            y = (torch.einsum("blen,bln->ble", states, C.to(states.dtype)) + self.D * u.to(states.dtype)).to(u.dtype)
-        return self.hook_ssm_out(y)
+        if state is not None and u.shape[1] == 1 and not want:  # decoding: h_t from h_{t−1}
+            y, final = selective_state_step(state, u[:, 0], dt[:, 0], self.A(), B[:, 0], C[:, 0], self.D)
+            y, self.last_path = y[:, None], "step"
+        else:
+            res = selective_scan(u, dt, self.A(), B, C, self.D, initial_state=state, return_final_state=want_final,
+                                 return_states=want)
+            y, states, final, self.last_path = res.y, res.states, res.final_state, res.path
+            if want:
+                states = self.hook_ssm_state(states)
+                y = (torch.einsum("blen,bln->ble", states, C.to(states.dtype)) + self.D * u.to(states.dtype)).to(u.dtype)
+        return self.hook_ssm_out(y), (final if want_final else None)
 
     def scan_map(self, cache: Mapping[str, Tensor], prefix: str, reduce, chunk) -> Tensor:
         """The S6 map α of this core ([b, E, L, L]) from the cached hook_dt/B/C under `prefix`."""
@@ -83,13 +95,15 @@ class ConvFront(nn.Module):
         self.hook_gated = HookPoint()  # [batch, pos, E]  y ⊙ SiLU(z)
         self.hook_out = HookPoint()  # [batch, pos, d]
 
-    def front(self, h: Tensor) -> tuple[Tensor, Tensor]:
-        """h [batch, pos, d] -> (u, z), both [batch, pos, E]."""
+    def front(self, h: Tensor, conv_state: Tensor | None = None, want_state: bool = False):
+        """h [batch, pos, d], conv_state [batch, E, K − 1] (the K − 1 inputs before h; zeros when None)
+        -> (u, z) [batch, pos, E] and the conv state after h (None unless `want_state`)."""
         x, z = self.hook_in_proj(self.in_proj(h)).chunk(2, dim=-1)
         x, z = self.hook_x(x), self.hook_z(z)
-        v, _ = causal_conv1d(x, self.conv1d.weight, self.conv1d.bias)
+        v, _ = causal_conv1d(x, self.conv1d.weight, self.conv1d.bias, initial_state=conv_state)
         u = self.hook_ssm_in(F.silu(self.hook_conv(v)))
-        return u, z
+        final = causal_conv1d_final_state(x, self.conv1d.kernel_size[0], conv_state) if want_state else None
+        return u, z, final
 
     def back(self, y: Tensor, z: Tensor) -> Tensor:
         """y [batch, pos, E], z [batch, pos, E] -> [batch, pos, d]."""
@@ -116,9 +130,14 @@ class Mamba1Mixer(ConvFront, S6Core, Mixer):
         self._init_front(dims)
         self._init_s6(dims)
 
-    def forward(self, h: Tensor) -> Tensor:
-        u, z = self.front(h)
-        return self.back(self.ssm(u), z)
+    def forward(self, h: Tensor, rec: Recurrence | None = None) -> Tensor:
+        """h [batch, pos, d] -> [batch, pos, d]; `rec` carries the state in and out (`HookedMamba`)."""
+        key, collect = self.state_key, rec is not None and rec.collect
+        u, z, conv = self.front(h, rec.conv_in(key) if rec else None, collect)
+        y, final = self.ssm(u, rec.ssm_in(key) if rec else None, collect)
+        if collect:
+            rec.put(key, conv, final)
+        return self.back(y, z)
 
     def attention_hooks(self, kind: str, branch: int | None = None) -> list[str]:
         names = ["hook_dt", "hook_B", "hook_C"]
@@ -137,5 +156,5 @@ class S6(S6Core):
         super().__init__()
         self._init_s6(dims)
 
-    def forward(self, u: Tensor) -> Tensor:
-        return self.ssm(u)
+    def forward(self, u: Tensor, state: Tensor | None = None, want_final: bool = False):
+        return self.ssm(u, state, want_final)

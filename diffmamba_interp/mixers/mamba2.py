@@ -15,7 +15,8 @@ from transformer_lens.hook_points import HookPoint
 
 from .. import implicit
 from ..norms import GatedRMSNorm
-from ..scan import causal_conv1d, ssd
+from ..scan import causal_conv1d, causal_conv1d_final_state, ssd, ssd_state_step
+from ..state import Recurrence
 from .base import Mixer, MixerDims, ScanUnit, init_dt_bias
 
 Tensor = torch.Tensor
@@ -69,12 +70,19 @@ class Mamba2Mixer(ScanUnit, Mixer):
         self.hook_gate = HookPoint()  # [batch, pos, E]  SiLU(z)
         self.hook_out = HookPoint()  # [batch, pos, d]
 
-    def forward(self, h: Tensor) -> Tensor:
+    def state_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Per batch row: conv state (E + 2GN, K − 1) and SSM state (H, P, N)."""
+        return (self.conv_dim, self.conv1d.kernel_size[0] - 1), (self.n_heads, self.head_dim, self.d_state)
+
+    def forward(self, h: Tensor, rec: Recurrence | None = None) -> Tensor:
+        """h [batch, pos, d] -> [batch, pos, d]; `rec` carries the state in and out (`HookedMamba`)."""
         b, L, _ = h.shape
         E, G, N, H, P = self.d_inner, self.n_groups, self.d_state, self.n_heads, self.head_dim
+        key, collect = self.state_key, rec is not None and rec.collect
+        conv_state, state = (rec.conv_in(key), rec.ssm_in(key)) if rec else (None, None)
         z, xBC, dt = self.hook_in_proj(self.in_proj(h)).split([E, self.conv_dim, H], dim=-1)
         z, xBC = self.hook_z(z), self.hook_xBC(xBC)
-        v, _ = causal_conv1d(xBC, self.conv1d.weight, self.conv1d.bias)
+        v, _ = causal_conv1d(xBC, self.conv1d.weight, self.conv1d.bias, initial_state=conv_state)
         x, B, C = F.silu(self.hook_conv(v)).split([E, G * N, G * N], dim=-1)
         x = self.hook_ssm_in(x.reshape(b, L, H, P))
         B = self.hook_B(B.reshape(b, L, G, N))
@@ -82,8 +90,15 @@ class Mamba2Mixer(ScanUnit, Mixer):
         lo, hi = self.time_step_limit
         dt = self.hook_dt(F.softplus(dt + self.dt_bias).clamp(lo, hi))  # [batch, pos, H]
         want = self.wants_states()
-        res = ssd(x, dt, self.A(), B, C, self.D, chunk_size=self.chunk_size, return_states=want)
-        y, states, self.last_path = res[0], res[1], res[-1]
+        if state is not None and L == 1 and not want:  # decoding: h_t from h_{t−1}
+            y, final = ssd_state_step(state, x[:, 0], dt[:, 0], self.A(), B[:, 0], C[:, 0], self.D)
+            y, self.last_path = y[:, None], "step"
+        else:
+            res = ssd(x, dt, self.A(), B, C, self.D, chunk_size=self.chunk_size, initial_state=state,
+                      return_final_state=collect, return_states=want)
+            y, states, final, self.last_path = res.y, res.states, res.final_state, res.path
+        if collect:
+            rec.put(key, causal_conv1d_final_state(xBC, self.conv1d.kernel_size[0], conv_state), final)
         if want:
             states = self.hook_ssm_state(states)
             Ch = C.to(states.dtype).repeat_interleave(H // G, dim=2)  # [batch, pos, H, N]
