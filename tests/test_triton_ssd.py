@@ -175,6 +175,9 @@ def naive_ssd(x, dt, A, B, C, D, h0):
 
 
 def case_kernel(kernel, dtype="float32", h0=False, shape=(2, 50, 4, 8, 16, 2), chunk=16, seed=0):
+    """The kernel called directly as our dispatch would (Δ already softplus'ed, A and D float32), x, Δ, B, C
+    in `dtype`; shape = (batch, L, H, P, N, G). With h0: initial_states= and return_final_states=True,
+    against naive_ssd; without: against ssd_torch. Both references in float64."""
     import torch
 
     from diffmamba_interp.scan import ssd_torch
