@@ -3,8 +3,9 @@ interpreter (TRITON_INTERPRET=1), forward and backward, against our PyTorch SSD 
 SPEC §1) and against a float64 step-by-step loop.
 
 The kernel code under test is mamba_ssm/ops/triton/ssd_*.py as released (mamba-ssm 2.3.2.post1 with
-triton 3.7.1, installed by `make triton-ssd` = scripts/install_triton_ssd.sh); the interpreter executes
-each Triton program with numpy instead of compiling it for a GPU. tests/triton_cpu.py lists the four
+triton 3.7.1, installed by `make triton-ssd` = scripts/install_triton_ssd.sh into .venv/triton-ssd, a
+directory only these child processes put on their path); the interpreter executes each Triton program
+with numpy instead of compiling it for a GPU. tests/triton_cpu.py lists the four
 workarounds this needs and the import stand-ins for the CUDA extension modules (never called: every
 case checks that nothing was read from them).
 
@@ -55,8 +56,7 @@ def _run(case: str) -> dict:
     reason = triton_cpu.missing_reason()
     if reason:
         pytest.skip(reason)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(
-        p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
+    env = triton_cpu.child_env(ROOT)
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, __file__, case], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)

@@ -28,13 +28,15 @@ from __future__ import annotations
 
 import contextlib
 import importlib.machinery
-import importlib.util
 import os
 import sys
 import types
 from pathlib import Path
 
-# The status line scripts/install_triton_ssd.sh leaves in the venv ("ok …" or "failed: <why>").
+# Where scripts/install_triton_ssd.sh (`make triton-ssd`) puts triton, mamba-ssm and causal-conv1d:
+# a directory of its own next to the venv's site-packages, on sys.path only in the child processes.
+SITE = Path(sys.prefix) / "triton-ssd"
+# The status line the script leaves ("ok …" or "failed: <why>").
 STATUS_FILE = Path(sys.prefix) / "triton-ssd.status"
 INSTALL_HINT = "run make triton-ssd"
 EXTENSIONS = ("selective_scan_cuda", "causal_conv1d_cuda")
@@ -43,17 +45,24 @@ STAND_IN_USES: list[str] = []
 
 
 def missing_reason() -> str | None:
-    """Why the kernel tests cannot run here (without importing anything), or None."""
-    missing = [name for name, mod in (("triton", "triton"), ("mamba-ssm", "mamba_ssm"),
-                                      ("causal-conv1d", "causal_conv1d")) if importlib.util.find_spec(mod) is None]
+    """Why the kernel tests cannot run here (found without importing anything), or None."""
+    packages = (("triton", "triton"), ("mamba-ssm", "mamba_ssm"), ("causal-conv1d", "causal_conv1d"))
+    missing = [name for name, mod in packages if importlib.machinery.PathFinder.find_spec(mod, [str(SITE)]) is None]
     if not missing:
         return None
-    why = f"{', '.join(missing)} not installed: {INSTALL_HINT}"
+    why = f"{', '.join(missing)} not installed in {SITE}: {INSTALL_HINT}"
     if STATUS_FILE.exists():
         status = STATUS_FILE.read_text().strip()
         if status.startswith("failed"):
             why += f" (last attempt {status})"
     return why
+
+
+def child_env(root: Path) -> dict[str, str]:
+    """The environment of a child process that runs the kernels: TRITON_INTERPRET=1 from the start, and
+    SITE (then the project root) first on its path."""
+    path = [str(SITE), str(root), os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(p for p in path if p)}
 
 
 class _ExtensionStandIn(types.ModuleType):
