@@ -98,6 +98,8 @@ def test_fp32_initial_and_final_states_against_a_float64_loop():
     r = _run("fp32_states")
     assert r["errors"]["loop_vs_ssd_torch"] <= 1e-12  # the loop itself is right
     _check(r["errors"], ("y", "final_state", *GRADS, "dinitial_states"), FP32_TOL)
+    # where ssd_torch takes initial_state= (see the TODO in case_kernel): the kernel against it as well
+    _check(r["errors"], [k for k in r["errors"] if k.endswith("_vs_ssd_torch")], FP32_TOL)
 
 
 def test_bf16_forward_backward():
@@ -105,6 +107,7 @@ def test_bf16_forward_backward():
     initial state: the kernel against float64 references on the same bf16 values, within BF16_TOL."""
     r = _run("bf16")
     _check(r["errors"], ("y", "final_state", *GRADS, "dinitial_states"), BF16_TOL)
+    _check(r["errors"], [k for k in r["errors"] if k.endswith("_vs_ssd_torch")], BF16_TOL)
     assert r["dtypes"]["y"] == "torch.bfloat16" and r["dtypes"]["dx"] == "torch.bfloat16"
 
 
@@ -113,10 +116,14 @@ def test_through_our_dispatch_argument_layout():
     tensors): the call goes through the dispatch branch, which calls the kernel function object that
     `scan.gpu_kernels()` returns (asserted to be mamba-ssm's real `mamba_chunk_scan_combined`), with the
     argument layout our model uses (contiguous x/dt/B/C, A.float(), D.float(), dt_softplus=False).
-    fp32 with G = 1, L = 37 and chunk_size 8, forward and autograd backward through `ssd`."""
+    fp32 with G = 1, L = 37 and chunk_size 8, forward and autograd backward through `ssd`; where `ssd` takes
+    initial_state= / return_final_state= (the state-carrying scans), also those, against naive_ssd."""
     r = _run("dispatch")
-    assert r["path"] == "mamba_ssm" and r["same_kernel_object"]
+    assert r["path"] == "mamba_ssm" and r["same_kernel_object"] and not r["states"]
     _check(r["errors"], ("y", *GRADS), FP32_TOL)
+    if "path_h0" in r:  # a dispatch that takes initial_state= (the state-carrying scans): via the kernel too
+        assert r["path_h0"] == "mamba_ssm"
+        _check(r["errors"], [k for k in r["errors"] if k.endswith("_h0")], FP32_TOL)
 
 
 # -- the cases (child side: python tests/test_triton_ssd.py CASE, with TRITON_INTERPRET=1) --------------
@@ -160,6 +167,16 @@ def _grad_errors(ker: dict, ref: dict, names: dict) -> dict:
 GRAD_OF = {"dx": "x", "ddt": "dt", "dA": "A", "dB": "B", "dC": "C", "dD": "D"}
 
 
+def _takes_initial_state(fn) -> bool:
+    import inspect
+
+    return "initial_state" in inspect.signature(fn).parameters
+
+
+# The scans return (y, states) on this branch and ScanOut(y, states, final_state, path) once the
+# state-carrying scans are merged: index them ([0] y, [1] states, [2] final_state, [-1] path), never unpack.
+
+
 def naive_ssd(x, dt, A, B, C, D, h0):
     """h_t = exp(Δ_t A) h_{t−1} + Δ_t x_t ⊗ B_t,  y_t = h_t C_t + D x_t  (SPEC §1), one step at a time from
     h_{−1} = h0 [batch, H, P, N]. Returns (y [batch, L, H, P], h_{L−1})."""
@@ -196,9 +213,6 @@ def case_kernel(kernel, dtype="float32", h0=False, shape=(2, 50, 4, 8, 16, 2), c
     out = kernel(ker["x"], ker["dt"], ker["A"], ker["B"], ker["C"], chunk, D=ker["D"], **kw)
     if h0:
         y, final = out
-        # TODO(ssd_torch(initial_state=...)): ssd_torch has no initial_state argument in this worktree (it is
-        # being added on a parallel branch). Once it has, compare y, the final state and the gradients here
-        # against ssd_torch(..., initial_state=ref["h0"]) too, not only against naive_ssd.
         y_ref, final_ref = naive_ssd(ref["x"], ref["dt"], ref["A"], ref["B"], ref["C"], ref["D"], ref["h0"])
         gh = torch.randn(final_ref.shape, generator=g, dtype=torch.float64)
         (y.double() * gy).sum().add((final.double() * gh).sum()).backward()
@@ -208,11 +222,24 @@ def case_kernel(kernel, dtype="float32", h0=False, shape=(2, 50, 4, 8, 16, 2), c
         # the loop against ssd_torch (both float64) with a zero start state
         with torch.no_grad():
             y0, _ = naive_ssd(*(ref[k] for k in ("x", "dt", "A", "B", "C", "D")), torch.zeros_like(ref["h0"]))
-            y1, _ = ssd_torch(*(ref[k] for k in ("x", "dt", "A", "B", "C", "D")), chunk_size=chunk)
+            y1 = ssd_torch(*(ref[k] for k in ("x", "dt", "A", "B", "C", "D")), chunk_size=chunk)[0]
         errors["loop_vs_ssd_torch"] = _rel(y0, y1)
+        # TODO(ssd_torch(initial_state=...)): ssd_torch on this branch has no initial_state argument, so
+        # initial states are checked against naive_ssd only. The state-carrying scans (main, merge of
+        # scan-states) add ssd_torch(initial_state=..., return_final_state=True); where it exists, the
+        # kernel is also compared with it below (y, final state, all gradients). Once this branch is
+        # merged, drop the `if` and make that comparison unconditional.
+        if _takes_initial_state(ssd_torch):
+            ref2 = {k: v.detach().clone().requires_grad_() for k, v in ref.items()}
+            out = ssd_torch(*(ref2[k] for k in ("x", "dt", "A", "B", "C", "D")), chunk_size=chunk,
+                            initial_state=ref2["h0"], return_final_state=True)
+            (out[0] * gy).sum().add((out[2] * gh).sum()).backward()
+            errors |= {"y_vs_ssd_torch": _rel(y, out[0]), "final_state_vs_ssd_torch": _rel(final, out[2])}
+            errors |= {f"{n}_vs_ssd_torch": _rel(ker[k].grad, ref2[k].grad)
+                       for n, k in (GRAD_OF | {"dinitial_states": "h0"}).items()}
     else:
         y = out
-        y_ref, _ = ssd_torch(ref["x"], ref["dt"], ref["A"], ref["B"], ref["C"], ref["D"], chunk_size=chunk)
+        y_ref = ssd_torch(ref["x"], ref["dt"], ref["A"], ref["B"], ref["C"], ref["D"], chunk_size=chunk)[0]
         (y.double() * gy).sum().backward()
         (y_ref * gy).sum().backward()
         errors = {"y": _rel(y, y_ref)} | _grad_errors(ker, ref, GRAD_OF)
@@ -235,8 +262,8 @@ def case_fp32_softplus(kernel):
     ker, ref = _leaves(t, {k: torch.float32 for k in t})
     y = kernel(ker["x"], ker["dt"], ker["A"], ker["B"], ker["C"], chunk, D=ker["D"], dt_bias=ker["dt_bias"],
                dt_softplus=True)
-    y_ref, _ = ssd_torch(ref["x"], F.softplus(ref["dt"] + ref["dt_bias"]), ref["A"], ref["B"], ref["C"],
-                         torch.zeros(H, dtype=torch.float64), chunk_size=chunk)
+    y_ref = ssd_torch(ref["x"], F.softplus(ref["dt"] + ref["dt_bias"]), ref["A"], ref["B"], ref["C"],
+                      torch.zeros(H, dtype=torch.float64), chunk_size=chunk)[0]
     y_ref = y_ref + ref["D"] * ref["x"]  # D [H, P]
     gy = torch.randn(y_ref.shape, generator=g, dtype=torch.float64)
     (y.double() * gy).sum().backward()
@@ -256,13 +283,28 @@ def case_dispatch(kernel):
     chunk = 8
     t = _inputs(1, 37, 2, 8, 16, 1, seed=4)
     ker, ref = _leaves(t, {k: torch.float32 for k in t})
-    y, states, path = scan.ssd(ker["x"], ker["dt"], ker["A"], ker["B"], ker["C"], ker["D"], chunk_size=chunk)
-    y_ref, _ = scan.ssd_torch(ref["x"], ref["dt"], ref["A"], ref["B"], ref["C"], ref["D"], chunk_size=chunk)
-    gy = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    out = scan.ssd(ker["x"], ker["dt"], ker["A"], ker["B"], ker["C"], ker["D"], chunk_size=chunk)
+    y, states, path = out[0], out[1], out[-1]
+    y_ref = scan.ssd_torch(ref["x"], ref["dt"], ref["A"], ref["B"], ref["C"], ref["D"], chunk_size=chunk)[0]
+    g = torch.Generator().manual_seed(5)
+    gy = torch.randn(y_ref.shape, generator=g, dtype=torch.float64)
     (y.double() * gy).sum().backward()
     (y_ref * gy).sum().backward()
     errors = {"y": _rel(y, y_ref)} | _grad_errors(ker, ref, GRAD_OF)
-    return {"errors": errors, "path": path, "same_kernel_object": same, "states": states is not None}
+    result = {"path": path, "same_kernel_object": same, "states": states is not None}
+    if _takes_initial_state(scan.ssd):  # the state-carrying dispatch passes initial_states= to the kernel
+        t = _inputs(1, 37, 2, 8, 16, 1, seed=9, h0=True)
+        ker, ref = _leaves(t, {k: torch.float32 for k in t})
+        out = scan.ssd(ker["x"], ker["dt"], ker["A"], ker["B"], ker["C"], ker["D"], chunk_size=chunk,
+                       initial_state=ker["h0"], return_final_state=True)
+        y_ref, final_ref = naive_ssd(ref["x"], ref["dt"], ref["A"], ref["B"], ref["C"], ref["D"], ref["h0"])
+        gh = torch.randn(final_ref.shape, generator=g, dtype=torch.float64)
+        (out[0].double() * gy).sum().add((out[2].double() * gh).sum()).backward()
+        (y_ref * gy).sum().add((final_ref * gh).sum()).backward()
+        errors |= {"y_h0": _rel(out[0], y_ref), "final_state_h0": _rel(out[2], final_ref)}
+        errors |= {f"{n}_h0": _rel(ker[k].grad, ref[k].grad) for n, k in (GRAD_OF | {"dinitial_states": "h0"}).items()}
+        result["path_h0"] = out[-1]
+    return result | {"errors": errors}
 
 
 CASES = {
