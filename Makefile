@@ -7,7 +7,7 @@ CONSTRAINTS ?= constraints.txt
 BIN := $(VENV)/bin
 PIP := PIP_CONSTRAINT=$(abspath $(CONSTRAINTS)) $(BIN)/python -m pip
 
-.PHONY: demo test install install-test models benchmarks clean chromium
+.PHONY: demo test install install-test models benchmarks clean chromium triton-ssd
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +31,12 @@ demo: install
 chromium:
 	@command -v chromium >/dev/null 2>&1 || { (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "chromium not installed: report browser test will be skipped"; }
 
-test: install-test chromium
+# triton + mamba-ssm/causal-conv1d without CUDA, for the real Triton SSD kernel on CPU
+# (tests/test_triton_ssd.py; skipped with the reason where it cannot be installed).
+triton-ssd: install-test
+	@PIP_CONSTRAINT=$(abspath $(CONSTRAINTS)) bash scripts/install_triton_ssd.sh $(VENV)
+
+test: install-test chromium triton-ssd
 	$(BIN)/python -m pytest -n 2 -q
 
 # The shipped models: 4000 steps from scratch, then 6000 more (see each model card). About 25 + 35
