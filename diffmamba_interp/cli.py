@@ -110,6 +110,8 @@ QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars.")
 PRESET = typer.Option(None, "--preset", help="paper: the Diff-Mamba paper's protocol (BABILong 0k, qa1-qa20, last 100 each, "
                       "shuffled with seed 42, tuned lens).")
 BOOTSTRAP = typer.Option("story", "--bootstrap", help="What the CIs resample: story (questions of one story together) or question.")
+CHUNK = typer.Option(None, "--chunk-size", help="Long prompts run in pieces of this many tokens, the state carried "
+                     "(default 2048): memory stays bounded at any length.")
 FILLER = typer.Option("books", "--filler", help="babilong filler: books (public-domain prose), babi (sentences of other bAbI "
                       "tasks: distractors) or a text file.")
 
@@ -119,6 +121,7 @@ FILLER = typer.Option("books", "--filler", help="babilong filler: books (public-
 def snr(
     ckpt: Optional[List[str]] = CKPT, data: Optional[str] = DATA, n: Optional[int] = N, lens: Optional[LensKind] = LENS,
     seed: int = SEED, preset: Optional[Preset] = PRESET, bootstrap: Bootstrap = BOOTSTRAP, filler: str = FILLER,
+    chunk_size: Optional[int] = CHUNK,
     ckpt_a: Optional[List[str]] = typer.Option(None, "--ckpt-a", help="Seeds of architecture a (repeat, or a glob): seed-level statistics."),
     ckpt_b: Optional[List[str]] = typer.Option(None, "--ckpt-b", help="Seeds of architecture b (repeat, or a glob)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON (schema in the README)."),
@@ -136,7 +139,7 @@ def snr(
         if out:
             raise DiffMambaError("--out is not available with --ckpt-a/--ckpt-b yet; use --json")
         seeds = run_seed_snr(ckpt_a or [], ckpt_b or [], data, n, _value(lens), seed=seed, progress=not quiet,
-                             preset=_value(preset), bootstrap=_value(bootstrap), filler=filler)
+                             preset=_value(preset), bootstrap=_value(bootstrap), filler=filler, chunk_size=chunk_size)
         typer.echo(seeds.title)
         _print_table(seeds.summary_table())
         typer.echo("\npaired difference of prob across seeds (b − a):")
@@ -148,7 +151,7 @@ def snr(
         return
 
     run = run_snr(ckpt, data, n, _value(lens), seed=seed, progress=not quiet, preset=_value(preset),
-                  bootstrap=_value(bootstrap), filler=filler)
+                  bootstrap=_value(bootstrap), filler=filler, chunk_size=chunk_size)
     typer.echo(run.title)
     _print_table(run.summary_table())
     if len(run.result.paired):
@@ -170,12 +173,13 @@ def lens(
     prompt: str = typer.Option(..., "--prompt", help="The prompt text."),
     answer: str = typer.Option(..., "--answer", help="The answer word (target = first token of ' ' + answer)."),
     lens: Optional[LensKind] = LENS, top: int = typer.Option(5, "--top", help="How many top tokens per layer."),
+    chunk_size: Optional[int] = CHUNK,
 ) -> None:
     """Per-layer target probability and each layer's top tokens for one prompt."""
     from .jobs import lens_table, load_models
 
     for model in load_models(ckpt):
-        table = lens_table(model, prompt, answer, _value(lens) or "auto", top_k=top)
+        table = lens_table(model, prompt, answer, _value(lens) or "auto", top_k=top, chunk_size=chunk_size)
         typer.echo(f"== {model.label} ({model.cfg.arch}, {table.attrs['lens']} lens)")
         _print_table(table)
 
@@ -210,6 +214,7 @@ def attention(
 def compare(
     ckpt: Optional[List[str]] = CKPT, data: Optional[str] = DATA, n: Optional[int] = N, lens: Optional[LensKind] = LENS,
     seed: int = SEED, preset: Optional[Preset] = PRESET, bootstrap: Bootstrap = BOOTSTRAP, filler: str = FILLER,
+    chunk_size: Optional[int] = CHUNK,
     measure: str = typer.Option("prob", "--measure", help="prob, logprob, rank, snr_db, distractor_ratio or distractor_log_ratio."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write summary and paired tables as JSON."),
     quiet: bool = QUIET,
@@ -218,7 +223,7 @@ def compare(
     from .jobs import run_snr
 
     run = run_snr(ckpt, data, n, _value(lens), seed=seed, progress=not quiet, preset=_value(preset),
-                  bootstrap=_value(bootstrap), filler=filler)
+                  bootstrap=_value(bootstrap), filler=filler, chunk_size=chunk_size)
     for note in run.result.notes:
         typer.echo(f"note: {note}", err=True)
     s = run.result.summary
@@ -241,6 +246,7 @@ def compare(
 def report(
     ckpt: Optional[List[str]] = CKPT, data: Optional[str] = DATA, n: Optional[int] = N, lens: Optional[LensKind] = LENS,
     seed: int = SEED, preset: Optional[Preset] = PRESET, bootstrap: Bootstrap = BOOTSTRAP, filler: str = FILLER,
+    chunk_size: Optional[int] = CHUNK,
     out: Path = typer.Option(Path("reports/report.html"), "--out", help="The HTML report."),
     example: int = typer.Option(0, "--example", help="Which example's attention maps to show."),
     layer: Optional[int] = typer.Option(None, "--layer", help="Layer for the attention maps (default: first differential)."),
@@ -250,7 +256,7 @@ def report(
     from .jobs import full_report
 
     run, path = full_report(ckpt, data, n, _value(lens), out, example=example, layer=layer, seed=seed, progress=not quiet,
-                            preset=_value(preset), bootstrap=_value(bootstrap), filler=filler)
+                            preset=_value(preset), bootstrap=_value(bootstrap), filler=filler, chunk_size=chunk_size)
     typer.echo(run.title)
     _print_table(run.summary_table())
     typer.echo(f"wrote {path}", err=True)

@@ -190,11 +190,13 @@ def load_prompts(data: str, n: int | None, seed: int = 0, tokenizer=None, filler
 
 def run_snr(ckpts: Sequence[str] | None = None, data: str | None = None, n: int | None = None, lens: str | None = None,
             seed: int = 0, n_boot: int = 1000, models: list | None = None, progress: bool = True,
-            preset: str | None = None, bootstrap: str = "story", filler: str = "books") -> SnrRun:
+            preset: str | None = None, bootstrap: str = "story", filler: str = "books",
+            chunk_size: int | None = None) -> SnrRun:
     """The main job: each model's per-layer needle probability on `data`, with CIs and paired diffs.
 
     data / n / lens default to `DEFAULTS` (lens "auto": the tuned lens where a checkpoint has one);
     preset="paper" runs the paper's protocol (`PRESETS`). bootstrap: "story" or "question".
+    chunk_size: long prompts run in pieces of this many tokens, state carried (default 2048).
     """
     from .analysis.compare import compare
     from .analysis.lens import LENSES, lens_name, resolve_lens
@@ -206,14 +208,14 @@ def run_snr(ckpts: Sequence[str] | None = None, data: str | None = None, n: int 
     prompts = load_prompts(protocol["data"], protocol["n"], seed, tokenizer=models[0].tokenizer, filler=filler)
     lenses = [resolve_lens(m, protocol["lens"]) for m in models]
     result = compare(models, prompts, lens=lenses, labels=[m.label for m in models], n_boot=n_boot, seed=seed,
-                     progress=progress, bootstrap=bootstrap)
+                     progress=progress, bootstrap=bootstrap, chunk_size=chunk_size)
     info = {"spec": protocol["data"], "n": protocol["n"], "seed": seed, "preset": protocol["preset"],
             "bootstrap": bootstrap, "filler": filler}
     return SnrRun(info, protocol["lens"], models, prompts, result, {m.label: lens_name(ln) for m, ln in zip(models, lenses)})
 
 
 # -- one prompt --------------------------------------------------------------------------------
-def lens_table(model, prompt: str, answer: str, lens: str = "auto", top_k: int = 5) -> pd.DataFrame:
+def lens_table(model, prompt: str, answer: str, lens: str = "auto", top_k: int = 5, chunk_size: int | None = None) -> pd.DataFrame:
     """Per layer: target probability and rank, and the lens's top tokens at the last position
     (`.attrs["lens"]` names the lens used)."""
     from .analysis.lens import lens_name, resolve_lens
@@ -224,9 +226,9 @@ def lens_table(model, prompt: str, answer: str, lens: str = "auto", top_k: int =
     if n_tokens != 1:
         raise DiffMambaError(f"answer {answer!r} is {n_tokens} tokens for this tokenizer; the lens reads one token, give one word")
     lens_obj = resolve_lens(model, lens)
-    rows = target_probs(model, [prompt], [answer], lens=lens_obj, progress=False)
+    rows = target_probs(model, [prompt], [answer], lens=lens_obj, progress=False, chunk_size=chunk_size)
     ids = model.to_tokens(prompt)
-    logp = lens_obj.log_probs(model, ids, positions=[-1])[:, 0, 0]  # [layers, vocab]
+    logp = lens_obj.log_probs(model, ids, positions=[-1], chunk_size=chunk_size)[:, 0, 0]  # [layers, vocab]
     top = logp.topk(top_k, dim=-1)
     rows["top_tokens"] = [
         ", ".join(f"{t} ({p:.2f})" for t, p in zip(tok.convert_ids_to_tokens(i.tolist()), v.exp().tolist()))
@@ -262,14 +264,14 @@ def attention_entry(model, prompt: str, layer: int, branch: int | None = None, k
     return {"title": title, "maps": maps, "tokens": model.to_str_tokens(prompt)}
 
 
-def branch_table(models, prompts, n: int = 50, progress: bool = True) -> pd.DataFrame:
+def branch_table(models, prompts, n: int = 50, progress: bool = True, chunk_size: int | None = None) -> pd.DataFrame:
     """Mean direct logit contribution of mixer_1, −λ·mixer_2 and each block, per model and layer."""
     from .analysis.branch_lens import branch_lens
 
     frames = []
     for m in models:
         subset = prompts[:n]  # texts and answers: branch_lens batches them by length
-        df = branch_lens(m, [p.prompt for p in subset], [p.answer for p in subset], progress=progress)
+        df = branch_lens(m, [p.prompt for p in subset], [p.answer for p in subset], progress=progress, chunk_size=chunk_size)
         frames.append(df.groupby(["layer", "component"], as_index=False)["value"].mean().assign(model=m.label))
     return pd.concat(frames, ignore_index=True)[["model", "layer", "component", "value"]]
 
@@ -277,11 +279,13 @@ def branch_table(models, prompts, n: int = 50, progress: bool = True) -> pd.Data
 def full_report(ckpts: Sequence[str] | None = None, data: str | None = None, n: int | None = None,
                 lens: str | None = None, out: str | Path = "reports/report.html", example: int = 0,
                 layer: int | None = None, kind: str = "s6", seed: int = 0, progress: bool = True,
-                preset: str | None = None, bootstrap: str = "story", filler: str = "books") -> tuple[SnrRun, Path]:
+                preset: str | None = None, bootstrap: str = "story", filler: str = "books",
+                chunk_size: int | None = None) -> tuple[SnrRun, Path]:
     """Everything in one HTML report: SNR per layer, paired differences, branch lens, implicit
     attention of one example (the first differential layer by default) for each model, tables."""
-    run = run_snr(ckpts, data, n, lens, seed=seed, progress=progress, preset=preset, bootstrap=bootstrap, filler=filler)
-    branch = branch_table(run.models, run.prompts, progress=progress)
+    run = run_snr(ckpts, data, n, lens, seed=seed, progress=progress, preset=preset, bootstrap=bootstrap, filler=filler,
+                  chunk_size=chunk_size)
+    branch = branch_table(run.models, run.prompts, progress=progress, chunk_size=chunk_size)
     if isinstance(example, bool) or not isinstance(example, int) or not 0 <= example < len(run.prompts):
         raise DiffMambaError(f"--example {example} is out of range: the run has examples 0..{len(run.prompts) - 1}")
     prompt = run.prompts[example].prompt
@@ -377,7 +381,8 @@ class SeedRun:
 
 def run_seed_snr(ckpts_a: Sequence[str], ckpts_b: Sequence[str], data: str | None = None, n: int | None = None,
                  lens: str | None = None, seed: int = 0, n_boot: int = 1000, progress: bool = True,
-                 preset: str | None = None, bootstrap: str = "story", filler: str = "books") -> SeedRun:
+                 preset: str | None = None, bootstrap: str = "story", filler: str = "books",
+                 chunk_size: int | None = None) -> SeedRun:
     """`snr --ckpt-a A1 --ckpt-a A2 ... --ckpt-b B1 ...`: every checkpoint on the same prompts, seed-level
     summaries per group and the paired comparison b − a across seeds (`analysis.seeds.compare_seeds`).
     Groups are named after their checkpoints' architecture (a / b when both share one)."""
@@ -394,7 +399,7 @@ def run_seed_snr(ckpts_a: Sequence[str], ckpts_b: Sequence[str], data: str | Non
         names = {"a": "a", "b": "b"}
     prompts = load_prompts(protocol["data"], protocol["n"], seed, tokenizer=models["a"][0].tokenizer, filler=filler)
     result = compare_seeds({names[g]: models[g] for g in ("a", "b")}, prompts, lens=protocol["lens"], n_boot=n_boot,
-                           seed=seed, progress=progress, bootstrap=bootstrap)
+                           seed=seed, progress=progress, bootstrap=bootstrap, chunk_size=chunk_size)
     info = {"spec": protocol["data"], "n": protocol["n"], "seed": seed, "preset": protocol["preset"],
             "bootstrap": bootstrap, "filler": filler}
     return SeedRun(info, protocol["lens"], prompts, result, {names[g]: paths[g] for g in ("a", "b")})

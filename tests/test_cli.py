@@ -183,3 +183,15 @@ def test_snr_paper_preset(ckpts, tmp_path):
     for args, needle in ((["--data", "babi:qa1"], "fixes --data paper"), (["--lens", "logit"], "fixes --lens tuned")):
         code, _, err = run("snr", "--ckpt", ckpts[0], "--preset", "paper", *args, "-q")
         assert code == 2 and needle in err and err.count("\n") == 1
+
+
+def test_chunk_size_option(ckpts, tmp_path):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    for path, chunk in ((a, 5), (b, 4096)):
+        code, _, err = run("snr", "--ckpt", ckpts[1], "--n", 3, "--lens", "logit", "--chunk-size", chunk, "--json", path, "-q")
+        assert code == 0, err
+    rows = lambda p: json.loads(p.read_text())["models"][0]["layers"]  # noqa: E731
+    for x, y in zip(rows(a), rows(b)):
+        assert abs(x["prob_mean"] - y["prob_mean"]) < 1e-5
+    code, _, err = run("snr", "--ckpt", ckpts[1], "--n", 3, "--chunk-size", 0, "-q")
+    assert code == 2 and "chunk_size must be a positive" in err

@@ -59,7 +59,7 @@ def _by_seed(rows: pd.DataFrame, models: list[str], measure: str, layers) -> lis
 
 def compare_seeds(groups: dict[str, Sequence], prompts, answers=None, lens="auto", candidates=None, n_boot: int = 1000,
                   seed: int = 0, batch_size: int = 8, progress: bool = True, bootstrap: str = "story",
-                  min_n: int = 10) -> SeedCompareResult:
+                  min_n: int = 10, chunk_size: int | None = None) -> SeedCompareResult:
     """groups: group name (e.g. the architecture) -> its checkpoints (paths or HookedMamba models,
     one per training seed), all of one depth. Runs every checkpoint on the same prompts (a lens name
     of `lens.LENSES` or a Lens) and returns seed-level summaries and the paired comparison of every
@@ -80,7 +80,7 @@ def compare_seeds(groups: dict[str, Sequence], prompts, answers=None, lens="auto
             members[name].append(label)
             depth.setdefault(name, set()).add(model.cfg.n_layers)
             df = target_probs(model, prompts, answers, lens=resolve_lens(model, lens), candidates=candidates,
-                              batch_size=batch_size, progress=progress)
+                              batch_size=batch_size, progress=progress, chunk_size=chunk_size)
             frames.append(df.assign(group=name, model=label)[["group", "model", *TARGET_COLUMNS]])
     uneven = {g: sorted(d) for g, d in depth.items() if len(d) > 1}
     if uneven:
