@@ -21,7 +21,8 @@ nbformat = pytest.importorskip("nbformat")
 
 REPO = Path(__file__).resolve().parent.parent
 NB_DIR = REPO / "notebooks"
-NOTEBOOKS = ("01_quickstart.ipynb", "02_lens_and_snr.ipynb", "03_implicit_attention.ipynb")
+NOTEBOOKS = ("01_quickstart.ipynb", "02_lens_and_snr.ipynb", "03_implicit_attention.ipynb",
+             "04_recurrent_mode_and_paper_protocol.ipynb")
 ABSOLUTE_PATH = re.compile(r"/work/|/tmp/|/root|/home/")
 PLOTLY = "application/vnd.plotly.v1+json"
 KERNEL_MARKER = "KERNEL_PREFIX="
@@ -40,6 +41,12 @@ EXPECTED = {
         marker="notebook 02 OK",
         texts=["50 examples", "prob_mean", "snr_db_mean", "tuned − logit", "top_tokens", "-λ·mixer_2", "mixer_1"],
         figures=4,
+    ),
+    "04_recurrent_mode_and_paper_protocol.ipynb": dict(
+        marker="notebook 04 OK",
+        texts=["two pieces vs one run", "greedy continuation", "state has seen", "p('", "-> ", "paper protocol",
+               "paper_layer"],
+        figures=0,
     ),
     "03_implicit_attention.ipynb": dict(
         marker="notebook 03 OK",

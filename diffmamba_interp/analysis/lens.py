@@ -128,9 +128,10 @@ class LogitLens(Lens):
         return h
 
 
-def logit_lens(model, input_ids: torch.Tensor, positions=None) -> torch.Tensor:
-    """Logit-lens log-probs [n_layers + 1, B, L or len(positions), V]; layer n_layers = the model's output."""
-    return LogitLens(model).log_probs(model, input_ids, positions)
+def logit_lens(model, input_ids: torch.Tensor, positions=None, chunk_size: int | None = None) -> torch.Tensor:
+    """Logit-lens log-probs [n_layers + 1, B, L or len(positions), V]; layer n_layers = the model's output.
+    A long prompt runs in pieces of `chunk_size` tokens with the state carried."""
+    return LogitLens(model).log_probs(model, input_ids, positions, chunk_size=chunk_size)
 
 
 @dataclass
