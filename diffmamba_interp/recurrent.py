@@ -60,14 +60,21 @@ def normalize_positions(positions, L: int) -> list[int] | None:
 
 @torch.no_grad()
 def collect(model, input_ids: Tensor, names: Iterable[str], positions=None, chunk_size: int | None = None,
-            dtype: torch.dtype | None = None, state: ModelState | None = None, return_state: bool = False):
+            dtype: torch.dtype | None = None, state: ModelState | None = None, return_state: bool = False,
+            row_positions: Sequence[int] | None = None):
     """Run input_ids [B, L] in pieces of `chunk_size` tokens (state carried) and keep each hook of
     `names` at `positions` (all when None): {name: [B, P, ...]} in the order of `positions` (a 0-d hook
     such as hook_lambda: its value), cast to `dtype`. No logits are computed. With return_state,
-    also the state after the last token."""
+    also the state after the last token.
+
+    row_positions: instead of `positions`, one position per row -> {name: [B, 1, ...]}: the last real
+    token of each row of a right-padded batch (exact for a causal model: padding after a row's last
+    token cannot reach it)."""
     model.check_input_ids(input_ids)
     chunk = check_chunk_size(chunk_size)
     L = input_ids.shape[1]
+    if row_positions is not None:
+        return _collect_rows(model, input_ids, names, row_positions, chunk, dtype)
     pos = normalize_positions(positions, L)
     wanted = set(names)
     order = sorted(set(pos)) if pos is not None else None
@@ -108,6 +115,44 @@ def collect(model, input_ids: Tensor, names: Iterable[str], positions=None, chun
             full = full[:, [index[p] for p in pos]]
         out[n] = full
     return (out, st) if return_state else out
+
+
+def _collect_rows(model, input_ids: Tensor, names: Iterable[str], row_positions: Sequence[int], chunk: int,
+                  dtype: torch.dtype | None):
+    B, L = input_ids.shape
+    rows = [int(p) + L if int(p) < 0 else int(p) for p in row_positions]
+    if len(rows) != B or any(not 0 <= p < L for p in rows):
+        raise DiffMambaError(f"row_positions must give one position in 0..{L - 1} per row ({B} rows), got {list(row_positions)}")
+    wanted = set(names)
+    out: dict[str, Tensor] = {}
+    bounds = {"a": 0, "b": 0}
+    row_index = torch.arange(B)
+
+    def grab(t, hook):
+        if t.ndim == 0:
+            out.setdefault(hook.name, t.detach().to(dtype or t.dtype))
+            return
+        a, b = bounds["a"], bounds["b"]
+        here = [r for r in range(B) if a <= rows[r] < b]
+        if not here:
+            return
+        if hook.name not in out:
+            out[hook.name] = t.new_zeros(B, 1, *t.shape[2:], dtype=dtype or t.dtype)
+        idx = torch.tensor(here, device=t.device)
+        local = torch.tensor([rows[r] - a for r in here], device=t.device)
+        out[hook.name][row_index[here], 0] = t[idx, local].detach().to(dtype or t.dtype)
+
+    ids = input_ids.to(model.device)
+    st = None
+    last = max(rows) + 1  # nothing after the last read position is run
+    with model.hooks(fwd_hooks=[(lambda n: n in wanted, grab)]):
+        for a, b in chunk_bounds(last, chunk):
+            bounds["a"], bounds["b"] = a, b
+            _, st = model(ids[:, a:b], return_type=None, state=st, return_state=True)
+    missing = wanted - set(out)
+    if missing:
+        raise DiffMambaError(f"hook {sorted(missing)[0]!r} did not fire (no such hook in this model)")
+    return out
 
 
 @torch.no_grad()

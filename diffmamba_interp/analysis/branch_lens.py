@@ -32,7 +32,7 @@ from ..recurrent import collect
 from ..scan import compute_dtype
 from ..schemas import BRANCH_COMPONENTS
 from ..differential import Differential
-from .inputs import first_token, length_batches, prompt_ids
+from .inputs import first_token, padded_batches, prompt_ids
 
 __all__ = ["BRANCH_COMPONENTS", "branch_lens", "direct_logit"]
 
@@ -51,13 +51,10 @@ def final_norm_scale(model, resid: torch.Tensor) -> torch.Tensor:
     return seen["s"].to(resid.dtype)
 
 
-def _batch_contributions(model, ids: torch.Tensor, tids: torch.Tensor, position: int, include_embed: bool,
+def _batch_contributions(model, ids: torch.Tensor, tids: torch.Tensor, rows: list[int], include_embed: bool,
                          chunk_size: int | None):
-    """-> list of (block index, component, values [b]) for one batch of equal-length prompts."""
-    L = ids.shape[1]
-    pos = position + L if position < 0 else position
-    if not 0 <= pos < L:
-        raise DiffMambaError(f"position {position} is out of range for a prompt of {L} tokens")
+    """-> list of (block index, component, values [b]) for one right-padded batch read at `rows` (one
+    position per row)."""
     diff = [i for i, b in enumerate(model.blocks) if isinstance(b, Differential)]
     final = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
     names = {"hook_embed", final} | {f"blocks.{i}.hook_mixer_out" for i in range(model.cfg.n_layers)}
@@ -67,7 +64,7 @@ def _batch_contributions(model, ids: torch.Tensor, tids: torch.Tensor, position:
                   f"blocks.{i}.subln.hook_scale"}
     dt = compute_dtype(model.dtype)
     cache = {k: (v if v.ndim == 0 else v[:, 0]) for k, v in
-             collect(model, ids, names, positions=[pos], chunk_size=chunk_size, dtype=dt).items()}
+             collect(model, ids, names, chunk_size=chunk_size, dtype=dt, row_positions=rows).items()}
     with torch.no_grad():
         s_f = final_norm_scale(model, cache[final])  # [b, 1]
         dla = lambda v: direct_logit(model, v, s_f, tids)  # noqa: E731
@@ -90,8 +87,8 @@ def branch_lens(model, input_ids, targets, position: int = -1, include_embed: bo
                 tokenizer=None, batch_size: int = 8, progress: bool = True, chunk_size: int | None = None) -> pd.DataFrame:
     """Direct logit contribution of mixer_1, −λ·mixer_2 and the whole block, per example and block.
 
-    input_ids: a LongTensor [batch, pos], or a list of prompts (texts or id sequences; grouped by
-    length, never padded). targets: one per example, token ids or strings (first token of
+    input_ids: a LongTensor [batch, pos], or a list of prompts (texts or id sequences; batched
+    right-padded, which is exact for a causal model read at each row's own position). targets: one per example, token ids or strings (first token of
     " " + target). position: where to read (default the last token of each prompt).
     include_embed: also a row (layer −1, component "embed") for the embedding's direct contribution,
     so that per example the embed and "block" rows sum to the target logit.
@@ -118,11 +115,15 @@ def branch_lens(model, input_ids, targets, position: int = -1, include_embed: bo
 
     rows: list[tuple[int, int, str, float]] = []
     bar = tqdm(total=len(seqs), desc="branch lens", file=sys.stderr, disable=not progress)
-    for idx in length_batches(seqs, batch_size):
-        ids = torch.tensor([seqs[i] for i in idx], dtype=torch.long, device=model.device)
-        model.check_input_ids(ids)
+    for idx, ids, last in padded_batches(seqs, batch_size):
+        read = []
+        for i, end in zip(idx, last):
+            pos = position + end + 1 if position < 0 else position
+            if not 0 <= pos <= end:
+                raise DiffMambaError(f"position {position} is out of range for a prompt of {end + 1} tokens")
+            read.append(pos)
         t = torch.tensor([tids[i] for i in idx], device=model.device)
-        for layer, comp, vals in _batch_contributions(model, ids, t, position, include_embed, chunk_size):
+        for layer, comp, vals in _batch_contributions(model, ids.to(model.device), t, read, include_embed, chunk_size):
             rows.extend((ex, layer, comp, float(v)) for ex, v in zip(idx, vals.cpu().tolist()))
         bar.update(len(idx))
     bar.close()

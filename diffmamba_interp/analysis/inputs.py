@@ -1,5 +1,5 @@
 """Preparing analysis inputs, shared by every analysis that reads prompts: prompts to token ids, the
-target token of an answer (the first token of " " + answer), batching by length, and accepting
+target token of an answer (the first token of " " + answer), right-padded batches, and accepting
 `Prompt`-like objects (with .prompt, .answer, .candidates) in place of separate lists.
 """
 
@@ -13,7 +13,7 @@ import torch
 
 from ..errors import DiffMambaError
 
-__all__ = ["first_token", "prompt_ids", "length_batches", "unpack_prompts", "story_ids"]
+__all__ = ["first_token", "prompt_ids", "padded_batches", "unpack_prompts", "story_ids"]
 
 
 def first_token(text_or_id, tokenizer, what: str = "answer") -> tuple[int, int, str]:
@@ -46,18 +46,6 @@ def prompt_ids(prompt, tokenizer) -> list[int]:
     return ids
 
 
-def length_batches(seqs: Sequence[Sequence[int]], batch_size: int) -> Iterable[list[int]]:
-    """Indices of `seqs` grouped by length (first-appearance order), in chunks of at most batch_size."""
-    if not isinstance(batch_size, int) or batch_size <= 0:
-        raise DiffMambaError(f"batch_size must be a positive integer, got {batch_size!r}")
-    groups: dict[int, list[int]] = defaultdict(list)
-    for i, s in enumerate(seqs):
-        groups[len(s)].append(i)
-    for idx in groups.values():
-        for j in range(0, len(idx), batch_size):
-            yield idx[j:j + batch_size]
-
-
 def unpack_prompts(prompts, answers, candidates):
     """Accept `Prompt`-like objects (with .prompt, .answer, .candidates) when answers is None."""
     prompts = list(prompts)
@@ -83,3 +71,19 @@ def story_ids(prompts) -> list | None:
     not independent, so the bootstrap resamples stories. None when the prompts carry no story ids."""
     ids = [getattr(p, "meta", {}).get("story") if isinstance(getattr(p, "meta", None), dict) else None for p in prompts]
     return ids if ids and all(i is not None for i in ids) else None
+
+
+def padded_batches(seqs: Sequence[Sequence[int]], batch_size: int, pad_id: int = 0):
+    """Right-padded batches of prompts of any lengths: indices sorted by length (stable) in chunks of at
+    most batch_size -> (indices, ids [b, max length] right-padded with pad_id, last position of each
+    row). Exact for a causal model read at each row's own last token; sorting keeps padding small."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise DiffMambaError(f"batch_size must be a positive integer, got {batch_size!r}")
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    for j in range(0, len(order), batch_size):
+        idx = order[j:j + batch_size]
+        L = max(len(seqs[i]) for i in idx)
+        ids = torch.full((len(idx), L), pad_id, dtype=torch.long)
+        for r, i in enumerate(idx):
+            ids[r, : len(seqs[i])] = torch.as_tensor(seqs[i], dtype=torch.long)
+        yield idx, ids, [len(seqs[i]) - 1 for i in idx]

@@ -47,16 +47,18 @@ def lens_layers(model) -> list[str]:
 
 
 def residuals(model, input_ids: torch.Tensor, positions=None, return_logits: bool = False,
-              chunk_size: int | None = None):
+              chunk_size: int | None = None, row_positions=None):
     """Residual stream at every lens layer, no grad -> [K, B, P, d] (and the logits [B, P, V] at those positions).
 
     The prompt runs in pieces of `chunk_size` tokens with the state carried (`recurrent.collect`;
     default `recurrent.DEFAULT_CHUNK`) and only the requested positions are kept, so a long prompt
     read at one position costs K·B·d memory, not K·B·L·d, and no [B, L, V] logits are built.
+    row_positions: one position per row instead (P = 1): each row's last token of a right-padded batch.
     """
     model.check_input_ids(input_ids)
     names = lens_layers(model)
-    kept = collect(model, input_ids, names, positions, chunk_size=chunk_size, dtype=compute_dtype(model.dtype))
+    kept = collect(model, input_ids, names, positions, chunk_size=chunk_size, dtype=compute_dtype(model.dtype),
+                   row_positions=row_positions)
     resid = torch.stack([kept[n] for n in names])  # [K, B, P, d]
     if not return_logits:
         return resid
@@ -97,13 +99,15 @@ class Lens(nn.Module, ABC):
         return model.unembed(self.transform(h, layer))
 
     def log_probs(self, model, input_ids: torch.Tensor, positions=None, dtype: torch.dtype | None = None,
-                  chunk_size: int | None = None) -> torch.Tensor:
+                  chunk_size: int | None = None, row_positions=None) -> torch.Tensor:
         """input_ids [B, L] -> lens log-probs [K, B, P, V] (P = L, or len(positions)); no grad.
         dtype: of the log-softmax (default the compute dtype; float64 keeps p ≈ 1 apart from 1).
-        chunk_size: tokens per piece of a long prompt (see `residuals`)."""
+        chunk_size: tokens per piece of a long prompt; row_positions: one position per row of a
+        right-padded batch (see `residuals`)."""
         model = self._model(model)
         self.check_model(model)
-        return self._log_probs(model, residuals(model, input_ids, positions, chunk_size=chunk_size), dtype)
+        resid = residuals(model, input_ids, positions, chunk_size=chunk_size, row_positions=row_positions)
+        return self._log_probs(model, resid, dtype)
 
     def _log_probs(self, model, resid: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         dtype = dtype or resid.dtype

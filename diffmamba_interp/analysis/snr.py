@@ -2,8 +2,8 @@
 (docs/conventions.md, "Lens and SNR").
 
 `target_probs` reads the lens distribution at the last prompt position for the first token of
-``" " + answer``. Prompts of different lengths are grouped by token length and batched within a
-group, never padded: a Mamba model has no attention mask, so padding would change its state.
+``" " + answer``. Prompts are sorted by length and batched right-padded: a causal model read at each
+row's own last token never sees the padding after it, so this is exact.
 The log-softmax is taken in float64, so p close to 1 stays apart from 1.
 
 Per (example, layer) it reports (`layer` ours, 0 = embeddings; `paper_layer` = layer − 1, the
@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from ..errors import DiffMambaError
 from ..schemas import SUMMARY_COLUMNS, TARGET_COLUMNS, paper_layer
-from .inputs import first_token, length_batches, prompt_ids, story_ids, unpack_prompts
+from .inputs import first_token, padded_batches, prompt_ids, story_ids, unpack_prompts
 from .lens import resolve_lens
 from .stats import bootstrap_mean, log_mass, log_odds_db, log_ratio
 
@@ -84,9 +84,9 @@ def target_probs(model, prompts, answers=None, lens="logit", candidates=None, to
     rank = np.empty((n, K), dtype=np.int64)
     cand_log_mass = np.full((n, K), np.nan)
     bar = tqdm(total=n, desc="target probs", file=sys.stderr, disable=not progress)
-    for idx in length_batches(seqs, batch_size):
-        ids = torch.tensor([seqs[i] for i in idx], dtype=torch.long, device=model.device)
-        lp = lens.log_probs(model, ids, positions=[-1], dtype=torch.float64, chunk_size=chunk_size)[:, :, 0]  # [K, b, V]
+    for idx, ids, last in padded_batches(seqs, batch_size):
+        lp = lens.log_probs(model, ids.to(model.device), dtype=torch.float64, chunk_size=chunk_size,
+                            row_positions=last)[:, :, 0]  # [K, b, V]
         if not bool(torch.isfinite(lp).all()):
             raise DiffMambaError(f"the {type(lens).__name__} gives non-finite log-probabilities (NaN or inf) for "
                                  f"example {idx[0]}: check the model's weights and config (e.g. NaN weights or eps)")
