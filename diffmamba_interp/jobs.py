@@ -213,8 +213,10 @@ def full_report(ckpts: Sequence[str] | None = None, data: str = "babi:qa1", n: i
     """Everything in one HTML report: SNR per layer, paired differences, branch lens, implicit
     attention of one example (the first differential layer by default) for each model, tables."""
     run = run_snr(ckpts, data, n, lens, seed=seed, progress=progress)
+    if not 0 <= example < len(run.prompts):
+        raise DiffMambaError(f"example {example} is out of range: the data has {len(run.prompts)} examples (0..{len(run.prompts) - 1})")
     branch = branch_table(run.models, run.prompts, progress=progress)
-    prompt = run.prompts[min(example, len(run.prompts) - 1)].prompt
+    prompt = run.prompts[example].prompt
     entries = []
     for m in run.models:
         k = layer if layer is not None else (m.cfg.diff_layer_indices[0] if m.cfg.diff_layer_indices else 0)

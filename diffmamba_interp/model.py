@@ -99,8 +99,10 @@ class HookedMamba(HookedRootModule):
             raise DiffMambaError(f"input_ids must be a LongTensor [batch, pos], got {type(input_ids).__name__}")
         if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
             raise DiffMambaError(f"input_ids must be integer token ids (torch.long), got dtype {input_ids.dtype}")
-        if input_ids.ndim != 2 or input_ids.shape[1] == 0:
-            raise DiffMambaError(f"input_ids must have shape [batch, pos] with pos >= 1, got shape {tuple(input_ids.shape)}")
+        if input_ids.ndim != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+            raise DiffMambaError(
+                f"input_ids must have shape [batch, pos] with batch >= 1 and pos >= 1, got shape {tuple(input_ids.shape)}"
+            )
         lo, hi = int(input_ids.min()), int(input_ids.max())
         if lo < 0 or hi >= V:
             bad = lo if lo < 0 else hi
@@ -181,7 +183,7 @@ class HookedMamba(HookedRootModule):
 
     # -- checkpoints -----------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path, device=None, dtype=None, strict: bool = True) -> "HookedMamba":
+    def from_pretrained(cls, path, device=None, dtype=None, strict: bool = True, non_finite: str = "error") -> "HookedMamba":
         """Load a checkpoint directory or Hugging Face hub id, in eval mode.
 
         Formats (`loading.FORMATS`): transformers Mamba / Mamba-2, the paper's Diff-Mamba-2,
@@ -193,13 +195,20 @@ class HookedMamba(HookedRootModule):
         DiffMambaError listing the keys. strict=False loads what fits, leaves the rest at init, logs
         a warning and records the skipped keys in `model.load_report` (a `LoadReport`, always set).
         `model.tokenizer` is the directory's tokenizer when it has tokenizer files, else None.
+        non_finite: weights holding NaN or Inf raise a DiffMambaError ("error", the default: such a
+        model gives NaN probabilities that no analysis can rank); "warn" loads them with a
+        NonFiniteWeightWarning, to inspect a diverged checkpoint.
+
+        The config is checked against the stored tensor shapes on a model built on the meta device
+        (no memory), and a model too large for this machine is refused, before any allocation.
         """
-        ckpt = loading.read_checkpoint(path)
+        ckpt = loading.read_checkpoint(path, non_finite=non_finite)
         torch_dtype, torch_device = loading.checkpoint.resolve_dtype(dtype, ckpt.state), loading.checkpoint.resolve_device(device)
         report = loading.LoadReport(path=ckpt.directory, format=ckpt.format, files=ckpt.files,
                                     untied_lm_head=loading.checkpoint.untie_if_needed(ckpt))
-        model = cls(ckpt.config)
-        fits = loading.match_state({k: v.shape for k, v in model.state_dict().items()}, ckpt, report)
+        with torch.device("meta"):  # shapes only: a config of absurd sizes allocates nothing here
+            skeleton = cls(ckpt.config)
+        fits = loading.match_state({k: v.shape for k, v in skeleton.state_dict().items()}, ckpt, report)
         if not report.ok:
             where = ckpt.files[0] if len(ckpt.files) == 1 else ckpt.directory
             if strict:
@@ -207,6 +216,9 @@ class HookedMamba(HookedRootModule):
                     f"{where}: the weights do not match config.json: {report.summary()} (strict=False loads what fits)"
                 )
             log.warning("%s: loaded with strict=False, left at init or ignored: %s", where, report.summary())
+        loading.checkpoint.check_size(sum(p.numel() for p in skeleton.parameters()), torch_dtype, ckpt.directory / "config.json")
+        del skeleton
+        model = cls(ckpt.config)
         model.load_state_dict(fits, strict=False)
         try:
             model.to(device=torch_device, dtype=torch_dtype)
@@ -225,6 +237,6 @@ class HookedMamba(HookedRootModule):
         loading.save_pretrained(self, path)
 
 
-def load_model(path, device=None, dtype=None, strict: bool = True) -> HookedMamba:
-    """`HookedMamba.from_pretrained(path, device, dtype, strict)`: see there."""
-    return HookedMamba.from_pretrained(path, device=device, dtype=dtype, strict=strict)
+def load_model(path, device=None, dtype=None, strict: bool = True, non_finite: str = "error") -> HookedMamba:
+    """`HookedMamba.from_pretrained(path, device, dtype, strict, non_finite)`: see there."""
+    return HookedMamba.from_pretrained(path, device=device, dtype=dtype, strict=strict, non_finite=non_finite)

@@ -110,7 +110,7 @@ def test_hooks_command(ckpts):
 @pytest.mark.parametrize(
     "args, needle",
     [
-        (["snr", "--ckpt", "/no/such/dir", "-q"], "/no/such/dir: no such file or directory"),
+        (["snr", "--ckpt", "/no/such/dir", "-q"], "/no/such/dir: no such directory"),
         (["snr", "--data", "babi:qa99", "-q"], "qa99"),
         (["snr", "--data", "bogus:qa1", "-q"], "bogus"),
         (["snr", "--n", "0", "-q"], "--n must be a positive"),

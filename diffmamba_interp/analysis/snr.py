@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from ..errors import DiffMambaError
 from ..schemas import SUMMARY_COLUMNS, TARGET_COLUMNS
-from .inputs import first_token, length_batches, prompt_ids, unpack_prompts
+from .inputs import check_log_probs, first_token, length_batches, prompt_ids, unpack_prompts
 from .lens import resolve_lens
 from .stats import bootstrap_mean
 
@@ -72,7 +72,7 @@ def target_probs(model, prompts, answers=None, lens="logit", candidates=None, to
     bar = tqdm(total=n, desc="target probs", file=sys.stderr, disable=not progress)
     for idx in length_batches(seqs, batch_size):
         ids = torch.tensor([seqs[i] for i in idx], dtype=torch.long, device=model.device)
-        lp = lens.log_probs(model, ids, positions=[-1])[:, :, 0].double()  # [K, b, V]
+        lp = check_log_probs(lens.log_probs(model, ids, positions=[-1])[:, :, 0].double(), model)  # [K, b, V]
         tid = torch.tensor([targets[i][0] for i in idx], device=lp.device)
         if int(tid.max()) >= lp.shape[-1] or int(tid.min()) < 0:
             raise DiffMambaError(f"a target token id is out of range for vocab size {lp.shape[-1]}")
