@@ -143,6 +143,10 @@ def write_atomic(path: Union[str, Path], data: Union[str, bytes, None] = None, *
     tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as e:
+        raise DiffMambaError(f"{label}: cannot be written: no new file can be created in {target.parent} "
+                             f"({e.strerror or e})") from None
+    try:
         try:
             if data is not None:
                 payload = data.encode("utf-8") if isinstance(data, str) else data

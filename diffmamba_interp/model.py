@@ -206,9 +206,15 @@ class HookedMamba(HookedRootModule):
         torch_dtype, torch_device = loading.checkpoint.resolve_dtype(dtype, ckpt.state), loading.checkpoint.resolve_device(device)
         report = loading.LoadReport(path=ckpt.directory, format=ckpt.format, files=ckpt.files,
                                     untied_lm_head=loading.checkpoint.untie_if_needed(ckpt))
-        with torch.device("meta"):  # shapes only: a config of absurd sizes allocates nothing here
-            skeleton = cls(ckpt.config)
-        fits = loading.match_state({k: v.shape for k, v in skeleton.state_dict().items()}, ckpt, report)
+        # the config against the stored shapes and this machine's memory, before allocating anything
+        shapes = ModelShapes(ckpt.config, where=str(ckpt.directory / "config.json"))
+        stored = loading.checkpoint.stored_layers(ckpt)
+        if strict and stored is not None and stored != ckpt.config.n_layers:
+            raise DiffMambaError(f"{ckpt.directory / 'config.json'}: the model has {ckpt.config.n_layers} layers but the "
+                                 f"weights hold {stored} blocks (strict=False loads what fits)")
+        if not strict:
+            loading.checkpoint.check_size(shapes.n_params, torch_dtype, ckpt.directory / "config.json")
+        fits = loading.match_state(shapes.state(), ckpt, report)
         if not report.ok:
             where = ckpt.files[0] if len(ckpt.files) == 1 else ckpt.directory
             if strict:
@@ -216,8 +222,7 @@ class HookedMamba(HookedRootModule):
                     f"{where}: the weights do not match config.json: {report.summary()} (strict=False loads what fits)"
                 )
             log.warning("%s: loaded with strict=False, left at init or ignored: %s", where, report.summary())
-        loading.checkpoint.check_size(sum(p.numel() for p in skeleton.parameters()), torch_dtype, ckpt.directory / "config.json")
-        del skeleton
+        loading.checkpoint.check_size(shapes.n_params, torch_dtype, ckpt.directory / "config.json")
         model = cls(ckpt.config)
         model.load_state_dict(fits, strict=False)
         try:
@@ -235,6 +240,46 @@ class HookedMamba(HookedRootModule):
         """Write config.json + model.safetensors (+ tokenizer) in the transformers / upstream layout
         (or ours, for architectures that have none); `from_pretrained(path)` reads it back."""
         loading.save_pretrained(self, path)
+
+
+class ModelShapes:
+    """The state-dict shapes and parameter count of a HookedMamba of config `cfg`, without allocating
+    and without building every block: on the meta device, the model's top level (built with one
+    layer) and one block of each kind (plain / differential, `archs.create_block`), whose shapes every
+    block of that kind shares. `n_params` is O(1) in n_layers; `state()` lists every key."""
+
+    def __init__(self, cfg: MambaConfig, where: str = "config"):
+        try:
+            self._build(cfg)
+        except (RuntimeError, OverflowError) as e:  # e.g. "Storage size calculation overflowed"
+            raise DiffMambaError(f"{where}: sizes too large to build any model ({one_line(e)})") from None
+
+    def _build(self, cfg: MambaConfig) -> None:
+        import dataclasses
+
+        self.cfg = cfg
+        with torch.device("meta"):
+            top = HookedMamba(dataclasses.replace(cfg, n_layers=1, diff_layers="all" if cfg.is_diff else cfg.diff_layers))
+            self.top = {k: v.shape for k, v in top.state_dict().items() if not k.startswith("blocks.")}
+            top_params = sum(p.numel() for n, p in top.named_parameters() if not n.startswith("blocks."))
+            diff = set(cfg.diff_layer_indices)
+            kinds = {}
+            for kind, i in (("plain", next((i for i in range(cfg.n_layers) if i not in diff), None)),
+                            ("diff", min(diff) if diff else None)):
+                if i is not None:
+                    block = create_block(cfg, i)
+                    kinds[kind] = ({k: v.shape for k, v in block.state_dict().items()}, sum(p.numel() for p in block.parameters()))
+        self.kinds = kinds
+        self.diff = diff
+        n_diff = len(diff)
+        self.n_params = top_params + (cfg.n_layers - n_diff) * kinds.get("plain", ({}, 0))[1] + n_diff * kinds.get("diff", ({}, 0))[1]
+
+    def state(self) -> dict[str, torch.Size]:
+        out = dict(self.top)
+        for i in range(self.cfg.n_layers):
+            for k, shape in self.kinds["diff" if i in self.diff else "plain"][0].items():
+                out[f"blocks.{i}.{k}"] = shape
+        return out
 
 
 def load_model(path, device=None, dtype=None, strict: bool = True, non_finite: str = "error") -> HookedMamba:

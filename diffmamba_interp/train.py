@@ -28,7 +28,7 @@ from .config import MambaConfig
 from .data.tokenizer import TASKS
 from .errors import DiffMambaError
 from .files import check_writable, path_problem, write_atomic
-from .model import HookedMamba, load_model
+from .model import HookedMamba, ModelShapes, load_model
 
 
 @dataclass
@@ -105,9 +105,8 @@ def check_options(cfg: TrainConfig, tokenizer, eval_n: int | None = None, lens_s
         if eval_n > available:
             raise DiffMambaError(f"--eval-n {eval_n} is more than the {available} test questions of each task")
     model_cfg = cfg.model_config(len(tokenizer))
-    with torch.device("meta"):
-        n_params = sum(p.numel() for p in HookedMamba(model_cfg).parameters())
-    check_size(n_params, torch.float32, f"--d-model {cfg.d_model} --n-layers {cfg.n_layers}")
+    where = f"--d-model {cfg.d_model} --n-layers {cfg.n_layers}"
+    check_size(ModelShapes(model_cfg, where=where).n_params, torch.float32, where)
     if cfg.init:
         start_from = load_model(cfg.init)  # a one-line error for a missing or bad checkpoint
         if replace(start_from.cfg, extra={}) != replace(model_cfg, extra={}):

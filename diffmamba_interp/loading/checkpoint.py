@@ -230,6 +230,13 @@ def read_checkpoint(path: str | Path, non_finite: str = "error") -> Checkpoint:
     return Checkpoint(fmt, cfg, state, files, directory)
 
 
+def stored_layers(ckpt: Checkpoint) -> int | None:
+    """How many blocks the checkpoint's tensors hold (1 + the largest `blocks.{i}.` index), None if none."""
+    ours, _ = ckpt.keys.to_ours(ckpt.state)
+    idx = [int(m.group(1)) for m in (re.match(r"blocks\.(\d+)\.", k) for k in ours) if m]
+    return max(idx) + 1 if idx else None
+
+
 def check_size(n_params: int, dtype: torch.dtype, where) -> None:
     """Refuse (one-line DiffMambaError) a model whose parameters would not fit in this machine's
     memory, before allocating them."""

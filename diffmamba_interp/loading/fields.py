@@ -82,14 +82,6 @@ class Fields:
             self.fail(key, expected, value)
         return value
 
-    def choice(self, key: str, choices: tuple, default: Any = _REQUIRED):
-        value = self._get(key, default)
-        if not isinstance(value, (str, int, float, bool, type(None))) or value not in choices or (
-            isinstance(value, bool) and not any(c is value for c in choices)
-        ):
-            self.fail(key, "one of " + ", ".join(json.dumps(c) for c in choices), value)
-        return value
-
     def object(self, key: str, default: Any = _REQUIRED) -> dict:
         value = self._get(key, default)
         if value is None:
