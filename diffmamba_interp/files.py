@@ -89,6 +89,12 @@ def check_writable(path: Union[str, Path], what: str = "output") -> Path:
         raise DiffMambaError(f"{label}: cannot be created: {parent} is not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise DiffMambaError(f"{label}: cannot be written: the directory {parent} is not writable")
+    probe = parent / f".write-test-{secrets.token_hex(4)}"
+    try:  # what access() cannot tell (root, /proc, a read-only mount): create and remove an empty file
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.unlink(probe)
+    except OSError as e:
+        raise DiffMambaError(f"{label}: cannot be written: no new file can be created in {parent} ({e.strerror or e})") from None
     return path
 
 

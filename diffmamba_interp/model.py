@@ -207,11 +207,11 @@ class HookedMamba(HookedRootModule):
         report = loading.LoadReport(path=ckpt.directory, format=ckpt.format, files=ckpt.files,
                                     untied_lm_head=loading.checkpoint.untie_if_needed(ckpt))
         # the config against the stored shapes and this machine's memory, before allocating anything
-        shapes = ModelShapes(ckpt.config, where=str(ckpt.directory / "config.json"))
         stored = loading.checkpoint.stored_layers(ckpt)
         if strict and stored is not None and stored != ckpt.config.n_layers:
             raise DiffMambaError(f"{ckpt.directory / 'config.json'}: the model has {ckpt.config.n_layers} layers but the "
                                  f"weights hold {stored} blocks (strict=False loads what fits)")
+        shapes = ModelShapes(ckpt.config, where=str(ckpt.directory / "config.json"))
         if not strict:
             loading.checkpoint.check_size(shapes.n_params, torch_dtype, ckpt.directory / "config.json")
         fits = loading.match_state(shapes.state(), ckpt, report)
@@ -251,7 +251,7 @@ class ModelShapes:
     def __init__(self, cfg: MambaConfig, where: str = "config"):
         try:
             self._build(cfg)
-        except (RuntimeError, OverflowError) as e:  # e.g. "Storage size calculation overflowed"
+        except (RuntimeError, OverflowError, TypeError) as e:  # "Storage size calculation overflowed", "Overflow when unpacking long"
             raise DiffMambaError(f"{where}: sizes too large to build any model ({one_line(e)})") from None
 
     def _build(self, cfg: MambaConfig) -> None:

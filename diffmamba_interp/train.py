@@ -310,7 +310,7 @@ def check_output_dir(out: str | Path, force: bool = False) -> Path:
             raise DiffMambaError(f"--out {out}: the directory is not empty ({shown}); pass --force to replace the "
                                  "model in it (its weights, config, card, training.json, tuned lens and tokenizer "
                                  "files are removed first)")
-    check_writable(out / "config.json", "--out")
+    check_writable(out / "config.json" if os.path.lexists(out) else out, "--out")
     return out
 
 

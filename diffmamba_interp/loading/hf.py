@@ -34,6 +34,9 @@ def read_hf_config(d: dict[str, Any]) -> MambaConfig:
     if model_type not in ("mamba", "mamba2"):
         raise DiffMambaError(f"unknown model_type {model_type!r} (expected 'mamba' or 'mamba2')")
     f = Fields(d)
+    act = d.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise DiffMambaError(f"field 'hidden_act' must be \"silu\" (the only activation of these mixers), got {show(act)}")
     hidden = f.int("hidden_size")
     kw: dict[str, Any] = dict(
         d_model=hidden,
