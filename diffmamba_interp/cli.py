@@ -1,7 +1,10 @@
 """The `diffmamba-interp` command line: thin commands over `jobs.py` and the Python API.
 
 Results go to stdout (tables) or files (--json, --out); progress bars go to stderr. Bad input ends
-with one line `error: ...` and exit code 2 (never a traceback, unless --debug).
+with one line `error: ...` and exit code 2 (never a traceback, unless --debug, which is accepted
+before or after the command), checked before any expensive work where it can be; output files are
+written through a temporary file and a rename (files.write_atomic); `train` never overwrites a model
+without --force; a closed stdout pipe (`| head`) ends a command quietly with exit code 141.
 """
 
 from __future__ import annotations
@@ -319,8 +322,8 @@ def train(
     cfg = TrainConfig(arch=arch.value, steps=steps, seed=seed, d_model=d_model, n_layers=n_layers,
                       batch_size=batch_size, lr=lr, init=str(init) if init else None)
     tokenizer = build_babi_tokenizer()
+    check_output_dir(out_dir, force=force)  # never overwrite a model without --force
     check_options(cfg, tokenizer, eval_n=eval_n, lens_steps=lens_steps)  # every option, before any training
-    check_output_dir(out_dir, force=force)
     model, result = run_training(cfg, tokenizer, progress=not quiet, eval_n=eval_n)
     command = "diffmamba-interp " + " ".join(sys.argv[1:])
     write_run(model, result, out_dir, command, lens_steps=lens_steps, seed=seed, progress=not quiet)
