@@ -1,13 +1,18 @@
 """The `diffmamba-interp` command line: thin commands over `jobs.py` and the Python API.
 
 Results go to stdout (tables) or files (--json, --out); progress bars go to stderr. Bad input ends
-with one line `error: ...` and exit code 2 (never a traceback, unless --debug).
+with one line `error: ...` and exit code 2 (never a traceback, unless --debug, which is accepted
+before or after the command), checked before any expensive work where it can be; output files are
+written through a temporary file and a rename (files.write_atomic); `train` never overwrites a model
+without --force; a closed stdout pipe (`| head`) ends a command quietly with exit code 141.
 """
 
 from __future__ import annotations
 
 import functools
+import io
 import json
+import os
 import sys
 import warnings
 from enum import Enum
@@ -15,13 +20,31 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from . import __version__
 from .analysis.lens import LENSES
 from .config import ARCHS
 from .errors import DiffMambaError, one_line
+from .files import check_writable, write_atomic
+
+def _hoist_debug(args: list[str]) -> list[str]:
+    """`--debug` anywhere before a `--` (e.g. after the subcommand: `snr --debug ...`) moved to the front,
+    where the app's callback reads it: the error messages say "run with --debug", wherever it goes."""
+    args = list(args)
+    end = args.index("--") if "--" in args else len(args)
+    if "--debug" not in args[:end]:
+        return args
+    return ["--debug"] + [a for a in args[:end] if a != "--debug"] + args[end:]
+
+
+class _Group(TyperGroup):
+    def parse_args(self, ctx, args):
+        return super().parse_args(ctx, _hoist_debug(args))
+
 
 app = typer.Typer(
+    cls=_Group,
     help="Mechanistic interpretability for Mamba and Diff-Mamba models. With no --ckpt, commands use "
     "the two shipped models (models/mamba2-babi, models/diffmamba2-babi).",
     no_args_is_help=True,
@@ -29,6 +52,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 _state = {"debug": False}
+MAX_SEED = 2**32 - 1  # numpy's and random's seeds: whole numbers 0..2**32-1
+MAX_HOOK_POS = 1024  # `hooks --pos`: the shapes differ only in their pos dimension; a forward pass of pos tokens runs
+_OUTPUT_FILES = {"json_out": "--json", "out": "--out"}  # command parameters that name an output file
 
 
 LensKind = Enum("LensKind", {name: name for name in LENSES}, type=str)  # the lens registry's names
@@ -62,7 +88,7 @@ def _version(value: bool) -> None:
 @app.callback()
 def main(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
-    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors (also accepted after the command)."),
 ) -> None:
     """Mechanistic interpretability for Mamba and Diff-Mamba models."""
     _state["debug"] = debug
@@ -70,22 +96,62 @@ def main(
         warnings.showwarning = lambda message, category, *a, **k: typer.echo(f"warning: {message}", err=True)
 
 
+def _check_options(kwargs: dict) -> None:
+    """The options several commands share, checked before any work: --seed, --top, --example (against
+    --n), and every output file (--json, --out) writable."""
+    seed = kwargs.get("seed")
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise DiffMambaError(f"--seed must be a whole number from 0 to {MAX_SEED}, got {seed}")
+    top = kwargs.get("top")
+    if top is not None and top < 1:
+        raise DiffMambaError(f"--top must be a positive number of tokens, got {top}")
+    example = kwargs.get("example")
+    if example is not None:
+        n = kwargs.get("n")
+        if example < 0:
+            raise DiffMambaError(f"--example must be an example index >= 0, got {example}")
+        if n is not None and n >= 1 and example >= n:
+            raise DiffMambaError(f"--example {example} is out of range for --n {n} examples (0..{n - 1})")
+    for name, flag in _OUTPUT_FILES.items():
+        if isinstance(kwargs.get(name), Path):
+            check_writable(kwargs[name], flag)
+
+
+def _quiet_broken_pipe() -> None:
+    """The reader of stdout went away (`| head`): stop quietly, as a tool killed by SIGPIPE would."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # nothing more to flush at exit
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        pass
+    raise typer.Exit(141)
+
+
 def _errors(fn):
-    """Turn any failure into one line on stderr and exit code 2 (a traceback only with --debug)."""
+    """Turn any failure into one line on stderr and exit code 2 (a traceback only with --debug); check
+    the shared options first; exit quietly (code 141) when stdout is a closed pipe."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            _check_options(kwargs)
+            result = fn(*args, **kwargs)
+            sys.stdout.flush()
+            return result
         except (typer.Exit, typer.Abort):
             raise
+        except BrokenPipeError:
+            _quiet_broken_pipe()
         except Exception as e:  # noqa: BLE001 - the CLI boundary
             if _state["debug"]:
                 raise
             msg = one_line(e, limit=10_000)
             if not isinstance(e, (DiffMambaError, FileNotFoundError)):
                 msg = f"{type(e).__name__}: {msg} (run with --debug for the traceback)"
-            typer.echo(f"error: {msg}", err=True)
+            try:
+                typer.echo(f"error: {msg}", err=True)
+            except BrokenPipeError:
+                pass
             raise typer.Exit(2) from None
 
     return wrapper
@@ -96,8 +162,8 @@ def _print_table(df, floatfmt: str = "{:.4f}") -> None:
 
 
 def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
+    """JSON (strict: no NaN) through a temporary file and a rename (files.write_atomic)."""
+    write_atomic(path, json.dumps(obj, indent=2, allow_nan=False) + "\n", what="--json")
     typer.echo(f"wrote {path}", err=True)
 
 
@@ -178,7 +244,11 @@ def lens(
     """Per-layer target probability and each layer's top tokens for one prompt."""
     from .jobs import lens_table, load_models
 
-    for model in load_models(ckpt):
+    models = load_models(ckpt)
+    for model in models:
+        if top > model.cfg.vocab_size:
+            raise DiffMambaError(f"--top {top} is more than the vocabulary of {model.label} ({model.cfg.vocab_size} tokens)")
+    for model in models:
         table = lens_table(model, prompt, answer, _value(lens) or "auto", top_k=top, chunk_size=chunk_size)
         typer.echo(f"== {model.label} ({model.cfg.arch}, {table.attrs['lens']} lens)")
         _print_table(table)
@@ -297,8 +367,8 @@ def hooks(ckpt: Optional[List[str]] = CKPT, pos: int = typer.Option(4, "--pos", 
     """The hook names and the shapes they see on a [1, pos] input."""
     from .jobs import load_models
 
-    if pos <= 0:
-        raise DiffMambaError(f"--pos must be positive, got {pos}")
+    if not 1 <= pos <= MAX_HOOK_POS:
+        raise DiffMambaError(f"--pos must be from 1 to {MAX_HOOK_POS} (the shapes differ only in their pos dimension), got {pos}")
     for model in load_models(ckpt):
         typer.echo(f"== {model.label} ({model.cfg.arch}, {model.cfg.n_layers} layers)")
         df = model.hook_shapes(pos)
@@ -310,31 +380,32 @@ def hooks(ckpt: Optional[List[str]] = CKPT, pos: int = typer.Option(4, "--pos", 
 @_errors
 def train(
     arch: Arch = typer.Option("mamba2", "--arch"),
-    out: Path = typer.Option(..., "--out", help="Output checkpoint directory."),
+    out_dir: Path = typer.Option(..., "--out", help="Output checkpoint directory (new or empty, or --force)."),
     steps: int = typer.Option(2000, "--steps"), seed: int = SEED,
     d_model: int = typer.Option(64, "--d-model"), n_layers: int = typer.Option(4, "--n-layers"),
     batch_size: int = typer.Option(32, "--batch-size"), lr: float = typer.Option(3e-3, "--lr"),
     lens_steps: int = typer.Option(300, "--lens-steps", help="Tuned-lens training steps (0: none)."),
     init: Optional[Path] = typer.Option(None, "--init", help="Continue training from this checkpoint's weights."),
     eval_n: Optional[int] = typer.Option(None, "--eval-n", help="Test examples per task for the accuracy (default: all)."),
+    force: bool = typer.Option(False, "--force", help="Replace the model in a non-empty --out directory (its weights, "
+                               "config, card, training.json, tuned lens and tokenizer files are removed first)."),
     quiet: bool = QUIET,
 ) -> None:
     """Train a small model on bAbI qa1–qa5 (CPU), evaluate it, train its tuned lens, save all."""
     from .data import build_babi_tokenizer
-    from .train import TrainConfig, save_run, train_tuned_lens
+    from .train import TrainConfig, check_options, check_output_dir, write_run
     from .train import train as run_training
 
-    if steps <= 0:
-        raise DiffMambaError(f"--steps must be positive, got {steps}")
     cfg = TrainConfig(arch=arch.value, steps=steps, seed=seed, d_model=d_model, n_layers=n_layers,
                       batch_size=batch_size, lr=lr, init=str(init) if init else None)
-    model, result = run_training(cfg, build_babi_tokenizer(), progress=not quiet, eval_n=eval_n)
+    tokenizer = build_babi_tokenizer()
+    check_output_dir(out_dir, force=force)  # never overwrite a model without --force
+    check_options(cfg, tokenizer, eval_n=eval_n, lens_steps=lens_steps)  # every option, before any training
+    model, result = run_training(cfg, tokenizer, progress=not quiet, eval_n=eval_n)
     command = "diffmamba-interp " + " ".join(sys.argv[1:])
-    save_run(model, result, out, command)
-    if lens_steps:
-        train_tuned_lens(model, out, steps=lens_steps, seed=seed, progress=not quiet)
+    write_run(model, result, out_dir, command, lens_steps=lens_steps, seed=seed, progress=not quiet)
     _print_table(result.accuracy)
-    typer.echo(f"wrote {out}", err=True)
+    typer.echo(f"wrote {out_dir}", err=True)
 
 
 if __name__ == "__main__":

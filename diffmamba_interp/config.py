@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Sequence, Union
+
+import numpy as np
 
 from .archs import ARCHS as _REGISTRY
 from .archs import ArchSpec, arch_spec
@@ -23,6 +26,30 @@ from .mixers import MixerDims
 ARCHS = tuple(_REGISTRY)  # architecture names, in registry order
 DIFF_SETTINGS = ("alternate", "all", "quarter")
 DiffLayers = Union[str, Sequence[int]]
+_INT_FIELDS = ("d_model", "n_layers", "vocab_size", "d_state", "d_conv", "expand", "head_dim", "n_groups", "chunk_size",
+               "pad_vocab_size_multiple")
+_BOOL_FIELDS = ("conv_bias", "bias", "tie_embeddings", "residual_in_fp32")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def _check_int(name: str, value: Any) -> int:
+    if not _is_int(value) or value <= 0:
+        raise DiffMambaError(f"config field {name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _check_limit(value: Any) -> tuple[float, float]:
+    """time_step_limit: two numbers (low, high), neither NaN, 0 <= low <= high (high may be inf)."""
+    try:
+        lo, hi = value
+    except (TypeError, ValueError):
+        raise DiffMambaError(f"config field time_step_limit must be a pair (low, high), got {value!r}") from None
+    if any(isinstance(v, bool) or not isinstance(v, numbers.Real) for v in (lo, hi)) or not 0 <= lo <= hi:
+        raise DiffMambaError(f"config field time_step_limit must be two numbers with 0 <= low <= high, got {value!r}")
+    return (float(lo), float(hi))
 
 
 @dataclass
@@ -58,20 +85,42 @@ class MambaConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # unknown config.json keys, kept for saving
 
     def __post_init__(self) -> None:
+        """Validate every field: a one-line DiffMambaError naming the first field of the wrong type or value."""
+        if not isinstance(self.arch, str):
+            raise DiffMambaError(f"config field arch must be an architecture name, got {self.arch!r}")
         spec = arch_spec(self.arch)
-        for name in ("d_model", "n_layers", "vocab_size", "d_state", "d_conv", "expand", "head_dim", "n_groups", "chunk_size"):
+        for name in _INT_FIELDS:
+            setattr(self, name, _check_int(name, getattr(self, name)))
+        if self.dt_rank is not None:
+            self.dt_rank = _check_int("dt_rank", self.dt_rank)
+        for name in _BOOL_FIELDS:
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise DiffMambaError(f"config field {name} must be a positive integer, got {value!r}")
-        self.time_step_limit = (float(self.time_step_limit[0]), float(self.time_step_limit[1]))
+            if not isinstance(value, bool):
+                raise DiffMambaError(f"config field {name} must be True or False, got {value!r}")
+        eps = self.norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps <= 0:
+            raise DiffMambaError(f"config field norm_eps must be a positive finite number, got {eps!r}")
+        self.norm_eps = float(eps)
+        self.time_step_limit = _check_limit(self.time_step_limit)
+        if not isinstance(self.extra, dict):
+            raise DiffMambaError(f"config field extra must be a dict, got {type(self.extra).__name__}")
         spec.check(self)
-        if not isinstance(self.diff_layers, str):
-            self.diff_layers = sorted(int(i) for i in self.diff_layers)
-            bad = [i for i in self.diff_layers if not 0 <= i < self.n_layers]
-            if bad:
-                raise DiffMambaError(f"diff_layers {bad} out of range for n_layers {self.n_layers}")
-        elif self.diff_layers not in DIFF_SETTINGS:
-            raise DiffMambaError(f"unknown diff_layers setting {self.diff_layers!r}; expected one of {DIFF_SETTINGS} or a list")
+        layers = self.diff_layers
+        if isinstance(layers, str):
+            if layers not in DIFF_SETTINGS:
+                raise DiffMambaError(f"unknown diff_layers setting {layers!r}; expected one of {DIFF_SETTINGS} or a list")
+            return
+        if not isinstance(layers, (list, tuple)) or not all(map(_is_int, layers)):
+            raise DiffMambaError(
+                f"config field diff_layers must be one of {', '.join(map(repr, DIFF_SETTINGS))} or a list of block "
+                f"indices, got {layers!r}"[:300]
+            )
+        bad = [i for i in layers if not 0 <= i < self.n_layers]
+        if bad:
+            raise DiffMambaError(f"diff_layers {bad} out of range for n_layers {self.n_layers}")
+        if len(set(layers)) != len(layers):
+            raise DiffMambaError(f"diff_layers {list(layers)} names a block twice")
+        self.diff_layers = sorted(int(i) for i in layers)
 
     # -- derived sizes ---------------------------------------------------------------------------
     @property

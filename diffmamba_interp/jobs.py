@@ -285,9 +285,9 @@ def full_report(ckpts: Sequence[str] | None = None, data: str | None = None, n: 
     attention of one example (the first differential layer by default) for each model, tables."""
     run = run_snr(ckpts, data, n, lens, seed=seed, progress=progress, preset=preset, bootstrap=bootstrap, filler=filler,
                   chunk_size=chunk_size)
-    branch = branch_table(run.models, run.prompts, progress=progress, chunk_size=chunk_size)
     if isinstance(example, bool) or not isinstance(example, int) or not 0 <= example < len(run.prompts):
-        raise DiffMambaError(f"--example {example} is out of range: the run has examples 0..{len(run.prompts) - 1}")
+        raise DiffMambaError(f"example {example} is out of range: the data has {len(run.prompts)} examples (0..{len(run.prompts) - 1})")
+    branch = branch_table(run.models, run.prompts, progress=progress, chunk_size=chunk_size)
     prompt = run.prompts[example].prompt
     entries = []
     for m in run.models:

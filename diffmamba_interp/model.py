@@ -186,8 +186,10 @@ class HookedMamba(HookedRootModule):
             raise DiffMambaError(f"input_ids must be a LongTensor [batch, pos], got {type(input_ids).__name__}")
         if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
             raise DiffMambaError(f"input_ids must be integer token ids (torch.long), got dtype {input_ids.dtype}")
-        if input_ids.ndim != 2 or input_ids.shape[1] == 0:
-            raise DiffMambaError(f"input_ids must have shape [batch, pos] with pos >= 1, got shape {tuple(input_ids.shape)}")
+        if input_ids.ndim != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+            raise DiffMambaError(
+                f"input_ids must have shape [batch, pos] with batch >= 1 and pos >= 1, got shape {tuple(input_ids.shape)}"
+            )
         lo, hi = int(input_ids.min()), int(input_ids.max())
         if lo < 0 or hi >= V:
             bad = lo if lo < 0 else hi
@@ -268,7 +270,7 @@ class HookedMamba(HookedRootModule):
 
     # -- checkpoints -----------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path, device=None, dtype=None, strict: bool = True) -> "HookedMamba":
+    def from_pretrained(cls, path, device=None, dtype=None, strict: bool = True, non_finite: str = "error") -> "HookedMamba":
         """Load a checkpoint directory or Hugging Face hub id, in eval mode.
 
         Formats (`loading.FORMATS`): transformers Mamba / Mamba-2, the paper's Diff-Mamba-2,
@@ -280,13 +282,26 @@ class HookedMamba(HookedRootModule):
         DiffMambaError listing the keys. strict=False loads what fits, leaves the rest at init, logs
         a warning and records the skipped keys in `model.load_report` (a `LoadReport`, always set).
         `model.tokenizer` is the directory's tokenizer when it has tokenizer files, else None.
+        non_finite: weights holding NaN or Inf raise a DiffMambaError ("error", the default: such a
+        model gives NaN probabilities that no analysis can rank); "warn" loads them with a
+        NonFiniteWeightWarning, to inspect a diverged checkpoint.
+
+        The config is checked against the stored tensor shapes on a model built on the meta device
+        (no memory), and a model too large for this machine is refused, before any allocation.
         """
-        ckpt = loading.read_checkpoint(path)
+        ckpt = loading.read_checkpoint(path, non_finite=non_finite)
         torch_dtype, torch_device = loading.checkpoint.resolve_dtype(dtype, ckpt.state), loading.checkpoint.resolve_device(device)
         report = loading.LoadReport(path=ckpt.directory, format=ckpt.format, files=ckpt.files,
                                     untied_lm_head=loading.checkpoint.untie_if_needed(ckpt))
-        model = cls(ckpt.config)
-        fits = loading.match_state({k: v.shape for k, v in model.state_dict().items()}, ckpt, report)
+        # the config against the stored shapes and this machine's memory, before allocating anything
+        stored = loading.checkpoint.stored_layers(ckpt)
+        if strict and stored is not None and stored != ckpt.config.n_layers:
+            raise DiffMambaError(f"{ckpt.directory / 'config.json'}: the model has {ckpt.config.n_layers} layers but the "
+                                 f"weights hold {stored} blocks (strict=False loads what fits)")
+        shapes = ModelShapes(ckpt.config, where=str(ckpt.directory / "config.json"))
+        if not strict:
+            loading.checkpoint.check_size(shapes.n_params, torch_dtype, ckpt.directory / "config.json")
+        fits = loading.match_state(shapes.state(), ckpt, report)
         if not report.ok:
             where = ckpt.files[0] if len(ckpt.files) == 1 else ckpt.directory
             if strict:
@@ -294,6 +309,8 @@ class HookedMamba(HookedRootModule):
                     f"{where}: the weights do not match config.json: {report.summary()} (strict=False loads what fits)"
                 )
             log.warning("%s: loaded with strict=False, left at init or ignored: %s", where, report.summary())
+        loading.checkpoint.check_size(shapes.n_params, torch_dtype, ckpt.directory / "config.json")
+        model = cls(ckpt.config)
         model.load_state_dict(fits, strict=False)
         try:
             model.to(device=torch_device, dtype=torch_dtype)
@@ -312,6 +329,46 @@ class HookedMamba(HookedRootModule):
         loading.save_pretrained(self, path)
 
 
-def load_model(path, device=None, dtype=None, strict: bool = True) -> HookedMamba:
-    """`HookedMamba.from_pretrained(path, device, dtype, strict)`: see there."""
-    return HookedMamba.from_pretrained(path, device=device, dtype=dtype, strict=strict)
+class ModelShapes:
+    """The state-dict shapes and parameter count of a HookedMamba of config `cfg`, without allocating
+    and without building every block: on the meta device, the model's top level (built with one
+    layer) and one block of each kind (plain / differential, `archs.create_block`), whose shapes every
+    block of that kind shares. `n_params` is O(1) in n_layers; `state()` lists every key."""
+
+    def __init__(self, cfg: MambaConfig, where: str = "config"):
+        try:
+            self._build(cfg)
+        except (RuntimeError, OverflowError, TypeError) as e:  # "Storage size calculation overflowed", "Overflow when unpacking long"
+            raise DiffMambaError(f"{where}: sizes too large to build any model ({one_line(e)})") from None
+
+    def _build(self, cfg: MambaConfig) -> None:
+        import dataclasses
+
+        self.cfg = cfg
+        with torch.device("meta"):
+            top = HookedMamba(dataclasses.replace(cfg, n_layers=1, diff_layers="all" if cfg.is_diff else cfg.diff_layers))
+            self.top = {k: v.shape for k, v in top.state_dict().items() if not k.startswith("blocks.")}
+            top_params = sum(p.numel() for n, p in top.named_parameters() if not n.startswith("blocks."))
+            diff = set(cfg.diff_layer_indices)
+            kinds = {}
+            for kind, i in (("plain", next((i for i in range(cfg.n_layers) if i not in diff), None)),
+                            ("diff", min(diff) if diff else None)):
+                if i is not None:
+                    block = create_block(cfg, i)
+                    kinds[kind] = ({k: v.shape for k, v in block.state_dict().items()}, sum(p.numel() for p in block.parameters()))
+        self.kinds = kinds
+        self.diff = diff
+        n_diff = len(diff)
+        self.n_params = top_params + (cfg.n_layers - n_diff) * kinds.get("plain", ({}, 0))[1] + n_diff * kinds.get("diff", ({}, 0))[1]
+
+    def state(self) -> dict[str, torch.Size]:
+        out = dict(self.top)
+        for i in range(self.cfg.n_layers):
+            for k, shape in self.kinds["diff" if i in self.diff else "plain"][0].items():
+                out[f"blocks.{i}.{k}"] = shape
+        return out
+
+
+def load_model(path, device=None, dtype=None, strict: bool = True, non_finite: str = "error") -> HookedMamba:
+    """`HookedMamba.from_pretrained(path, device, dtype, strict, non_finite)`: see there."""
+    return HookedMamba.from_pretrained(path, device=device, dtype=dtype, strict=strict, non_finite=non_finite)

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -24,7 +27,8 @@ from .archs import arch_spec
 from .config import MambaConfig
 from .data.tokenizer import TASKS
 from .errors import DiffMambaError
-from .model import HookedMamba, load_model
+from .files import check_writable, path_problem, write_atomic
+from .model import HookedMamba, ModelShapes, load_model
 
 
 @dataclass
@@ -48,12 +52,67 @@ class TrainConfig:
     tasks: tuple[str, ...] = TASKS
     init: str | None = None  # continue from this checkpoint's weights (a new schedule of `steps`)
 
-    def model_config(self, vocab_size: int) -> MambaConfig:
+    def check(self) -> None:
+        """Raise a one-line DiffMambaError for the first option out of range (before any training)."""
+        if not isinstance(self.arch, str):
+            raise DiffMambaError(f"arch must be an architecture name, got {self.arch!r}")
         arch_spec(self.arch)  # a one-line error for an unknown arch
+        for name, low in (("steps", 1), ("batch_size", 1), ("d_model", 1), ("n_layers", 1), ("d_state", 1),
+                          ("head_dim", 1), ("chunk_size", 1), ("warmup", 1), ("max_len", 1), ("seed", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise DiffMambaError(f"{_option(name)} must be a whole number >= {low}, got {value!r}")
+        if self.seed >= 2**32:
+            raise DiffMambaError(f"{_option('seed')} must be below 2**32, got {self.seed}")
+        for name in ("lr", "weight_decay"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 \
+                    or (name == "lr" and value == 0):
+                raise DiffMambaError(f"{_option(name)} must be a {'positive' if name == 'lr' else 'non-negative'} "
+                                     f"finite number, got {value!r}")
+        tasks = (self.tasks,) if isinstance(self.tasks, str) else self.tasks
+        if not tasks or not all(t in TASKS for t in tasks):
+            raise DiffMambaError(f"tasks must be a non-empty selection of {', '.join(TASKS)}, got {self.tasks!r}")
+
+    def model_config(self, vocab_size: int) -> MambaConfig:
+        self.check()
         return MambaConfig(
             arch=self.arch, d_model=self.d_model, n_layers=self.n_layers, vocab_size=vocab_size,
             d_state=self.d_state, head_dim=self.head_dim, chunk_size=self.chunk_size, diff_layers=self.diff_layers,
         )
+
+
+def _option(name: str) -> str:
+    """A TrainConfig field as the `train` command spells it (--batch-size)."""
+    return "--" + name.replace("_", "-")
+
+
+def check_options(cfg: TrainConfig, tokenizer, eval_n: int | None = None, lens_steps: int = 0) -> MambaConfig:
+    """Every training option checked before any training (or any file written): the TrainConfig, the
+    model it builds (sizes valid for the architecture and small enough for this machine's memory),
+    --eval-n (at most the test questions of each task), --lens-steps (>= 0) and --init (a checkpoint of
+    the same config). Returns the model config."""
+    from .data import babi
+    from .loading.checkpoint import check_size
+
+    cfg.check()
+    if isinstance(lens_steps, bool) or not isinstance(lens_steps, int) or lens_steps < 0:
+        raise DiffMambaError(f"--lens-steps must be a whole number >= 0 (0: no tuned lens), got {lens_steps!r}")
+    if eval_n is not None:
+        if isinstance(eval_n, bool) or not isinstance(eval_n, int) or eval_n < 1:
+            raise DiffMambaError(f"--eval-n must be a positive whole number, got {eval_n!r}")
+        available = min(len(babi(task, "test")) for task in cfg.tasks)
+        if eval_n > available:
+            raise DiffMambaError(f"--eval-n {eval_n} is more than the {available} test questions of each task")
+    model_cfg = cfg.model_config(len(tokenizer))
+    where = f"--d-model {cfg.d_model} --n-layers {cfg.n_layers}"
+    check_size(ModelShapes(model_cfg, where=where).n_params, torch.float32, where)
+    if cfg.init:
+        start_from = load_model(cfg.init)  # a one-line error for a missing or bad checkpoint
+        if replace(start_from.cfg, extra={}) != replace(model_cfg, extra={}):
+            raise DiffMambaError(f"--init {cfg.init}: its config differs from the requested model ({start_from.cfg.arch}, "
+                                 f"d_model {start_from.cfg.d_model})")
+    return model_cfg
 
 
 @dataclass
@@ -118,14 +177,12 @@ def train(cfg: TrainConfig, tokenizer, progress: bool = True, eval_n: int | None
     """Train one model from scratch; returns it (eval mode) and the run's numbers."""
     from .data import training_stream
 
+    model_cfg = check_options(cfg, tokenizer, eval_n=eval_n)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
-    model = HookedMamba(cfg.model_config(len(tokenizer)))
+    model = HookedMamba(model_cfg)
     if cfg.init:
-        start_from = load_model(cfg.init)
-        if replace(start_from.cfg, extra={}) != replace(model.cfg, extra={}):
-            raise DiffMambaError(f"--init {cfg.init}: its config differs from the requested model ({start_from.cfg.arch}, d_model {start_from.cfg.d_model})")
-        model.load_state_dict(start_from.state_dict())
+        model.load_state_dict(load_model(cfg.init).state_dict())
     model.tokenizer = tokenizer
     pairs = [pair for task in cfg.tasks for pair in training_stream(tasks=(task,))]
     examples = encode_examples(tokenizer, pairs, cfg.max_len)
@@ -214,13 +271,78 @@ Chance is about 1/6 for qa1–qa3 (locations), lower for qa4/qa5.
 
 
 def save_run(model: HookedMamba, result: TrainResult, out: str | Path, command: str) -> Path:
+    """Write the model (save_pretrained), its card (README.md) and training.json into `out`."""
     out = Path(out)
     model.save_pretrained(out)
-    (out / "README.md").write_text(model_card(result, command))
+    write_atomic(out / "README.md", model_card(result, command))
     summary = {**asdict(result.config), "command": command, "earlier": result.earlier, "n_params": result.n_params, "n_examples": result.n_examples,
                "wall_s": round(result.wall_s, 1), "final_loss": result.final_loss,
                "accuracy": result.accuracy.to_dict(orient="records")}
-    (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_atomic(out / "training.json", json.dumps(summary, indent=2) + "\n")
+    return out
+
+
+# what belongs to a model in a checkpoint directory: removed before another model is written there
+MODEL_FILES = (
+    "config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors", "pytorch_model.bin",
+    "pytorch_model.bin.index.json", "pytorch_model-*.bin", "README.md", "training.json", "tuned_lens.safetensors",
+    "tuned_lens.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "merges.txt", "tokenizer.model", "generation_config.json", "chat_template.jinja",
+)
+
+
+def model_files(directory: Path) -> list[Path]:
+    """The files of `directory` that belong to a saved model (`MODEL_FILES`)."""
+    return sorted({p for pattern in MODEL_FILES for p in directory.glob(pattern) if os.path.lexists(p)})
+
+
+def check_output_dir(out: str | Path, force: bool = False) -> Path:
+    """Refuse (one-line DiffMambaError) an output directory that is a file, cannot be written, or is
+    not empty when force is False: a model is never overwritten without asking."""
+    out = Path(out).expanduser()
+    if os.path.lexists(out):
+        problem = path_problem(out, "dir")
+        if problem:
+            raise DiffMambaError(f"--out {out}: {problem}")
+        entries = sorted(p.name for p in out.iterdir())
+        if entries and not force:
+            shown = ", ".join(entries[:4]) + (f", … ({len(entries)} entries)" if len(entries) > 4 else "")
+            raise DiffMambaError(f"--out {out}: the directory is not empty ({shown}); pass --force to replace the "
+                                 "model in it (its weights, config, card, training.json, tuned lens and tokenizer "
+                                 "files are removed first)")
+    check_writable(out / "config.json" if os.path.lexists(out) else out, "--out")
+    return out
+
+
+def write_run(model: HookedMamba, result: TrainResult, out: str | Path, command: str, lens_steps: int = 0,
+              seed: int = 0, progress: bool = True) -> Path:
+    """Save the run (model, card, training.json and, with lens_steps > 0, a trained tuned lens) into a
+    staging directory beside `out`, then replace the model in `out` with it: the files of an earlier
+    model there (`MODEL_FILES`: weights, card, training.json, tuned_lens.*, tokenizer) are removed
+    first, so no stale tuned lens is left next to new weights; other files are kept. A failure before
+    the swap leaves `out` untouched."""
+    out = Path(out).expanduser()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+    except OSError as e:
+        raise DiffMambaError(f"--out {out}: cannot be written ({e.strerror or e})") from None
+    try:
+        save_run(model, result, staging, command)
+        if lens_steps:
+            train_tuned_lens(model, staging, steps=lens_steps, seed=seed, progress=progress)
+        out.mkdir(exist_ok=True)
+        for old in model_files(out):
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old)
+            else:
+                old.unlink()
+        for new in sorted(staging.iterdir()):
+            os.replace(new, out / new.name)
+    except OSError as e:
+        raise DiffMambaError(f"--out {out}: cannot be written ({e.strerror or e})") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out
 
 
@@ -242,7 +364,7 @@ def train_tuned_lens(model: HookedMamba, out: str | Path, steps: int = 300, seed
     card = Path(out) / "README.md"
     if card.exists():
         rows = "\n".join(f"| {k} | {a:.3f} | {b:.3f} |" for k, (a, b) in enumerate(zip(logit.tolist(), tuned.tolist())))
-        card.write_text(card.read_text() + f"""
+        write_atomic(card, card.read_text() + f"""
 Tuned lens (`tuned_lens.safetensors`): {steps} steps on bAbI training stories, seed {seed}. Mean
 KL(final ‖ lens) per layer on 64 held-out stories (layer 0 = embeddings):
 

@@ -2,6 +2,7 @@
 bAbI tokenizer. Test modules take these as fixtures (never import from each other)."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -56,7 +57,9 @@ def damaged_checkpoint(tmp_path):
     how: "truncate" (the weight file cut to `keep` bytes, default half), "config" (config.json fields
     replaced by `fields`, a dict; a value None deletes the field), "config_text" (config.json
     replaced by `text`), "remove" (the file `name` deleted), "write" (the file `name` written with
-    `data`, bytes or str).
+    `data`, bytes or str), "tensors" (model.safetensors rewritten with `edit(state) -> state`, a
+    function of the stored state dict), "symlink" (the file `name` replaced by a symlink to `target`;
+    default `name` itself: a symlink loop), "mkdir" (the file `name` replaced by an empty directory).
     """
     count = [0]
 
@@ -84,6 +87,21 @@ def damaged_checkpoint(tmp_path):
             data = kw["data"]
             target = dst / kw["name"]
             target.write_bytes(data) if isinstance(data, bytes) else target.write_text(data)
+        elif how == "tensors":
+            from safetensors.torch import load_file, save_file
+
+            weights = dst / "model.safetensors"
+            save_file(kw["edit"](load_file(str(weights))), str(weights), metadata={"format": "pt"})
+        elif how in ("symlink", "mkdir"):
+            target = dst / kw["name"]
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            elif os.path.lexists(target):
+                target.unlink()
+            if how == "mkdir":
+                target.mkdir()
+            else:
+                os.symlink(kw.get("target", kw["name"]), target)
         else:
             raise ValueError(f"unknown damage {how!r}")
         return dst

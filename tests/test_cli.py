@@ -116,7 +116,7 @@ def test_hooks_command(ckpts):
 @pytest.mark.parametrize(
     "args, needle",
     [
-        (["snr", "--ckpt", "/no/such/dir", "-q"], "/no/such/dir: no such file or directory"),
+        (["snr", "--ckpt", "/no/such/dir", "-q"], "/no/such/dir: no such directory"),
         (["snr", "--data", "babi:qa99", "-q"], "qa99"),
         (["snr", "--data", "bogus:qa1", "-q"], "bogus"),
         (["snr", "--n", "0", "-q"], "--n must be a positive"),
@@ -170,8 +170,19 @@ def test_train_a_few_steps(tmp_path):
 
 
 def test_snr_paper_preset(ckpts, tmp_path):
+    from diffmamba_interp.data import available_tasks
+
+    tok = build_babi_tokenizer(tasks=tuple(available_tasks()))  # the paper's protocol spans qa1-qa20
+    paths = []
+    for k, arch in enumerate(["mamba2", "diffmamba2"]):
+        torch.manual_seed(k)
+        model = perturb_(HookedMamba(MambaConfig(arch=arch, d_model=32, n_layers=2, vocab_size=len(tok), d_state=8, head_dim=16)))
+        model.tokenizer = tok
+        model.save_pretrained(tmp_path / arch)
+        TunedLens(model).save(tmp_path / arch)
+        paths.append(str(tmp_path / arch))
     out_json = tmp_path / "paper.json"
-    code, out, err = run("snr", "--ckpt", ckpts[0], "--ckpt", ckpts[1], "--preset", "paper", "--n", 8, "--json", out_json, "-q")
+    code, out, err = run("snr", "--ckpt", paths[0], "--ckpt", paths[1], "--preset", "paper", "--n", 8, "--json", out_json, "-q")
     assert code == 0, err
     doc = json.loads(out_json.read_text())
     assert doc["data"]["spec"] == "paper" and doc["data"]["preset"] == "paper" and doc["lens"] == "tuned"
@@ -181,8 +192,11 @@ def test_snr_paper_preset(ckpts, tmp_path):
     first = load_data("paper", n=8)
     assert len({p.task for p in first}) > 1  # shuffled across the 20 tasks, not the head of qa1
     for args, needle in ((["--data", "babi:qa1"], "fixes --data paper"), (["--lens", "logit"], "fixes --lens tuned")):
-        code, _, err = run("snr", "--ckpt", ckpts[0], "--preset", "paper", *args, "-q")
+        code, _, err = run("snr", "--ckpt", paths[0], "--preset", "paper", *args, "-q")
         assert code == 2 and needle in err and err.count("\n") == 1
+    # a tokenizer that cannot spell every answer (the shipped qa1-qa5 one) is refused, not read as <unk>
+    code, _, err = run("snr", "--ckpt", ckpts[0], "--preset", "paper", "--n", 40, "-q")
+    assert code == 2 and "not in the tokenizer's vocabulary" in err
 
 
 def test_chunk_size_option(ckpts, tmp_path):

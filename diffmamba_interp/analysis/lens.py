@@ -256,24 +256,52 @@ class TunedLens(Lens):
     def load(cls, directory, model, check_fingerprint: bool = True) -> "TunedLens":
         """Read a tuned lens for `model` from `directory`: ours (tuned_lens.json + .safetensors) or one
         saved by the tuned-lens package (config.json + params.pt, see `load_tuned_lens_package`).
-        DiffMambaError when absent, when its sizes do not match the model, or when it records a
+        A one-line DiffMambaError naming the file when it is absent, unreadable, corrupt, has unknown
+        keys or non-finite weights, when its sizes do not match the model, or when it records a
         fingerprint of other weights (check_fingerprint=False skips that check)."""
+        import os
+        from dataclasses import fields as dataclass_fields
+
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
+        from ..files import path_problem
+
         d = Path(directory)
-        if not (d / LENS_CONFIG).is_file() or not (d / LENS_WEIGHTS).is_file():
+        cfg_path, w_path = d / LENS_CONFIG, d / LENS_WEIGHTS
+        if not os.path.lexists(cfg_path) or not os.path.lexists(w_path):
             if is_tuned_lens_package(d):
                 return cls.load_tuned_lens_package(d, model)
             raise DiffMambaError(
                 f"no tuned lens in {d} (expected {LENS_CONFIG} and {LENS_WEIGHTS}); train one with "
                 "`diffmamba-interp lens-train --ckpt DIR` (or analysis.lens_training.train_tuned_lens)"
             )
+        for path in (cfg_path, w_path):
+            problem = path_problem(path, "file")
+            if problem:
+                raise DiffMambaError(f"{path}: {problem}")
         try:
-            meta = json.loads((d / LENS_CONFIG).read_text(encoding="utf-8"))
-            n_layers, d_model = int(meta["n_layers"]), int(meta["d_model"])
-            layers = meta.get("layers", list(range(n_layers)))
-        except (ValueError, KeyError, TypeError) as e:
-            raise DiffMambaError(f"{d / LENS_CONFIG} is not a valid tuned-lens config: {e}") from None
+            meta = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise DiffMambaError(f"{cfg_path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise DiffMambaError(f"{cfg_path}: cannot be read ({one_line(e)})") from None
+        if not isinstance(meta, dict):
+            raise DiffMambaError(f"{cfg_path}: expected a JSON object, got a JSON {type(meta).__name__}")
+        known = {"format", "version", "n_layers", "d_model", "arch", "dtype", "identity_layers", "train", "layers",
+                 "fingerprint", "evaluation"}
+        unknown = sorted(set(meta) - known)
+        if unknown:
+            raise DiffMambaError(f"{cfg_path}: unknown key{'s' if len(unknown) > 1 else ''} "
+                                 f"{', '.join(map(repr, unknown))} (a tuned-lens config has {', '.join(sorted(known))})")
+        for key in ("n_layers", "d_model"):
+            value = meta.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise DiffMambaError(f"{cfg_path}: {key!r} must be a whole number, got {value!r}")
+        n_layers, d_model = meta["n_layers"], meta["d_model"]
+        layers = meta.get("layers", list(range(n_layers)))
+        if not isinstance(layers, list) or not all(isinstance(k, int) and not isinstance(k, bool) for k in layers):
+            raise DiffMambaError(f"{cfg_path}: 'layers' must be a list of lens layers, got {layers!r}")
         cfg = model.cfg
         if (n_layers, d_model) != (cfg.n_layers, cfg.d_model):
             raise DiffMambaError(
@@ -289,16 +317,38 @@ class TunedLens(Lens):
         if check_fingerprint and not saved:
             warnings.warn(f"the tuned lens in {d} records no fingerprint of its model's weights, so it cannot be "
                           "checked against this model; retrain it with `diffmamba-interp lens-train`", stacklevel=2)
-        dtype = getattr(torch, str(meta.get("dtype", "float32")), torch.float32)
-        lens = cls(model, dtype=dtype if isinstance(dtype, torch.dtype) else torch.float32, layers=layers)
-        state = load_file(str(d / LENS_WEIGHTS))
+        dtype_name = meta.get("dtype", "float32")
+        dtype = getattr(torch, dtype_name, None) if isinstance(dtype_name, str) else None
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise DiffMambaError(f"{cfg_path}: 'dtype' must be a floating-point dtype name, got {dtype_name!r}")
+        train = meta.get("train")
+        train_config = None
+        if train is not None:
+            names = {f.name for f in dataclass_fields(LensTrainConfig)}
+            if not isinstance(train, dict):
+                raise DiffMambaError(f"{cfg_path}: 'train' must be an object, got {type(train).__name__}")
+            bad = sorted(set(train) - names)
+            if bad:
+                raise DiffMambaError(f"{cfg_path}: unknown key{'s' if len(bad) > 1 else ''} in 'train': "
+                                     f"{', '.join(map(repr, bad))} (expected {', '.join(sorted(names))})")
+            try:
+                train_config = LensTrainConfig(**train)
+            except TypeError as e:
+                raise DiffMambaError(f"{cfg_path}: 'train' is incomplete ({one_line(e)})") from None
+        lens = cls(model, dtype=dtype, layers=layers)
+        try:
+            state = load_file(str(w_path))
+        except (SafetensorError, OSError) as e:
+            raise DiffMambaError(f"{w_path}: not a valid safetensors file, truncated or corrupt ({one_line(e)})") from None
+        for key, t in state.items():
+            if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+                raise DiffMambaError(f"{w_path}: tensor {key} is not finite floating point ({t.dtype}); the lens would give NaN")
         try:
             lens.translators.load_state_dict(state)
         except RuntimeError as e:
-            raise DiffMambaError(f"{d / LENS_WEIGHTS} does not match the tuned-lens layout: {one_line(e)}") from None
+            raise DiffMambaError(f"{w_path} does not match the tuned-lens layout: {one_line(e)}") from None
         lens.translators.to(model.device)
-        if meta.get("train"):
-            lens.train_config = LensTrainConfig(**meta["train"])
+        lens.train_config = train_config
         lens.evaluation = meta.get("evaluation")
         return lens
 

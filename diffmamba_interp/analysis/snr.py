@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from ..errors import DiffMambaError
 from ..schemas import SUMMARY_COLUMNS, TARGET_COLUMNS, paper_layer
-from .inputs import first_token, padded_batches, prompt_ids, story_ids, unpack_prompts
+from .inputs import check_log_probs, first_token, padded_batches, prompt_ids, story_ids, unpack_prompts
 from .lens import resolve_lens
 from .stats import bootstrap_mean, log_mass, log_odds_db, log_ratio
 
@@ -55,11 +55,12 @@ def target_probs(model, prompts, answers=None, lens="logit", candidates=None, to
     chunk_size: long prompts run in pieces of this many tokens with the state carried (default
     `recurrent.DEFAULT_CHUNK`), only the last position is read, so memory does not grow with length.
     Returns one row per (example, layer), columns `TARGET_COLUMNS`; layer 0 = embeddings.
-    Raises DiffMambaError when a log-probability is not finite (NaN weights, an overflow).
+    Raises DiffMambaError when a log-probability is NaN (non-finite weights or activations).
     """
-    prompts = list(prompts)
-    if stories is None and answers is None:
-        stories = story_ids(prompts)
+    if answers is None and not isinstance(prompts, (str, torch.Tensor)):
+        prompts = list(prompts)  # Prompt objects: their stories too
+        if stories is None:
+            stories = story_ids(prompts)
     prompts, answers, candidates = unpack_prompts(prompts, answers, candidates)
     if not prompts:
         raise DiffMambaError("no prompts")
@@ -85,11 +86,8 @@ def target_probs(model, prompts, answers=None, lens="logit", candidates=None, to
     cand_log_mass = np.full((n, K), np.nan)
     bar = tqdm(total=n, desc="target probs", file=sys.stderr, disable=not progress)
     for idx, ids, last in padded_batches(seqs, batch_size):
-        lp = lens.log_probs(model, ids.to(model.device), dtype=torch.float64, chunk_size=chunk_size,
-                            row_positions=last)[:, :, 0]  # [K, b, V]
-        if not bool(torch.isfinite(lp).all()):
-            raise DiffMambaError(f"the {type(lens).__name__} gives non-finite log-probabilities (NaN or inf) for "
-                                 f"example {idx[0]}: check the model's weights and config (e.g. NaN weights or eps)")
+        lp = check_log_probs(lens.log_probs(model, ids.to(model.device), dtype=torch.float64, chunk_size=chunk_size,
+                                            row_positions=last)[:, :, 0], model)  # [K, b, V]
         tid = torch.tensor([targets[i][0] for i in idx], device=lp.device)
         if int(tid.max()) >= lp.shape[-1] or int(tid.min()) < 0:
             raise DiffMambaError(f"a target token id is out of range for vocab size {lp.shape[-1]}")

@@ -43,12 +43,12 @@ def pretokenize(text: str) -> list[str]:
     return _PRETOKEN.findall(text)
 
 
-@lru_cache(maxsize=1)
-def babi_vocab() -> tuple[str, ...]:
-    """Sorted pre-tokens of every shipped qa1-qa5 file plus `TEMPLATE_TOKENS` (no specials)."""
+@lru_cache(maxsize=4)
+def babi_vocab(tasks: tuple[str, ...] = TASKS) -> tuple[str, ...]:
+    """Sorted pre-tokens of every shipped file of `tasks` (default qa1-qa5) plus `TEMPLATE_TOKENS` (no specials)."""
     texts: set[str] = set()  # distinct facts, questions and answers (they repeat a lot)
     for (_, task, _), path in _index(DATA_DIR).items():
-        if task not in TASKS:
+        if task not in tasks:
             continue
         for line in path.read_text(encoding="utf-8").splitlines():
             _, _, text = line.partition(" ")  # drop the line ID
@@ -57,8 +57,9 @@ def babi_vocab() -> tuple[str, ...]:
     return tuple(sorted(words - set(SPECIAL_TOKENS)))
 
 
-def build_babi_tokenizer() -> PreTrainedTokenizerFast:
-    """The word-level bAbI tokenizer as a `transformers.PreTrainedTokenizerFast`.
+def build_babi_tokenizer(tasks: tuple[str, ...] = TASKS) -> PreTrainedTokenizerFast:
+    """The word-level bAbI tokenizer (over the words of `tasks`; default qa1-qa5, the shipped models')
+    as a `transformers.PreTrainedTokenizerFast`.
 
     It saves with ``save_pretrained(dir)`` (tokenizer.json + tokenizer_config.json) and reloads with
     ``AutoTokenizer.from_pretrained(dir)`` or ``PreTrainedTokenizerFast(tokenizer_file=...)``.
@@ -66,7 +67,7 @@ def build_babi_tokenizer() -> PreTrainedTokenizerFast:
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate((*SPECIAL_TOKENS, *babi_vocab()))}
+    vocab = {tok: i for i, tok in enumerate((*SPECIAL_TOKENS, *babi_vocab(tuple(tasks))))}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     backend.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(_SPACES), behavior="removed"),

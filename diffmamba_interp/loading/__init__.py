@@ -9,7 +9,11 @@
 
 Building a model from a checkpoint is `HookedMamba.from_pretrained` / `diffmamba_interp.load_model`
 (model.py): this package never imports the model. Every bad input is a one-line `DiffMambaError`
-naming the file and the problem.
+naming the file and the problem: config fields are typed (fields.py: no "false" for false, no true
+for 1, no 64.7 for 64), weights must be finite floating point, shard names stay inside the
+checkpoint directory, `.bin` files are read with `torch.load(weights_only=True)` and no remote code
+is ever run; a path is sent to the Hugging Face hub only when it looks like "owner/name" and no
+local path of that name exists.
 """
 
 from .checkpoint import Checkpoint, LoadReport, load_tokenizer, match_state, read_checkpoint, resolve_path

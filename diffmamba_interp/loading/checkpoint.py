@@ -3,7 +3,7 @@ config, tensors, files), `match_state` (which tensors fit a model, in a `LoadRep
 tokenizer. Building the model from these is `HookedMamba.from_pretrained` (model.py): loading knows
 formats, the model knows modules, and the dependency points one way (model -> loading).
 
-Flow: resolve the path (downloading a hub id if it is not a local path) -> read config.json ->
+Flow: resolve the path (a local directory; an "owner/name" that is no local path is downloaded) -> read config.json ->
 `formats.detect_format` -> the `Format` reads the config -> `weights.read_weights` reads the
 tensors -> `match_state` renames them with the format's `KeyMap` and checks them against the
 model's parameters (strict by default).
@@ -12,6 +12,7 @@ model's parameters (strict by default).
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ import torch
 
 from ..config import MambaConfig
 from ..errors import DiffMambaError, one_line
+from ..files import path_problem
 from .formats import FORMATS, detect_format, read_json
 from .weights import read_weights
 
@@ -96,24 +98,43 @@ def _shorten(items: list[str], first: int = 3) -> str:
 
 
 # -- paths ---------------------------------------------------------------------------------------
+def looks_like_hub_id(text: str) -> bool:
+    """"owner/name" (one slash, hub-legal characters, no leading "." or "~", no ".."), and no local
+    path of that name or of its owner part exists: only then is an argument sent to the hub."""
+    if not _HUB_ID.match(text) or ".." in text or text.startswith((".", "~")):
+        return False
+    owner = text.split("/", 1)[0]
+    return not os.path.lexists(text) and not os.path.lexists(owner)
+
+
 def resolve_path(path: str | Path) -> Path:
-    """A local checkpoint directory; a Hugging Face hub id that is not a local path is downloaded
-    with `huggingface_hub.snapshot_download` (or a one-line error saying how to download it)."""
-    p = Path(path).expanduser()
-    if p.is_dir():
+    """A local checkpoint directory. An argument is a Hugging Face hub id only when it looks like one
+    ("owner/name") and no local path of that name (or of its owner part) exists; it is then
+    downloaded with `huggingface_hub.snapshot_download` (or a one-line error saying how to download
+    it). Anything else that is not a directory is a one-line error saying what it is: "no such
+    directory", "is a file", "is a symlink loop", ... (never a trip to the hub)."""
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    if not isinstance(path, (str, os.PathLike)):
+        raise DiffMambaError(f"a checkpoint path must be a string or a Path, got {type(path).__name__}")
+    text = os.fspath(path)
+    if not text.strip():
+        raise DiffMambaError("an empty checkpoint path; pass a checkpoint directory")
+    p = Path(text).expanduser()
+    problem = path_problem(p, "dir")
+    if problem is None:
         return p
-    if p.exists():
+    if problem == "is a file, not a directory":
         raise DiffMambaError(f"{p}: is a file; pass the checkpoint directory holding config.json and the weights")
-    text = str(path)
-    if not _HUB_ID.match(text) or ".." in text:
-        raise DiffMambaError(f"{p}: no such file or directory")
+    if isinstance(path, os.PathLike) or not looks_like_hub_id(text):
+        raise DiffMambaError(f"{p}: {problem}")
     try:
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(text, allow_patterns=_HUB_PATTERNS, etag_timeout=10))
     except Exception as e:  # offline, unknown repo, gated, ...: huggingface_hub raises many kinds
         raise DiffMambaError(
-            f"{text}: does not exist locally and could not be downloaded from the Hugging Face hub "
+            f"{text}: no such directory, and it could not be downloaded as a Hugging Face hub id "
             f"({type(e).__name__}: {one_line(e, 120)}); download it with "
             f"`huggingface-cli download {text} --local-dir DIR` (or `hf download ...`) and pass DIR"
         ) from None
@@ -188,25 +209,56 @@ def match_state(expected: dict[str, torch.Size], ckpt: Checkpoint, report: LoadR
 
 
 # -- public API ----------------------------------------------------------------------------------
-def read_checkpoint(path: str | Path) -> Checkpoint:
+def read_checkpoint(path: str | Path, non_finite: str = "error") -> Checkpoint:
     """Read a checkpoint directory (or hub id): its format, config and tensors, with every problem a
-    one-line DiffMambaError naming the file."""
+    one-line DiffMambaError naming the file. Weights holding NaN or Inf are refused (non_finite="error",
+    the default) or read with a NonFiniteWeightWarning (non_finite="warn")."""
     directory = resolve_path(path)
     config_path = directory / "config.json"
-    if not config_path.is_file():
+    problem = path_problem(config_path, "file")
+    if problem == "no such file":
         raise DiffMambaError(f"{directory}: no config.json, so this is not a checkpoint directory")
+    if problem:
+        raise DiffMambaError(f"{config_path}: {problem}")
     raw = read_json(config_path)
     try:
         fmt = detect_format(raw)
     except DiffMambaError as e:
         raise DiffMambaError(f"{config_path}: {e}") from None
     cfg = FORMATS[fmt].config(raw, config_path)
-    state, files = read_weights(directory)
+    state, files = read_weights(directory, non_finite=non_finite)
     return Checkpoint(fmt, cfg, state, files, directory)
 
 
+def stored_layers(ckpt: Checkpoint) -> int | None:
+    """How many blocks the checkpoint's tensors hold (1 + the largest `blocks.{i}.` index), None if none."""
+    ours, _ = ckpt.keys.to_ours(ckpt.state)
+    idx = [int(m.group(1)) for m in (re.match(r"blocks\.(\d+)\.", k) for k in ours) if m]
+    return max(idx) + 1 if idx else None
+
+
+def check_size(n_params: int, dtype: torch.dtype, where) -> None:
+    """Refuse (one-line DiffMambaError) a model whose parameters would not fit in this machine's
+    memory, before allocating them."""
+    n_bytes = n_params * torch.empty((), dtype=dtype).element_size()
+    limit = physical_memory()
+    if limit and n_bytes > limit:
+        raise DiffMambaError(
+            f"{where}: the config describes a model of {n_params:,} parameters ({n_bytes / 2**30:,.1f} GiB in "
+            f"{str(dtype).removeprefix('torch.')}), more than this machine's memory ({limit / 2**30:,.1f} GiB)"
+        )
+
+
+def physical_memory() -> int | None:
+    """This machine's physical memory in bytes (None when unknown)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def has_tokenizer_files(directory: Path) -> bool:
-    return any((directory / name).is_file() for name in TOKENIZER_FILES)
+    return any(os.path.lexists(directory / name) for name in TOKENIZER_FILES)
 
 
 def tokenizer_or_none(directory: Path):
@@ -223,6 +275,10 @@ def load_tokenizer(path: str | Path):
     """`transformers.AutoTokenizer.from_pretrained(path)` (no remote code), or a one-line
     DiffMambaError when the directory has no tokenizer files or they cannot be read."""
     directory = resolve_path(path)
+    for name in TOKENIZER_FILES:
+        problem = os.path.lexists(directory / name) and path_problem(directory / name, "file")
+        if problem:
+            raise DiffMambaError(f"{directory / name}: {problem}")
     if not has_tokenizer_files(directory):
         raise DiffMambaError(
             f"{directory}: no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)}); pass token ids instead, "

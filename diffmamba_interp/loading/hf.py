@@ -11,6 +11,7 @@ from typing import Any
 
 from ..config import MambaConfig
 from ..errors import DiffMambaError
+from .fields import Fields, decode_float, read_limit, show  # noqa: F401 (decode_float, read_limit: re-exported)
 
 # the keys this module reads; anything else is kept in MambaConfig.extra and written back
 KNOWN = {
@@ -26,69 +27,66 @@ def encode_float(x: float) -> Any:
     return x if math.isfinite(x) else {"__float__": str(x).replace("inf", "Infinity").replace("nan", "NaN")}
 
 
-def decode_float(x: Any) -> float:
-    return float(x["__float__"]) if isinstance(x, dict) and "__float__" in x else float(x)
-
-
-def read_limit(value: Any) -> tuple[float, float]:
-    """time_step_limit as written by transformers: absent, [0.0, Infinity] or [0.0, {"__float__": "Infinity"}]."""
-    if value is None:
-        return (0.0, math.inf)
-    try:
-        lo, hi = value
-        return (decode_float(lo), decode_float(hi))
-    except (TypeError, ValueError, KeyError):
-        raise DiffMambaError(f"time_step_limit {value!r} is not a pair of numbers") from None
-
-
 def read_hf_config(d: dict[str, Any]) -> MambaConfig:
-    """Read a transformers Mamba / Mamba-2 / Diff-Mamba-2 config.json."""
+    """Read a transformers Mamba / Mamba-2 / Diff-Mamba-2 config.json; every field of the wrong type
+    or value is a one-line DiffMambaError naming it (fields.py)."""
     model_type = d.get("model_type")
     if model_type not in ("mamba", "mamba2"):
         raise DiffMambaError(f"unknown model_type {model_type!r} (expected 'mamba' or 'mamba2')")
-    try:
-        hidden = int(d["hidden_size"])
-        kw: dict[str, Any] = dict(
-            d_model=hidden,
-            n_layers=int(d["num_hidden_layers"]),
-            vocab_size=int(d["vocab_size"]),
-            d_state=int(d.get("state_size", 16 if model_type == "mamba" else 128)),
-            d_conv=int(d.get("conv_kernel", 4)),
-            expand=int(d.get("expand", 2)),
-            conv_bias=bool(d.get("use_conv_bias", True)),
-            bias=bool(d.get("use_bias", False)),
-            norm_eps=float(d.get("layer_norm_epsilon", 1e-5)),
-            tie_embeddings=bool(d.get("tie_word_embeddings", True)),
-            residual_in_fp32=bool(d.get("residual_in_fp32", True)),
-        )
-        if model_type == "mamba":
-            rank = d.get("time_step_rank", "auto")
-            kw["dt_rank"] = math.ceil(hidden / 16) if rank in (None, "auto") else int(rank)
-            kw["arch"] = "mamba1"
-            if "intermediate_size" in d and int(d["intermediate_size"]) != kw["expand"] * hidden:
-                raise DiffMambaError(f"intermediate_size {d['intermediate_size']} != expand * hidden_size")
+    f = Fields(d)
+    act = d.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise DiffMambaError(f"field 'hidden_act' must be \"silu\" (the only activation of these mixers), got {show(act)}")
+    hidden = f.int("hidden_size")
+    kw: dict[str, Any] = dict(
+        d_model=hidden,
+        n_layers=f.int("num_hidden_layers"),
+        vocab_size=f.int("vocab_size"),
+        d_state=f.int("state_size", 16 if model_type == "mamba" else 128),
+        d_conv=f.int("conv_kernel", 4),
+        expand=f.int("expand", 2),
+        conv_bias=f.bool("use_conv_bias", True),
+        bias=f.bool("use_bias", False),
+        norm_eps=f.float("layer_norm_epsilon", 1e-5, positive=True),
+        tie_embeddings=f.bool("tie_word_embeddings", True),
+        residual_in_fp32=f.bool("residual_in_fp32", True),
+    )
+    rank = d.get("time_step_rank", "auto")
+    dt_rank = math.ceil(hidden / 16) if rank in (None, "auto") else f.int("time_step_rank")
+    if model_type == "mamba":
+        kw["dt_rank"] = dt_rank
+        kw["arch"] = "mamba1"
+        if "intermediate_size" in d and f.int("intermediate_size") != kw["expand"] * hidden:
+            raise DiffMambaError(f"intermediate_size {d['intermediate_size']} != expand * hidden_size")
+    else:
+        kw["head_dim"] = f.int("head_dim", 64)
+        kw["n_groups"] = f.int("n_groups", 1)
+        kw["chunk_size"] = f.int("chunk_size", 256)
+        kw["time_step_limit"] = read_limit(d.get("time_step_limit"))
+        if "num_heads" in d and f.int("num_heads") * kw["head_dim"] != kw["expand"] * hidden:
+            raise DiffMambaError(
+                f"num_heads {d['num_heads']} * head_dim {kw['head_dim']} != expand * hidden_size {kw['expand'] * hidden}"
+            )
+        if f.bool("diffmamba", False):
+            kw["arch"] = "diffmamba2"
+            kw["diff_layers"] = read_diff_layers(d.get("diffmamba_settings", "alternate"), "diffmamba_settings")
         else:
-            kw["head_dim"] = int(d.get("head_dim", 64))
-            kw["n_groups"] = int(d.get("n_groups", 1))
-            kw["chunk_size"] = int(d.get("chunk_size", 256))
-            kw["time_step_limit"] = read_limit(d.get("time_step_limit"))
-            if "num_heads" in d and int(d["num_heads"]) * kw["head_dim"] != kw["expand"] * hidden:
-                raise DiffMambaError(
-                    f"num_heads {d['num_heads']} * head_dim {kw['head_dim']} != expand * hidden_size {kw['expand'] * hidden}"
-                )
-            if d.get("diffmamba"):
-                kw["arch"] = "diffmamba2"
-                kw["diff_layers"] = d.get("diffmamba_settings", "alternate")
-            else:
-                kw["arch"] = "mamba2"
-    except KeyError as e:
-        raise DiffMambaError(f"config.json lacks the field {e.args[0]!r}") from None
-    except (TypeError, ValueError) as e:
-        if isinstance(e, DiffMambaError):
-            raise
-        raise DiffMambaError(f"config.json has a field of the wrong type: {e}") from None
+            kw["arch"] = "mamba2"
     kw["extra"] = {k: v for k, v in d.items() if k not in KNOWN}
     return MambaConfig(**kw)
+
+
+def read_diff_layers(value: Any, name: str = "diff_layers"):
+    """"alternate" / "all" / "quarter", or a list of block indices (whole numbers)."""
+    from ..config import DIFF_SETTINGS
+
+    if isinstance(value, str) and value in DIFF_SETTINGS:
+        return value
+    if isinstance(value, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+        return value
+    raise DiffMambaError(
+        f"field '{name}' must be one of {', '.join(map(repr, DIFF_SETTINGS))} or a list of block indices, got {show(value)}"
+    )
 
 
 def write_hf_config(cfg: MambaConfig) -> dict[str, Any]:

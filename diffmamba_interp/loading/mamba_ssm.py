@@ -11,7 +11,7 @@ from typing import Any
 
 from ..config import MambaConfig
 from ..errors import DiffMambaError
-from .hf import decode_float
+from .fields import Fields, read_limit, show
 
 # mamba-ssm defaults (mamba_ssm/modules/mamba_simple.py, mamba2.py; models/config_mamba.py)
 _SSM_DEFAULTS = {
@@ -30,56 +30,48 @@ def mamba_ssm_config(raw: dict[str, Any]) -> MambaConfig:
     missing = [k for k in ("d_model", "n_layer", "vocab_size") if k not in raw]
     if missing:
         raise DiffMambaError(f"mamba-ssm config lacks the field{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}")
-    ssm_cfg = raw.get("ssm_cfg") or {}
-    if not isinstance(ssm_cfg, dict):
-        raise DiffMambaError(f"ssm_cfg must be an object, got {ssm_cfg!r}")
+    f = Fields(raw)
+    ssm_cfg = f.object("ssm_cfg", {})
     layer = ssm_cfg.get("layer", "Mamba1")
-    if layer not in _SSM_DEFAULTS:
-        raise DiffMambaError(f"ssm_cfg.layer {layer!r} is not supported (expected 'Mamba1' or 'Mamba2')")
+    if not isinstance(layer, str) or layer not in _SSM_DEFAULTS:
+        raise DiffMambaError(f"field 'ssm_cfg.layer' {show(layer)} is not supported (expected \"Mamba1\" or \"Mamba2\")")
     s = {**_SSM_DEFAULTS[layer], **ssm_cfg}
+    sf = Fields(s, prefix="ssm_cfg.")
     unsupported = {
-        "rms_norm": raw.get("rms_norm", True) is not True and "LayerNorm blocks (rms_norm false)",
-        "d_intermediate": bool(raw.get("d_intermediate", 0)) and "MLP blocks (d_intermediate > 0)",
+        "rms_norm": not f.bool("rms_norm", True) and "LayerNorm blocks (rms_norm false)",
+        "d_intermediate": f.int("d_intermediate", 0, minimum=0) > 0 and "MLP blocks (d_intermediate > 0)",
         "attn_layer_idx": bool(raw.get("attn_layer_idx")) and "attention layers (attn_layer_idx)",
-        "rmsnorm": layer == "Mamba2" and s["rmsnorm"] is not True and "a Mamba-2 mixer without its gated norm",
-        "norm_before_gate": layer == "Mamba2" and bool(s["norm_before_gate"]) and "norm_before_gate true",
+        "rmsnorm": layer == "Mamba2" and not sf.bool("rmsnorm") and "a Mamba-2 mixer without its gated norm",
+        "norm_before_gate": layer == "Mamba2" and sf.bool("norm_before_gate") and "norm_before_gate true",
     }
     for what in unsupported.values():
         if what:
             raise DiffMambaError(f"mamba-ssm checkpoints with {what} are not supported")
-    try:
-        d_model, vocab = int(raw["d_model"]), int(raw["vocab_size"])
-        multiple = int(raw.get("pad_vocab_size_multiple", 8))
-        if multiple <= 0:
-            raise ValueError(f"pad_vocab_size_multiple must be positive, got {multiple}")
-        kw: dict[str, Any] = dict(
-            d_model=d_model,
-            n_layers=int(raw["n_layer"]),
-            vocab_size=vocab + (-vocab) % multiple,
-            pad_vocab_size_multiple=multiple,
-            d_state=int(s["d_state"]),
-            d_conv=int(s["d_conv"]),
-            expand=int(s["expand"]),
-            conv_bias=bool(s["conv_bias"]),
-            bias=bool(s["bias"]),
-            norm_eps=float(raw.get("norm_epsilon", 1e-5)),
-            tie_embeddings=bool(raw.get("tie_embeddings", True)),
-            residual_in_fp32=bool(raw.get("residual_in_fp32", True)),
-        )
-        if layer == "Mamba1":
-            kw["arch"] = "mamba1"
-            kw["dt_rank"] = math.ceil(d_model / 16) if s["dt_rank"] in (None, "auto") else int(s["dt_rank"])
-        else:
-            kw["arch"] = "mamba2"
-            kw["head_dim"] = int(s["headdim"])
-            kw["n_groups"] = int(s["ngroups"])
-            kw["chunk_size"] = int(s["chunk_size"])
-            lo, hi = s["dt_limit"]
-            kw["time_step_limit"] = (decode_float(lo), decode_float(hi))
-            if s["d_ssm"] is not None and int(s["d_ssm"]) != kw["expand"] * d_model:
-                raise DiffMambaError("mamba-ssm checkpoints with an MLP branch in the mixer (d_ssm < d_inner) are not supported")
-    except (TypeError, ValueError, KeyError) as e:
-        if isinstance(e, DiffMambaError):
-            raise
-        raise DiffMambaError(f"mamba-ssm config has a field of the wrong type: {e}") from None
+    d_model, vocab = f.int("d_model"), f.int("vocab_size")
+    multiple = f.int("pad_vocab_size_multiple", 8)
+    kw: dict[str, Any] = dict(
+        d_model=d_model,
+        n_layers=f.int("n_layer"),
+        vocab_size=vocab + (-vocab) % multiple,
+        pad_vocab_size_multiple=multiple,
+        d_state=sf.int("d_state"),
+        d_conv=sf.int("d_conv"),
+        expand=sf.int("expand"),
+        conv_bias=sf.bool("conv_bias"),
+        bias=sf.bool("bias"),
+        norm_eps=f.float("norm_epsilon", 1e-5, positive=True),
+        tie_embeddings=f.bool("tie_embeddings", True),
+        residual_in_fp32=f.bool("residual_in_fp32", True),
+    )
+    if layer == "Mamba1":
+        kw["arch"] = "mamba1"
+        kw["dt_rank"] = math.ceil(d_model / 16) if s["dt_rank"] in (None, "auto") else sf.int("dt_rank")
+    else:
+        kw["arch"] = "mamba2"
+        kw["head_dim"] = sf.int("headdim")
+        kw["n_groups"] = sf.int("ngroups")
+        kw["chunk_size"] = sf.int("chunk_size")
+        kw["time_step_limit"] = read_limit(s["dt_limit"], "ssm_cfg.dt_limit")
+        if s["d_ssm"] is not None and sf.int("d_ssm") != kw["expand"] * d_model:
+            raise DiffMambaError("mamba-ssm checkpoints with an MLP branch in the mixer (d_ssm < d_inner) are not supported")
     return MambaConfig(**kw)

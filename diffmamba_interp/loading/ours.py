@@ -8,10 +8,14 @@ from typing import Any
 
 from ..config import MambaConfig
 from ..errors import DiffMambaError
-from .hf import encode_float, read_limit
+from .fields import Fields, read_limit
+from .hf import encode_float, read_diff_layers
 
 MARKER = "diffmamba_interp"  # top-level config.json key of our own format
 MARKER_VERSION = 1
+_INTS = ("d_model", "n_layers", "vocab_size", "d_state", "d_conv", "expand", "head_dim", "n_groups", "chunk_size",
+         "pad_vocab_size_multiple")
+_BOOLS = ("conv_bias", "bias", "tie_embeddings", "residual_in_fp32")
 
 
 def ours_config(raw: dict[str, Any]) -> MambaConfig:
@@ -20,20 +24,32 @@ def ours_config(raw: dict[str, Any]) -> MambaConfig:
     if not isinstance(marker, dict) or not isinstance(marker.get("config"), dict):
         raise DiffMambaError(f'"{MARKER}" must be an object with a "config" object')
     version = marker.get("format_version", MARKER_VERSION)
-    if version != MARKER_VERSION:
+    if isinstance(version, bool) or version != MARKER_VERSION:
         raise DiffMambaError(f'"{MARKER}" format_version {version!r} is not supported (this version reads {MARKER_VERSION})')
     d = dict(marker["config"])
     missing = [k for k in ("arch", "d_model", "n_layers", "vocab_size") if k not in d]
     if missing:
         raise DiffMambaError(f"config lacks the field{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}")
+    f = Fields(d, prefix=f"{MARKER}.config.")
+    for name in _INTS:
+        if name in d:
+            d[name] = f.int(name)
+    if d.get("dt_rank") is not None:
+        d["dt_rank"] = f.int("dt_rank")
+    for name in _BOOLS:
+        if name in d:
+            d[name] = f.bool(name)
+    if "norm_eps" in d:
+        d["norm_eps"] = f.float("norm_eps", positive=True)
+    if "arch" in d and not isinstance(d["arch"], str):
+        f.fail("arch", "an architecture name", d["arch"])
     if "time_step_limit" in d:
-        d["time_step_limit"] = read_limit(d["time_step_limit"])
-    try:
-        return MambaConfig.from_dict(d)
-    except (TypeError, ValueError) as e:
-        if isinstance(e, DiffMambaError):
-            raise
-        raise DiffMambaError(f"config has a field of the wrong type: {e}") from None
+        d["time_step_limit"] = read_limit(d["time_step_limit"], f"{MARKER}.config.time_step_limit")
+    if "diff_layers" in d:
+        d["diff_layers"] = read_diff_layers(d["diff_layers"], f"{MARKER}.config.diff_layers")
+    if "extra" in d:
+        d["extra"] = f.object("extra")
+    return MambaConfig.from_dict(d)
 
 
 def ours_marker(cfg: MambaConfig) -> dict[str, Any]:

@@ -12,11 +12,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import torch
 
 from ..errors import DiffMambaError
+from ..files import path_problem, write_atomic
 from .formats import FORMATS
 
 
@@ -34,9 +36,13 @@ def save_pretrained(model, path: str | Path) -> None:
     once, as the embedding, as transformers does) and the tokenizer files when `model.tokenizer` is set.
     """
     directory = Path(path).expanduser()
-    if directory.exists() and not directory.is_dir():
-        raise DiffMambaError(f"{directory}: exists and is not a directory")
-    directory.mkdir(parents=True, exist_ok=True)
+    problem = path_problem(directory, "dir")
+    if problem and os.path.lexists(directory):
+        raise DiffMambaError(f"{directory}: {problem}")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DiffMambaError(f"{directory}: cannot create the directory ({e.strerror or e})") from None
 
     cfg = model.cfg
     tied = cfg.tie_embeddings and _is_tied(model)
@@ -57,18 +63,12 @@ def save_pretrained(model, path: str | Path) -> None:
 
     from safetensors.torch import save_file
 
-    _atomic(directory / "model.safetensors", lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
-    _atomic(directory / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
+    # each file through a temporary file and a rename (files.write_atomic), with the umask's mode
+    write_atomic(directory / "model.safetensors", write=lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+    write_atomic(directory / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
     if getattr(model, "tokenizer", None) is not None:
-        model.tokenizer.save_pretrained(str(directory))
-
-
-def _atomic(target: Path, write) -> None:
-    """Write to a temporary file beside `target`, then rename it over `target`."""
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+        with tempfile.TemporaryDirectory(prefix=".tokenizer-", dir=directory) as staging:
+            model.tokenizer.save_pretrained(staging)
+            for f in sorted(Path(staging).iterdir()):
+                if f.is_file():
+                    write_atomic(directory / f.name, f.read_bytes())

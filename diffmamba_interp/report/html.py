@@ -242,7 +242,6 @@ def write_report(path, *, title: str, summary: pd.DataFrame | None = None, paire
         "</body>",
         "</html>",
     ])
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(doc, encoding="utf-8")
-    return out
+    from ..files import write_atomic
+
+    return write_atomic(path, doc)  # temp file + rename: never a half-written report
