@@ -17,6 +17,9 @@ SUMMARY_COLUMNS = ("model", "layer", "paper_layer", "measure", "mean", "median",
 # compare().paired: model b − model a per (layer, measure)
 PAIRED_COLUMNS = ("model_a", "model_b", "layer", "paper_layer", "measure", "diff_mean", "ci_low", "ci_high", "n",
                   "n_clusters", "significant")
+# what the report's figures read of them (analysis output has these and more)
+REPORT_SUMMARY_COLUMNS = ("model", "layer", "measure", "mean", "median", "ci_low", "ci_high")
+REPORT_PAIRED_COLUMNS = ("model_a", "model_b", "layer", "measure", "diff_mean", "ci_low", "ci_high")
 # branch contributions per (model, block, component)
 BRANCH_COLUMNS = ("model", "layer", "component", "value")
 # the components of a differential block's direct logit contribution (analysis.branch_lens)

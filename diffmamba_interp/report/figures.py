@@ -25,7 +25,8 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from ..errors import DiffMambaError
-from ..schemas import BRANCH_COLUMNS, BRANCH_COMPONENTS, PAIRED_COLUMNS, SUMMARY_COLUMNS, check_columns
+from ..schemas import (BRANCH_COLUMNS, BRANCH_COMPONENTS, PAIRED_COLUMNS, REPORT_PAIRED_COLUMNS,
+                       REPORT_SUMMARY_COLUMNS, SUMMARY_COLUMNS, check_columns)
 
 __all__ = [
     "SUMMARY_COLUMNS",
@@ -148,7 +149,7 @@ def needle_prob_figure(summary: pd.DataFrame, log_scale: bool = False) -> go.Fig
     The paper's Figure 6 layout (docs/conventions.md, "Lens and SNR"). ``log_scale=True`` puts the y axis on a log scale,
     which makes the early layers (probabilities near 0) readable.
     """
-    check_columns(summary, SUMMARY_COLUMNS, "summary")
+    check_columns(summary, REPORT_SUMMARY_COLUMNS, "summary")
     sub = _select_measure(summary, "prob", "summary")
     models = _unique(sub["model"])
     colours = _model_colours(models)
@@ -190,7 +191,7 @@ def measure_curves_figure(summary: pd.DataFrame, measure: str) -> go.Figure:
 
     Two traces per model: the band (a closed polygon, not in the legend) then the mean line.
     """
-    check_columns(summary, SUMMARY_COLUMNS, "summary")
+    check_columns(summary, REPORT_SUMMARY_COLUMNS, "summary")
     sub = _select_measure(summary, measure, "summary")
     models = _unique(sub["model"])
     colours = _model_colours(models)
@@ -243,7 +244,7 @@ def paired_figure(paired: pd.DataFrame, measure: str = "prob") -> go.Figure:
     One trace per (model_a, model_b) pair. Filled markers: the CI excludes 0; open markers: it
     does not.
     """
-    check_columns(paired, PAIRED_COLUMNS, "paired")
+    check_columns(paired, REPORT_PAIRED_COLUMNS, "paired")
     sub = _select_measure(paired, measure, "paired")
     pairs = _unique(zip(sub["model_a"], sub["model_b"]))
     label = _measure_label(measure)

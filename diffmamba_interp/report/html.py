@@ -12,10 +12,9 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from ..errors import DiffMambaError
+from ..schemas import REPORT_PAIRED_COLUMNS, REPORT_SUMMARY_COLUMNS
 from .figures import (
     BRANCH_COLUMNS,
-    PAIRED_COLUMNS,
-    SUMMARY_COLUMNS,
     attention_figure,
     branch_figure,
     check_columns,
@@ -178,11 +177,11 @@ def write_report(path, *, title: str, summary: pd.DataFrame | None = None, paire
     raise DiffMambaError naming them; parent directories of ``path`` are created.
     """
     if summary is not None:
-        check_columns(summary, SUMMARY_COLUMNS, "summary")
+        check_columns(summary, REPORT_SUMMARY_COLUMNS, "summary")
         if summary.empty:
             raise DiffMambaError("summary has no rows")
     if paired is not None:
-        check_columns(paired, PAIRED_COLUMNS, "paired")
+        check_columns(paired, REPORT_PAIRED_COLUMNS, "paired")
     if branch is not None:
         check_columns(branch, BRANCH_COLUMNS, "branch")
     entries = _attention_entries(attention)
