@@ -1,5 +1,6 @@
 """Plain helper functions for tests (fixtures live in conftest.py)."""
 
+import pytest
 import torch
 
 
@@ -10,3 +11,14 @@ def perturb_(model: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> torch
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * scale)
     return model
+
+
+def one_line_error(fn, *args, **kwargs) -> str:
+    """Call fn expecting a DiffMambaError whose message is one non-empty line; return the message."""
+    from diffmamba_interp.errors import DiffMambaError
+
+    with pytest.raises(DiffMambaError) as e:
+        fn(*args, **kwargs)
+    msg = str(e.value)
+    assert msg and "\n" not in msg, msg
+    return msg

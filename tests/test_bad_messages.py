@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from diffmamba_interp import load_model
 from diffmamba_interp.cli import app
 from diffmamba_interp.errors import DiffMambaError
+from helpers import one_line_error
 
 runner = CliRunner()
 PROMPT = "Mary went to the kitchen. John moved to the garden. Where is Mary? Answer:"
@@ -26,14 +27,6 @@ def cli_error(*args) -> str:
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (code, err)
     assert "Traceback" not in out + err
     return lines[0]
-
-
-def one_line_error(fn, *args, **kwargs) -> str:
-    with pytest.raises(DiffMambaError) as e:
-        fn(*args, **kwargs)
-    msg = str(e.value)
-    assert msg and "\n" not in msg, msg
-    return msg
 
 
 @pytest.fixture(scope="module")

@@ -9,16 +9,9 @@ import torch
 from diffmamba_interp import MambaConfig, load_model
 from diffmamba_interp.analysis.snr import target_probs
 from diffmamba_interp.errors import DiffMambaError
+from helpers import one_line_error
 
 PROMPT = "Mary went to the kitchen. John moved to the garden. Where is Mary? Answer:"
-
-
-def one_line_error(fn, *args, **kwargs) -> str:
-    with pytest.raises(DiffMambaError) as e:
-        fn(*args, **kwargs)
-    msg = str(e.value)
-    assert msg and "\n" not in msg, msg
-    return msg
 
 
 @pytest.fixture(scope="module")

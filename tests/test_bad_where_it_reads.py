@@ -11,14 +11,7 @@ import pytest
 from diffmamba_interp import load_model
 from diffmamba_interp.errors import DiffMambaError
 from diffmamba_interp.loading import resolve_path
-
-
-def one_line_error(fn, *args, **kwargs) -> str:
-    with pytest.raises(DiffMambaError) as e:
-        fn(*args, **kwargs)
-    msg = str(e.value)
-    assert msg and "\n" not in msg, msg
-    return msg
+from helpers import one_line_error
 
 
 @pytest.fixture
