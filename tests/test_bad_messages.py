@@ -9,7 +9,6 @@ from typer.testing import CliRunner
 
 from diffmamba_interp import load_model
 from diffmamba_interp.cli import app
-from diffmamba_interp.errors import DiffMambaError
 from helpers import one_line_error
 
 runner = CliRunner()

@@ -8,7 +8,6 @@ import torch
 
 from diffmamba_interp import MambaConfig, load_model
 from diffmamba_interp.analysis.snr import target_probs
-from diffmamba_interp.errors import DiffMambaError
 from helpers import one_line_error
 
 PROMPT = "Mary went to the kitchen. John moved to the garden. Where is Mary? Answer:"

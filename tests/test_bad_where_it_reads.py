@@ -9,7 +9,6 @@ import os
 import pytest
 
 from diffmamba_interp import load_model
-from diffmamba_interp.errors import DiffMambaError
 from diffmamba_interp.loading import resolve_path
 from helpers import one_line_error
 
