@@ -30,6 +30,8 @@ Everything is computed a block of target rows at a time from each branch's per-c
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -42,6 +44,44 @@ Tensor = torch.Tensor
 
 # `dense()` refuses to build more elements than this (2^26: 256 MiB in float32)
 DENSE_LIMIT = 1 << 26
+# the Frobenius factors Z depend on the weights only: kept by content, up to this many bytes
+FACTOR_CACHE_BYTES = 1 << 29
+
+
+class _FactorCache:
+    """Z by the bytes of the weights it comes from (least recently used dropped first), so the same
+    layer's eigendecomposition is done once however many prompts are read."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.items, self.size = max_bytes, OrderedDict(), 0
+
+    @staticmethod
+    def key(tensors: Sequence[Tensor]) -> str:
+        h = hashlib.blake2b(digest_size=20)
+        for t in tensors:
+            t = t.detach().cpu().contiguous()
+            h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return h.hexdigest()
+
+    def get(self, key: str) -> Optional[Tensor]:
+        if key in self.items:
+            self.items.move_to_end(key)
+            return self.items[key]
+        return None
+
+    def put(self, key: str, value: Tensor) -> None:
+        n = value.numel() * value.element_size()
+        if n > self.max_bytes:
+            return
+        self.items[key] = value
+        self.size += n
+        while self.size > self.max_bytes:
+            _, old = self.items.popitem(last=False)
+            self.size -= old.numel() * old.element_size()
+
+
+FACTORS = _FactorCache(FACTOR_CACHE_BYTES)
 
 
 @dataclass
@@ -217,13 +257,17 @@ class OutputAttention:
         (PᵀP) ⊙ (W Wᵀ) in float64."""
         if which not in self._factors:
             brs = self.branches if which is None else [self.branches[which]]
-            P = torch.cat([(br.coef * br.w_out).double() for br in brs], dim=1)  # [d, E]
-            W = torch.cat([br.w_in.double() for br in brs], dim=0)  # [E, d]
-            K = (P.T @ P) * (W @ W.T)  # PSD
-            evals, evecs = torch.linalg.eigh(K)
-            keep = evals > evals.max().clamp(min=0) * K.shape[0] * torch.finfo(torch.float64).eps
-            Z = (evecs[:, keep] * evals[keep].sqrt()).T  # [r, E]
-            self._factors[which] = Z.to(self.dtype)
+            key = FACTORS.key([t for br in brs for t in (br.coef.reshape(1), br.w_out, br.w_in)])
+            Z = FACTORS.get(key)
+            if Z is None:
+                P = torch.cat([(br.coef * br.w_out).double() for br in brs], dim=1)  # [d, E]
+                W = torch.cat([br.w_in.double() for br in brs], dim=0)  # [E, d]
+                K = (P.T @ P) * (W @ W.T)  # PSD
+                evals, evecs = torch.linalg.eigh(K)
+                keep = evals > evals.max().clamp(min=0) * K.shape[0] * torch.finfo(torch.float64).eps
+                Z = (evecs[:, keep] * evals[keep].sqrt()).T.to(self.dtype)  # [r, E]
+                FACTORS.put(key, Z)
+            self._factors[which] = Z
         return self._factors[which]
 
     def summaries(self, *, norm: bool = True, h: Optional[Tensor] = None, direction: Optional[Tensor] = None,

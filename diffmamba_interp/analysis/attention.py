@@ -158,7 +158,10 @@ def _run(model, input_ids: Tensor, names: list[str]) -> dict[str, Tensor]:
     model.check_input_ids(input_ids)
     f = compute_dtype(model.dtype)
     with torch.no_grad():
-        _, cache = model.run_with_cache(input_ids.to(model.device), names_filter=list(dict.fromkeys(names)), return_type=None)
+        # the forward stops before norm_f unless a hook of norm_f is asked for (return_type None skips it)
+        needs_head = any(n.startswith("norm_f.") for n in names)
+        _, cache = model.run_with_cache(input_ids.to(model.device), names_filter=list(dict.fromkeys(names)),
+                                        return_type="logits" if needs_head else None)
     return {n: cache[n].to(f) for n in names}
 
 
