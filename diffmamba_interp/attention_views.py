@@ -49,18 +49,6 @@ def parse_positions(text: str | None, L: int) -> tuple[int, int]:
     return a, b
 
 
-def short(z: np.ndarray, digits: int = 4) -> np.ndarray:
-    """Each value rounded to `digits` significant digits (shorter JSON in the HTML, same picture)."""
-    z = np.asarray(z, dtype=np.float64)
-    out = np.zeros_like(z)
-    nz = np.isfinite(z) & (z != 0)
-    e = np.floor(np.log10(np.abs(z[nz])))
-    f = 10.0 ** (digits - 1 - e)
-    out[nz] = np.round(z[nz] * f) / f
-    out[~np.isfinite(z)] = z[~np.isfinite(z)]
-    return out
-
-
 class LayerMaps:
     """One forward's cache for a layer's maps, and those maps for any block of target rows [T, L]."""
 
@@ -207,8 +195,8 @@ def attention_view(model, prompt: str, layer: int, branch: int | None = None, ki
     else:
         labels = [f"{edges[i]}–{edges[i + 1] - 1}" for i in range(n)]
         note = f", averaged over blocks of ~{math.ceil((b - a) / n)} positions ({b - a} → {n} a side)"
-    return {"title": f"{label}: block {layer}, {what}{window}{note}", "maps": {k: short(v) for k, v in maps.items()},
-            "tokens": labels}
+    return {"title": f"{label}: block {layer}, {what}{window}{note}",
+            "maps": {k: v.astype(np.float32) for k, v in maps.items()}, "tokens": labels}
 
 
 def _row_entry(model, ids, tokens, layer, branch, kind, reduce, a, b, answer, needles, tok, prompt, title) -> dict:
@@ -230,7 +218,7 @@ def _row_entry(model, ids, tokens, layer, branch, kind, reduce, a, b, answer, ne
             continue
         if branch is not None and name != f"branch {branch}" and not name.endswith(f"branch {branch}"):
             continue
-        keep[name] = short(r[0, a:b].double().cpu().numpy())
+        keep[name] = r[0, a:b].float().cpu().numpy()
     entry = {"view": "row", "title": title, "rows": keep, "positions": list(range(a, b)), "tokens": tokens[a:b],
              "target": int(ids.shape[-1] - 1), "marks": needle_marks(tok, prompt, needles, a, b)}
     if res.logit_rest is not None:

@@ -19,8 +19,8 @@ Everything is computed a block of target rows at a time from each branch's per-c
 (O(b·E·T·L) memory for T rows), never as [L, L, d, d]:
 - `reconstruct(h)` / `apply(h)` / `bias()`: the output, the operator part, the bias part;
 - `frobenius()`: ‖O[t,s]‖_F per (t, s), as ‖Z·a[t,s]‖₂ with a the branches' stacked channel maps and
-  ZᵀZ = (PᵀP) ⊙ (W Wᵀ) (P = [c_k·W_out,k], W = [W_in,k] stacked), a sum of squares, so never negative
-  and accurate where the two branches cancel;
+  ZᵀZ = (PᵀP) ⊙ (W Wᵀ) (P = [c_k·W_out,k], W = [W_in,k] stacked; Z a Cholesky factor, computed once
+  per layer's weights), a sum of squares, so never negative and accurate where the branches cancel;
 - `project(u, h)`: uᵀ·O[t,s]·h_s, how much source s moves the output along u (e.g. the answer token's
   unembedding direction through norm_f), with `project_bias(u)` its Σ_s-free rest;
 - `dense()`: O itself [b, T, L, d, d], for small models only;
@@ -252,9 +252,10 @@ class OutputAttention:
 
     # -- reductions that fit in memory ---------------------------------------------------------------
     def _factor(self, which: Optional[int]) -> Tensor:
-        """Z [r, E] with ‖Z·a‖² = ‖Σ_k c_k·W_out,k·diag(a_k)·W_in,k‖²_F for the stacked channel maps a
-        of all branches (which=None) or of branch `which` (0-based), from an eigendecomposition of
-        (PᵀP) ⊙ (W Wᵀ) in float64."""
+        """Z [E, E] with ‖Z·a‖² = ‖Σ_k c_k·W_out,k·diag(a_k)·W_in,k‖²_F for the stacked channel maps a
+        of all branches (which=None) or of branch `which` (0-based): the transposed Cholesky factor of
+        K = (PᵀP) ⊙ (W Wᵀ) in float64, with K + δI, δ = 1e-14·max diag(K) (raised if K is too close to
+        singular), which adds at most δ·‖a‖² to ‖O‖²: 1e-14 of the branches' own scale."""
         if which not in self._factors:
             brs = self.branches if which is None else [self.branches[which]]
             key = FACTORS.key([t for br in brs for t in (br.coef.reshape(1), br.w_out, br.w_in)])
@@ -263,9 +264,16 @@ class OutputAttention:
                 P = torch.cat([(br.coef * br.w_out).double() for br in brs], dim=1)  # [d, E]
                 W = torch.cat([br.w_in.double() for br in brs], dim=0)  # [E, d]
                 K = (P.T @ P) * (W @ W.T)  # PSD
-                evals, evecs = torch.linalg.eigh(K)
-                keep = evals > evals.max().clamp(min=0) * K.shape[0] * torch.finfo(torch.float64).eps
-                Z = (evecs[:, keep] * evals[keep].sqrt()).T.to(self.dtype)  # [r, E]
+                jitter = 1e-14 * float(K.diagonal().max().clamp(min=torch.finfo(torch.float64).tiny))
+                eye = torch.eye(K.shape[0], dtype=K.dtype, device=K.device)
+                for _ in range(8):
+                    low, info = torch.linalg.cholesky_ex(K + jitter * eye)
+                    if int(info) == 0:
+                        break
+                    jitter *= 100
+                else:
+                    raise DiffMambaError("the output-space norm's Gram matrix is not positive semidefinite (non-finite weights?)")
+                Z = low.T.to(self.dtype)  # K + δI = Zᵀ Z
                 FACTORS.put(key, Z)
             self._factors[which] = Z
         return self._factors[which]

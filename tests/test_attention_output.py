@@ -177,7 +177,7 @@ def test_frobenius_is_accurate_where_the_branches_cancel(make):
     assert abs(float(block.lam().detach()) - 0.999) < 1e-12
     ref = implicit_attention(model, ids, 0, kind="output").frobenius()
     one = implicit_attention(model, ids, 0, kind="output", branch=1).frobenius()
-    torch.testing.assert_close(ref, 0.001 * one, rtol=1e-9, atol=0)  # the branches really cancel to 1/1000
+    torch.testing.assert_close(ref, 0.001 * one, rtol=1e-6, atol=0)  # the branches really cancel to 1/1000
     got = implicit_attention(model.float(), ids, 0, kind="output").frobenius()
     causal = torch.tril(torch.ones(8, 8, dtype=torch.bool))
     rel = ((got.double() - ref).abs() / ref.clamp(min=1e-30))[:, causal]

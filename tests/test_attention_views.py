@@ -120,6 +120,14 @@ def test_a_16k_answer_row_page_is_under_10_mb(make, tokenizer, tmp_path):
     assert path.stat().st_size < 10 * 2**20
 
 
+def test_page_numbers_are_shortened_to_four_significant_digits():
+    from diffmamba_interp.report.long_context import _short
+
+    got = _short(np.array([0.000123456, -98765.4, 0.0, np.nan, 1 / 3]))
+    np.testing.assert_array_equal(got[[0, 1, 2, 4]], [0.0001235, -98770.0, 0.0, 0.3333])
+    assert np.isnan(got[3]) and repr(float(got[4])) == "0.3333"
+
+
 def test_answer_row_figure():
     e = {"view": "row", "title": "t", "rows": {"branch 1": [0.1, 0.2, 0.3], "output norm": [1.0, 0.0, 2.0]},
          "positions": [4, 5, 6], "tokens": ["a", "b", "c"], "target": 6, "marks": [[5, 6]]}

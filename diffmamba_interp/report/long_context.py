@@ -32,6 +32,21 @@ _PLOTLYJS_BYTES = 4_900_000
 _COLOURS = {"branch 1": "#0072B2", "branch 2": "#D55E00", "differential": "#000000", "layer": "#009E73"}
 
 
+def _short(z, digits: int = 4) -> np.ndarray:
+    """Each value rounded to `digits` significant digits: the same picture in far shorter JSON."""
+    z = np.asarray(z, dtype=np.float64)
+    out = z.copy()
+    nz = np.isfinite(z) & (z != 0)
+    f = 10.0 ** (digits - 1 - np.floor(np.log10(np.abs(z[nz]))))
+    out[nz] = np.round(z[nz] * f) / f
+    return out
+
+
+def _shortened(entry: Mapping) -> dict:
+    """A copy of a full-view entry with its maps' values shortened (for `attention_figure`'s JSON)."""
+    return {**entry, "maps": {k: _short(v) for k, v in dict(entry["maps"]).items()}}
+
+
 def _row_colour(name: str) -> str:
     for key, colour in _COLOURS.items():
         if name.endswith(key):
@@ -129,7 +144,7 @@ def write_attention_report(path, *, title: str, entries: Sequence[Mapping], meta
     page = _Page()
     page.section("Implicit attention")
     for k, entry in enumerate(entries):
-        fig = answer_row_figure(entry) if entry.get("view") == "row" else attention_figure(entry)
+        fig = answer_row_figure(entry) if entry.get("view") == "row" else attention_figure(_shortened(entry))
         page.figure(fig, f"attention-{k}")
     doc = "\n".join([
         "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
