@@ -179,7 +179,7 @@ def long_context(lengths: list[int], frob_length: int, timeout: float) -> None:
     """Answer rows at long context and the full output-space norm map (module docstring)."""
     print("answer row (every map of one layer at t = L − 1) and the output-space Frobenius map, one 370M-shaped "
           "layer, batch 1, float32, 2 threads, one subprocess each (ru_maxrss):\n")
-    print("| what | layer | L | time (s) | of which forward (s) | RSS after model (MiB) | peak RSS (MiB) | peak − baseline (MiB) | result |")
+    print("| what | layer | L | time (s) | plain forward alone (s) | RSS after model (MiB) | peak RSS (MiB) | peak − baseline (MiB) | result |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---|")
     runs = [("row", arch, L) for L in lengths for arch in ("mamba2", "diffmamba2")] + [("frobenius", "diffmamba2", frob_length)]
     for what, arch, L in runs:

@@ -158,6 +158,8 @@ def test_needle_attention_summary_and_paired(make, tokenizer):
     models = [make("mamba2"), make("diffmamba2")]
     prompts = load_data("babi:qa2", n=6, tokenizer=tokenizer)
     res = needle_attention(models, prompts, n_boot=200, labels=["mamba", "diff"])
+    from_spec = needle_attention(models, "babi:qa2", n=6, n_boot=200, labels=["mamba", "diff"])  # the same examples
+    assert from_spec.summary.equals(res.summary)
     per, summary, paired = res.per_example, res.summary, res.paired
     assert set(per.model) == {"mamba", "diff"} and per.example.nunique() == 6
     assert set(summary[summary.model == "diff"]["map"]) >= {"branch 1", "differential", "output norm", "logit"}

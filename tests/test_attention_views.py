@@ -190,3 +190,11 @@ def test_attention_command_views(ckpt, tmp_path):
         code, stdout, err = run("attention", "--ckpt", ckpt, "--prompt", PROMPT, "--layer", 0, "--out", out, *args)
         lines = [line for line in err.splitlines() if line.strip()]
         assert code == 2 and len(lines) == 1 and msg in lines[0], err
+
+
+def test_needle_attention_from_checkpoint_paths_and_a_data_spec(ckpt):
+    from diffmamba_interp.analysis.needle_attention import needle_attention
+
+    res = needle_attention([ckpt], "babi:qa2", n=3, n_boot=50, layers=[0])
+    assert set(res.summary.model) == {"diff-tiny"} and res.per_example.example.nunique() == 3
+    assert res.paired.empty  # one model: nothing to pair

@@ -110,12 +110,29 @@ class NeedleAttention:
 
 
 def needle_attention(models, prompts, layers: Sequence[int] | None = None, kind: str = "block", reduce: str = "mean",
-                     n_boot: int = 1000, seed: int = 0, labels: Sequence[str] | None = None,
+                     n_boot: int = 1000, seed: int = 0, labels: Sequence[str] | None = None, n: int | None = None,
                      progress: bool = False) -> NeedleAttention:
     """The needle share of each model's answer rows over `prompts` (module docstring), with CIs
     (`stats.bootstrap_mean`, resampling whole stories when the prompts name them) and paired
-    differences between models (`stats.paired_bootstrap`)."""
+    differences between models (`stats.paired_bootstrap`).
+
+    models: HookedMamba models or checkpoint paths (labelled by directory name); prompts: `Prompt`s
+    or a data spec such as ``"babilong:qa2:1k"`` (then `n` examples drawn with `seed`, tokens counted
+    with the first model's tokenizer)."""
+    from pathlib import Path
+
     models = list(models)
+    if any(isinstance(m, (str, Path)) for m in models):
+        from ..model import load_model
+
+        if labels is None:
+            labels = [Path(m).name if isinstance(m, (str, Path)) else (getattr(m, "label", None) or m.cfg.arch)
+                      for m in models]
+        models = [load_model(m) if isinstance(m, (str, Path)) else m for m in models]
+    if isinstance(prompts, str):
+        from ..data import load_data
+
+        prompts = load_data(prompts, n=n, seed=seed, tokenizer=models[0].tokenizer if models else None)
     prompts = list(prompts)
     if not models or not prompts:
         raise DiffMambaError("needle_attention needs at least one model and one prompt")
