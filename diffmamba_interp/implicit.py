@@ -277,6 +277,15 @@ def conv_params(conv1d: nn.Conv1d, E: int, f: torch.dtype, offset: int = 0) -> t
     return w, b
 
 
+def prefix(values, n: int):
+    """The first n positions of hook values ([batch, pos, ...] tensors; anything else as is). The maps
+    are causal, so rows t < n of a map computed from the prefix are the full map's rows, cut to the
+    first n columns (the others are 0)."""
+    if isinstance(values, torch.Tensor):
+        return values[:, :n] if values.ndim >= 2 else values
+    return {k: prefix(v, n) for k, v in values.items()}
+
+
 def _window(L: int, opts: MapOptions | None, device) -> tuple[Masks, MapOptions]:
     opts = opts or MapOptions()
     t0, t1 = opts.window(L)

@@ -89,7 +89,8 @@ class OutputBranch:
     """One branch's term c·diag(ρ_t)·W_out·diag(𝒜[:, t, s])·W_in (+ its biases).
 
     maps: (t0, t1) -> the branch's per-channel whole-block map for target rows t0..t1−1
-          (`ImplicitAttention`, matrix [b, E, T, L], conv-bias term [b, E, T]).
+          (`ImplicitAttention`, matrix [b, E, T, S], conv-bias term [b, E, T]) over the first S ≥ t1
+          sources (S < L: the columns from S on are 0, as in any causal map).
     """
 
     maps: Callable[[int, int], ImplicitAttention]
@@ -190,8 +191,12 @@ class OutputAttention:
 
     def _op_rows(self, maps, xs, r0: int, r1: int) -> Tensor:
         """Σ_s O[t,s]·h_s for the rows of `maps` (without ρ_t) [b, T, d]."""
-        return sum(br.coef * (torch.einsum("bets,bse->bte", m.matrix, x) @ br.w_out.T)
+        return sum(br.coef * (torch.einsum("bets,bse->bte", m.matrix, x[:, : m.matrix.shape[-1]]) @ br.w_out.T)
                    for br, m, x in zip(self.branches, maps, xs))
+
+    def _pad(self, x: Tensor) -> Tensor:
+        """[..., S] -> [..., L] with zeros for the sources S.. (causal maps of a prefix)."""
+        return x if x.shape[-1] == self.n_pos else torch.nn.functional.pad(x, (0, self.n_pos - x.shape[-1]))
 
     def _bias_rows(self, maps) -> Tensor:
         """The branches' bias terms for the rows of `maps` (without ρ_t and the shared bias) [b, T, d]."""
@@ -199,7 +204,7 @@ class OutputAttention:
         for br, m in zip(self.branches, maps):
             g = m.bias.transpose(1, 2)  # conv-bias term [b, T, E]
             if br.b_in is not None:
-                g = g + m.matrix.sum(-1).transpose(1, 2) * br.b_in  # Σ_s 𝒜[:, t, s] ⊙ b_in
+                g = g + m.matrix.sum(-1).transpose(1, 2) * br.b_in  # Σ_s 𝒜[:, t, s] ⊙ b_in (0 beyond the prefix)
             yk = g @ br.w_out.T
             y = y + br.coef * (yk if br.b_out is None else yk + br.b_out)
         return y
@@ -244,7 +249,8 @@ class OutputAttention:
                 f"positions, d {d}); use frobenius(), project() or reconstruct(), or a window of rows")
         out = []
         for r0, r1, maps in self._steps():
-            o = sum(torch.einsum("de,bets,ef->btsdf", br.coef * br.w_out, m.matrix, br.w_in)
+            o = sum(torch.nn.functional.pad(torch.einsum("de,bets,ef->btsdf", br.coef * br.w_out, m.matrix, br.w_in),
+                                            (0, 0, 0, 0, 0, self.n_pos - m.matrix.shape[-1]))
                     for br, m in zip(self.branches, maps))
             scale = self._scale(r0, r1)
             out.append(o if scale is None else o * scale[:, :, None, None, None])
@@ -300,15 +306,19 @@ class OutputAttention:
             scale = self._scale(r0, r1)
             def fix(x, s=scale):  # · ρ_t on [b, T, L]
                 return x if s is None else x * s.unsqueeze(-1)
+            S = min(m.matrix.shape[-1] for m in maps)  # sources S.. are 0 in every map (causal)
             if norm:
-                stack = torch.cat([m.matrix for m in maps], dim=1) if nb > 1 else maps[0].matrix
-                acc["norm"].append(fix(torch.einsum("re,betl->brtl", self._factor(None), stack).pow(2).sum(1).sqrt()).abs())
+                stack = torch.cat([m.matrix[..., :S] for m in maps], dim=1) if nb > 1 else maps[0].matrix[..., :S]
+                zn = torch.matmul(self._factor(None), stack.flatten(2)).pow(2).sum(1).sqrt()  # ‖Z·a‖ [b, T·S]
+                acc["norm"].append(self._pad(fix(zn.view(*stack.shape[:1], *stack.shape[2:]))))
                 if per_branch and nb > 1:
                     for k, m in enumerate(maps):
-                        zk = torch.einsum("re,betl->brtl", self._factor(k), m.matrix)
-                        acc[f"norm{k}"].append(fix(zk.pow(2).sum(1).sqrt()).abs())
+                        a = m.matrix[..., :S]
+                        zk = torch.matmul(self._factor(k), a.flatten(2)).pow(2).sum(1).sqrt()
+                        acc[f"norm{k}"].append(self._pad(fix(zk.view(*a.shape[:1], *a.shape[2:]))))
             if project:
-                parts = [fix(torch.einsum("bets,be,bse->bts", m.matrix, cs[k], xs[k])) for k, m in enumerate(maps)]
+                parts = [self._pad(fix(torch.einsum("bets,be,bse->bts", m.matrix[..., :S], cs[k], xs[k][:, :S])))
+                         for k, m in enumerate(maps)]
                 acc["contrib"].append(sum(parts))
                 for k, p in enumerate(parts):
                     acc[f"contrib{k}"].append(p)

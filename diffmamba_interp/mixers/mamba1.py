@@ -115,8 +115,9 @@ class ConvFront(nn.Module):
         f, E = rows.dtype, self.d_inner
         opts = opts or implicit.MapOptions()
 
-        def maps(t0: int, t1: int):
-            return self.block_map(core, cache, core_prefix, rows, None, None, dataclasses.replace(opts, rows=(t0, t1)))
+        def maps(t0: int, t1: int):  # rows t0..t1−1 over the sources 0..t1−1 (causal: the rest is 0)
+            return self.block_map(core, implicit.prefix(cache, t1), core_prefix, rows[:, :t1], None, None,
+                                  dataclasses.replace(opts, rows=(t0, t1)))
 
         with_bias = opts.include_bias
         b_in = self.in_proj.bias.detach()[:E].to(f) if with_bias and self.in_proj.bias is not None else None

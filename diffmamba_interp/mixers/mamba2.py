@@ -113,9 +113,11 @@ class Mamba2Mixer(ScanUnit, Mixer):
         scale_e = scale.repeat_interleave(E // scale.shape[-1], dim=-1)  # [b, L, E]
         rows = self.norm.weight.detach().to(dt.dtype) * scale_e * cache["hook_gate"]  # [b, L, E]
 
-        def block(reduce, chunk, opts):
-            return implicit.ssd_block_map(dt, A, B, C, self.D.detach().to(dt.dtype), cache["hook_conv"][..., :E], rows,
-                                          self.conv1d, self.head_dim, reduce, chunk, opts)
+        def block(reduce, chunk, opts, upto=None):  # upto: only the first positions (rows of a causal map)
+            cut = (lambda v: v) if upto is None else (lambda v: implicit.prefix(v, upto))
+            return implicit.ssd_block_map(cut(dt), A, cut(B), cut(C), self.D.detach().to(dt.dtype),
+                                          cut(cache["hook_conv"][..., :E]), cut(rows), self.conv1d, self.head_dim,
+                                          reduce, chunk, opts)
 
         if kind == "block":
             return block(reduce, chunk, opts)
@@ -127,8 +129,8 @@ class Mamba2Mixer(ScanUnit, Mixer):
         rows of in_proj (after z), and their biases when opts.include_bias."""
         E = self.d_inner
 
-        def maps(t0: int, t1: int):
-            return block(None, None, dataclasses.replace(opts, rows=(t0, t1)))
+        def maps(t0: int, t1: int):  # rows t0..t1−1 over the sources 0..t1−1 (causal: the rest is 0)
+            return block(None, None, dataclasses.replace(opts, rows=(t0, t1)), upto=t1)
 
         w_in = self.in_proj.weight.detach()[E : 2 * E].to(f)  # z, then x of xBC
         with_bias = opts.include_bias
