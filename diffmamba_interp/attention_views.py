@@ -180,6 +180,8 @@ def attention_view(model, prompt: str, layer: int, branch: int | None = None, ki
     label = getattr(model, "label", model.cfg.arch)
     what = ("output-space operator, ‖O[t,s]‖_F" if kind == "output" else f"{kind} map ({reduce} over channels/heads)")
     window = "" if (a, b) == (0, L) else f", positions {a}:{b}"
+    if view == "full" and (answer is not None or needles):
+        raise DiffMambaError("--answer and --needle are for the answer row (--view row)")
     if view == "row":
         return _row_entry(model, ids, tokens, layer, branch, kind, reduce, a, b, answer, needles, tok, prompt,
                           f"{label}: block {layer}, answer row (target {L - 1}){window}")
