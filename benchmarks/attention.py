@@ -11,13 +11,22 @@ Then, one subprocess each, the peak RSS of implicit_attention at L = 2048 with r
 chunk; the "mean" of "block" sums channels by matrix products instead). Each is skipped if it takes
 longer than --memory-timeout (120 s).
 
-    python benchmarks/attention.py [--lengths 64 128 256] [--repeats 5] [--no-memory]
+Long context (--long, one subprocess per run, ru_maxrss): the answer row (`analysis.answer_row`:
+each branch's "block" map, the differential summary, the output-space norm of the whole operator
+and of each branch term, and the answer-logit contributions) at --row-lengths tokens for one
+370M-shaped Mamba-2 layer and one 370M-shaped Diff-Mamba-2 layer (the real 370M config: d_model
+1024, expand 2, head_dim 64, d_state 128, n_groups 1; the differential branches get expand 1 and
+head_dim 32, so H 32), and the output-space operator's Frobenius-norm map ‖O[t,s]‖_F over all
+t, s at L = --frobenius-length (512) for the Diff-Mamba-2 layer.
+
+    python benchmarks/attention.py [--lengths 64 128 256] [--repeats 5] [--no-memory] [--long]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -130,6 +139,80 @@ def memory(L: int, runs: list[tuple[str, str]], timeout: float) -> None:
     print()
 
 
+LONG_CHILD = r"""
+import json, resource, sys, time, torch
+sys.path.insert(0, "benchmarks")
+from attention import SHAPE
+from diffmamba_interp import HookedMamba, MambaConfig
+from diffmamba_interp.analysis.answer_row import answer_row
+from diffmamba_interp.analysis.attention import implicit_attention
+torch.set_num_threads(2)
+what, arch, L = sys.argv[1], sys.argv[2], int(sys.argv[3])
+torch.manual_seed(0)
+model = HookedMamba(MambaConfig(**{**SHAPE, "arch": arch, "diff_layers": "all"})).eval()
+ids = torch.randint(0, SHAPE["vocab_size"], (1, L), generator=torch.Generator().manual_seed(0))
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t0 = time.perf_counter()
+if what == "row":
+    res = answer_row(model, ids, 0, kind="block", reduce="mean", answer=7)
+    out = {name: list(r.shape) for name, r in res.maps.items()}
+    finite = all(bool(torch.isfinite(r).all()) for r in res.maps.values())
+else:
+    op = implicit_attention(model, ids, 0, kind="output")
+    t1 = time.perf_counter()
+    op._factor(None)
+    factor = time.perf_counter() - t1
+    F = op.frobenius()
+    out = {"frobenius": list(F.shape), "factor_s": factor}
+    finite = bool(torch.isfinite(F).all()) and bool((F.triu(1) == 0).all())
+dt = time.perf_counter() - t0
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t1 = time.perf_counter()
+with torch.no_grad():
+    model(ids, return_type=None)
+fwd = time.perf_counter() - t1
+print(json.dumps(dict(what=what, arch=arch, L=L, seconds=dt, forward_s=fwd, base_mib=base / 1024, peak_mib=peak / 1024,
+                      out=out, finite=finite)))
+"""
+
+
+def long_context(lengths: list[int], frob_length: int, timeout: float) -> None:
+    """Answer rows at long context and the full output-space norm map (module docstring)."""
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(5):
+        a @ b
+    rate = 5 * 2 * 2048**3 / (time.perf_counter() - t0) / 1e9
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"machine now: fp32 matmul 2048³ at {rate:.0f} GFLOP/s on 2 threads, load average {load:.2f}\n")
+    print("answer row (every map of one layer at t = L − 1) and the output-space Frobenius map, one 370M-shaped "
+          "layer, batch 1, float32, 2 threads, one subprocess each (ru_maxrss):\n")
+    print("| what | layer | L | time (s) | plain forward alone (s) | RSS after model (MiB) | peak RSS (MiB) | peak − baseline (MiB) | result |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---|")
+    runs = [("row", arch, L) for L in lengths for arch in ("mamba2", "diffmamba2")] + [("frobenius", "diffmamba2", frob_length)]
+    for what, arch, L in runs:
+        try:
+            proc = subprocess.run([sys.executable, "-c", LONG_CHILD, what, arch, str(L)], capture_output=True, text=True,
+                                  timeout=timeout)
+        except subprocess.TimeoutExpired:
+            print(f"| {what} | {arch} | {L} | > {timeout:.0f} | | | | | not run to completion (over the time limit) |")
+            continue
+        if proc.returncode:
+            err = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode
+            print(f"| {what} | {arch} | {L} | | | | | | failed: {err} |")
+            continue
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        if what == "row":
+            result = f"{len(r['out'])} rows of {L}, finite={r['finite']}"
+        else:
+            result = (f"{tuple(r['out']['frobenius'])}, Gram matrix + Cholesky {r['out']['factor_s']:.1f} s, "
+                      f"finite & causal={r['finite']}")
+        print(f"| {what} | {arch} | {L} | {r['seconds']:.1f} | {r['forward_s']:.1f} | {r['base_mib']:.0f} | {r['peak_mib']:.0f} "
+              f"| {r['peak_mib'] - r['base_mib']:.0f} | {result} |")
+    print()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lengths", type=int, nargs="+", default=[64, 128, 256])
@@ -138,8 +221,15 @@ def main() -> None:
     p.add_argument("--memory-length", type=int, default=2048)
     p.add_argument("--memory-timeout", type=float, default=120.0)
     p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--long", action="store_true", help="only the long-context runs (answer rows, output-space norm map)")
+    p.add_argument("--row-lengths", type=int, nargs="+", default=[1024, 4096, 16384])
+    p.add_argument("--frobenius-length", type=int, default=512)
+    p.add_argument("--long-timeout", type=float, default=900.0)
     a = p.parse_args()
     torch.set_num_threads(2)
+    if a.long:
+        long_context(a.row_lengths, a.frobenius_length, a.long_timeout)
+        return
     speed(a.lengths, a.repeats, a.naive_repeats)
     if not a.no_memory:
         memory(a.memory_length, [("s6", "mean"), ("block", "mean"), ("block", "absmean")], a.memory_timeout)

@@ -31,6 +31,9 @@ _EXPORTS = {
     "snr_summary": "analysis.snr",
     "implicit_attention": "analysis.attention",
     "differential_attention": "analysis.attention",
+    "differential_summary": "analysis.attention",
+    "answer_row": "analysis.answer_row",
+    "needle_attention": "analysis.needle_attention",
     "compare": "analysis.compare",
 }
 

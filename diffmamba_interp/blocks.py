@@ -14,6 +14,7 @@ from torch import nn
 from transformer_lens.hook_points import HookPoint
 
 from .differential import Differential
+from .implicit_output import OutputAttention
 from .mixers.base import Mixer
 from .norms import RMSNorm
 from .state import Recurrence
@@ -50,7 +51,11 @@ class Block(nn.Module):
 class DiffBlock(Differential, Mixer):
     """A Diff-Mamba-1/2 block: two mixers, λ, subln and the (1 − λ_init) scale.
 
-    As a `Mixer` its implicit attention is that of branch 1 or 2 (mixer_1 / mixer_2).
+    As a `Mixer` its implicit attention of kinds "s6" and "block" is that of branch 1 or 2 (mixer_1 /
+    mixer_2); kind "output" is the operator of the whole block in the d-dimensional output space,
+    (1 − λ_init)·diag(w_subln)·ρ_t·(W_out,1·𝒜₁·W_in,1 − λ·W_out,2·𝒜₂·W_in,2) with ρ_t the subln's
+    1/rms (`implicit_output.OutputAttention`; branch 1/2 for one term), whose `reconstruct(h)` of
+    the normed input equals `hook_mixer_out`.
     """
 
     BRANCHES = ("mixer_1", "mixer_2")
@@ -79,10 +84,29 @@ class DiffBlock(Differential, Mixer):
         return self.hook_resid_post(_residual_add(resid, out, self.residual_in_fp32))
 
     def attention_hooks(self, kind: str, branch: int | None = None) -> list[str]:
+        if kind == "output":  # both branches, λ and the subln scale, whichever term is asked for
+            return [*self.attention_hooks("block", 1), *self.attention_hooks("block", 2), "hook_lambda",
+                    "subln.hook_scale"]
         name = self.BRANCHES[branch - 1]
         return [f"{name}.{n}" for n in self.branch(branch).attention_hooks(kind)]
 
-    def implicit_attention(self, cache, kind, reduce=None, chunk=None, branch=None):
-        prefix = f"{self.BRANCHES[branch - 1]}."
-        sub = {k[len(prefix):]: v for k, v in cache.items() if k.startswith(prefix)}
-        return self.branch(branch).implicit_attention(sub, kind, reduce, chunk)
+    def _branch_cache(self, cache, k: int) -> dict:
+        prefix = f"{self.BRANCHES[k - 1]}."
+        return {key[len(prefix):]: v for key, v in cache.items() if key.startswith(prefix)}
+
+    def implicit_attention(self, cache, kind, reduce=None, chunk=None, branch=None, opts=None):
+        if kind == "output":
+            return self._output(cache, chunk, branch, opts)
+        return self.branch(branch).implicit_attention(self._branch_cache(cache, branch), kind, reduce, chunk, opts=opts)
+
+    def _output(self, cache, chunk, branch, opts):
+        """Each mixer's own output operator behind the subln gain (1 − λ_init)·w_subln, with
+        coefficients 1 and −λ and the subln's 1/rms as the per-target scalar."""
+        lam, scale = cache["hook_lambda"], cache["subln.hook_scale"][..., 0]  # [], [b, L]
+        gain = (1 - self.lambda_init) * self.subln.weight.detach().to(scale.dtype)  # [d]
+        parts = [self.branch(k).implicit_attention(self._branch_cache(cache, k), "output", opts=opts) for k in (1, 2)]
+        terms = [p.branches[0].scaled(gain, coef) for p, coef in zip(parts, (torch.ones_like(lam), -lam))]
+        b, L = scale.shape
+        whole = OutputAttention(terms, names=["branch 1", "branch 2"], n_pos=L, batch=b, row_scale=scale,
+                                rows=(parts[0].t0, parts[0].t1), chunk=chunk)
+        return whole if branch is None else whole.branch(branch)

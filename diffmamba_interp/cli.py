@@ -69,6 +69,12 @@ def _value(option):
 class MapKind(str, Enum):
     s6 = "s6"
     block = "block"
+    output = "output"
+
+
+class AttentionView(str, Enum):
+    full = "full"
+    row = "row"
 
 
 class Reduce(str, Enum):
@@ -261,21 +267,32 @@ def attention(
     prompt: str = typer.Option(..., "--prompt", help="The prompt text."),
     layer: int = typer.Option(..., "--layer", help="Block index i of blocks.{i}."),
     branch: Optional[int] = typer.Option(None, "--branch", help="1 or 2: one branch of a differential layer."),
-    kind: MapKind = typer.Option(MapKind.s6, "--kind", help="s6 (the scan operator) or block (conv, gate, norm folded in)."),
+    kind: MapKind = typer.Option(MapKind.s6, "--kind", help="s6 (the scan operator), block (conv, gate, norm folded in) "
+                                 "or output (the norm of the operator the whole block applies in its output space)."),
     reduce: Reduce = typer.Option(Reduce.mean, "--reduce", help="Aggregate over channels/heads."),
-    out: Path = typer.Option(Path("reports/attention.html"), "--out", help="HTML file with the heatmaps."),
+    view: AttentionView = typer.Option(AttentionView.full, "--view", help="full: target × source maps (averaged over "
+                                       "blocks above --max-side); row: the answer row, what the last position reads."),
+    positions: Optional[str] = typer.Option(None, "--positions", help="a:b: only positions a..b-1 (negative from the end)."),
+    answer: Optional[str] = typer.Option(None, "--answer", help="Row view: the answer word, for each source's push on its logit."),
+    needle: Optional[List[str]] = typer.Option(None, "--needle", help="Row view: prompt text to shade (repeatable)."),
+    max_side: int = typer.Option(128, "--max-side", help="Full view: cells a side before averaging over blocks."),
+    max_mb: float = typer.Option(10.0, "--max-mb", help="Refuse to write an HTML page above this size (MB)."),
+    out: Path = typer.Option(Path("reports/attention.html"), "--out", help="HTML file with the figures."),
 ) -> None:
-    """Implicit attention heatmaps of one layer (each branch and the differential map)."""
+    """Implicit attention of one layer (each branch and the differential summary), as full maps or the answer row."""
     from .jobs import attention_entry, load_models
-    from .report import write_report
+    from .report.long_context import write_attention_report
 
     if branch not in (None, 1, 2):
         raise DiffMambaError(f"--branch must be 1 or 2, got {branch}")
-    entries = [attention_entry(m, prompt, layer, branch, kind.value, reduce.value) for m in load_models(ckpt)]
+    entries = [attention_entry(m, prompt, layer, branch, kind.value, reduce.value, view.value, positions, max_side,
+                               answer, needle or ()) for m in load_models(ckpt)]
     for e in entries:
-        typer.echo(f"{e['title']}: maps {', '.join(e['maps'])} over {len(e['tokens'])} tokens")
-    path = write_report(out, title=f"Implicit attention, block {layer}", attention=entries,
-                        meta={"prompt": prompt, "kind": kind.value, "reduce": reduce.value})
+        names = e["rows"] if e.get("view") == "row" else e["maps"]
+        typer.echo(f"{e['title']}: maps {', '.join(names)} over {len(e['tokens'])} positions")
+    path = write_attention_report(out, title=f"Implicit attention, block {layer}", entries=entries,
+                                  meta={"prompt": prompt if len(prompt) <= 300 else prompt[:300] + " …", "kind": kind.value,
+                                        "reduce": reduce.value, "view": view.value}, max_bytes=int(max_mb * 2**20))
     typer.echo(f"wrote {path}", err=True)
 
 

@@ -240,28 +240,16 @@ def lens_table(model, prompt: str, answer: str, lens: str = "auto", top_k: int =
 
 
 def attention_entry(model, prompt: str, layer: int, branch: int | None = None, kind: str = "s6",
-                    reduce: str = "mean") -> dict:
-    """Implicit attention maps of one layer for the report: each branch and, for a differential
-    layer, the differential map (or the single map of a plain layer)."""
-    from .analysis.attention import differential_attention, differential_of, implicit_attention
+                    reduce: str = "mean", view: str = "full", positions: str | None = None, max_side: int | None = None,
+                    answer: str | None = None, needles: Sequence[str] = ()) -> dict:
+    """Implicit attention of one layer for the report: each branch and, for a differential layer, the
+    differential summary (or the single map of a plain layer); kind "output" the output-space
+    operator's norm. view "full" (maps over positions `positions` "a:b", averaged over blocks above
+    `max_side` a side) or "row" (the answer row of every map); see `attention_views.attention_view`."""
+    from .attention_views import MAX_SIDE, attention_view
 
-    ids = model.to_tokens(prompt)
-    if not 0 <= layer < model.cfg.n_layers:
-        raise DiffMambaError(f"layer {layer} is out of range: the model has blocks 0..{model.cfg.n_layers - 1}")
-    as_map = lambda a: (a.matrix if hasattr(a, "matrix") else a)[0].float().cpu().numpy()  # noqa: E731
-    diff = differential_of(model.blocks[layer], layer) is not None
-    if not diff:
-        if branch is not None:
-            raise DiffMambaError(f"layer {layer} is not differential: drop --branch")
-        maps = {"layer": as_map(implicit_attention(model, ids, layer, kind=kind, reduce=reduce))}
-    else:
-        branches = [branch] if branch else [1, 2]
-        maps = {f"branch {b}": as_map(implicit_attention(model, ids, layer, branch=b, kind=kind, reduce=reduce))
-                for b in branches}
-        if branch is None:
-            maps["differential"] = as_map(differential_attention(model, ids, layer, kind=kind, reduce=reduce))
-    title = f"{getattr(model, 'label', model.cfg.arch)}: block {layer}, {kind} map ({reduce} over channels/heads)"
-    return {"title": title, "maps": maps, "tokens": model.to_str_tokens(prompt)}
+    return attention_view(model, prompt, layer, branch, kind, reduce, view, positions,
+                          MAX_SIDE if max_side is None else max_side, answer, needles)
 
 
 def branch_table(models, prompts, n: int = 50, progress: bool = True, chunk_size: int | None = None) -> pd.DataFrame:

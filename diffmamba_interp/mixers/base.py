@@ -97,7 +97,10 @@ class Mixer(ABC):
 
     Also implemented by a differential block (`blocks.DiffBlock`), whose `branch` argument picks
     mixer_1 or mixer_2. `cache` maps hook names relative to this module to tensors in the compute
-    dtype; the result is a tensor (kind "s6") or an `implicit.ImplicitAttention` (kind "block").
+    dtype; the result is a tensor (kind "s6"), an `implicit.ImplicitAttention` (kind "block") or an
+    `implicit_output.OutputAttention` (kind "output": the whole block in its output space; for a
+    differential module branch None means both branches). `opts` is an `implicit.MapOptions`
+    (target rows, include_D, include_bias) or None for the defaults.
     """
 
     @abstractmethod
@@ -106,5 +109,5 @@ class Mixer(ABC):
 
     @abstractmethod
     def implicit_attention(self, cache: Mapping[str, Tensor], kind: str, reduce=None, chunk: int | None = None,
-                           branch: int | None = None):
+                           branch: int | None = None, opts=None):
         """This mixer's implicit attention from a cache of `attention_hooks(kind, branch)`."""

@@ -11,6 +11,7 @@ changes that position's readout y_t = C_t·h_t + D·u_t only; the recurrence is 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Mapping
 
 import torch
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformer_lens.hook_points import HookPoint
 
-from .. import implicit
+from .. import implicit, implicit_output
 from ..scan import causal_conv1d, causal_conv1d_final_state, selective_scan, selective_state_step
 from ..state import Recurrence
 from .base import Mixer, MixerDims, ScanUnit, init_dt_bias
@@ -70,11 +71,14 @@ class S6Core(ScanUnit):
                 y = (torch.einsum("blen,bln->ble", states, C.to(states.dtype)) + self.D * u.to(states.dtype)).to(u.dtype)
         return self.hook_ssm_out(y), (final if want_final else None)
 
-    def scan_map(self, cache: Mapping[str, Tensor], prefix: str, reduce, chunk) -> Tensor:
-        """The S6 map α of this core ([b, E, L, L]) from the cached hook_dt/B/C under `prefix`."""
+    def scan_map(self, cache: Mapping[str, Tensor], prefix: str, reduce, chunk, opts=None) -> Tensor:
+        """The S6 map α of this core ([b, E, T, L]; α + diag(D) with opts.include_D) from the cached
+        hook_dt/B/C under `prefix`."""
         dt = cache[prefix + "hook_dt"]
+        opts = opts or implicit.MapOptions()
+        D = self.D.detach().to(dt.dtype) if opts.with_D("s6") else None
         return implicit.s6_map(dt, self.A().detach().to(dt.dtype), cache[prefix + "hook_B"], cache[prefix + "hook_C"],
-                               reduce, chunk)
+                               reduce, chunk, opts, D)
 
 
 class ConvFront(nn.Module):
@@ -110,19 +114,39 @@ class ConvFront(nn.Module):
         gated = self.hook_gated(y * self.hook_gate(F.silu(z)))
         return self.hook_out(self.out_proj(gated))
 
-    def block_map(self, core: S6Core, cache: Mapping[str, Tensor], core_prefix: str, rows: Tensor, reduce, chunk):
+    def block_map(self, core: S6Core, cache: Mapping[str, Tensor], core_prefix: str, rows: Tensor, reduce, chunk,
+                  opts=None):
         """The whole-block map of `core` behind this front, with the row scaling `rows` [b, L, E]."""
         dt = cache[core_prefix + "hook_dt"]
         return implicit.s6_block_map(dt, core.A().detach().to(dt.dtype), cache[core_prefix + "hook_B"],
                                      cache[core_prefix + "hook_C"], core.D.detach().to(dt.dtype), cache["hook_conv"],
-                                     rows, self.conv1d, reduce, chunk)
+                                     rows, self.conv1d, reduce, chunk, opts)
+
+    def output_branch(self, core: S6Core, cache: Mapping[str, Tensor], core_prefix: str, rows: Tensor, opts,
+                      coef: Tensor | float = 1.0, own_out_bias: bool = True) -> implicit_output.OutputBranch:
+        """`core`'s term of the output-space operator: W_out·diag(block map)·W_in (in_proj's x rows),
+        with in_proj's and (own_out_bias) out_proj's biases when opts.include_bias."""
+        f, E = rows.dtype, self.d_inner
+        opts = opts or implicit.MapOptions()
+
+        def maps(t0: int, t1: int):  # rows t0..t1−1 over the sources 0..t1−1 (causal: the rest is 0)
+            return self.block_map(core, implicit.prefix(cache, t1), core_prefix, rows[:, :t1], None, None,
+                                  dataclasses.replace(opts, rows=(t0, t1)))
+
+        with_bias = opts.include_bias
+        b_in = self.in_proj.bias.detach()[:E].to(f) if with_bias and self.in_proj.bias is not None else None
+        b_out = self.out_proj.bias.detach().to(f) if with_bias and own_out_bias and self.out_proj.bias is not None else None
+        return implicit_output.OutputBranch(maps, self.in_proj.weight.detach()[:E].to(f), self.out_proj.weight.detach().to(f),
+                                            torch.as_tensor(coef, dtype=f), b_in, b_out)
 
 
 class Mamba1Mixer(ConvFront, S6Core, Mixer):
     """Mamba-1 (S6) mixer: out_proj(S6(SiLU(conv(x))) ⊙ SiLU(z)), x, z = in_proj(h).
 
     Implicit attention: kind "s6" -> α [b, E, L, L]; kind "block" -> diag(SiLU(z))·(α + diag(D))·
-    diag(σ(v))·M and its conv-bias term, whose `reconstruct(hook_x)` equals `hook_gated`.
+    diag(σ(v))·M and its conv-bias term, whose `reconstruct(hook_x)` equals `hook_gated`; kind
+    "output" -> W_out·(that map)·W_in (`implicit_output.OutputAttention`), whose `reconstruct(h)` of
+    the block's normed input equals `hook_out`.
     """
 
     def __init__(self, dims: MixerDims):
@@ -141,12 +165,17 @@ class Mamba1Mixer(ConvFront, S6Core, Mixer):
 
     def attention_hooks(self, kind: str, branch: int | None = None) -> list[str]:
         names = ["hook_dt", "hook_B", "hook_C"]
-        return names + ["hook_conv", "hook_gate", "hook_x"] if kind == "block" else names
+        return names if kind == "s6" else names + ["hook_conv", "hook_gate", "hook_x"]
 
-    def implicit_attention(self, cache, kind, reduce=None, chunk=None, branch=None):
+    def implicit_attention(self, cache, kind, reduce=None, chunk=None, branch=None, opts=None):
         if kind == "s6":
-            return self.scan_map(cache, "", reduce, chunk)
-        return self.block_map(self, cache, "", cache["hook_gate"], reduce, chunk)
+            return self.scan_map(cache, "", reduce, chunk, opts)
+        if kind == "block":
+            return self.block_map(self, cache, "", cache["hook_gate"], reduce, chunk, opts)
+        b, L, _ = cache["hook_gate"].shape
+        return implicit_output.OutputAttention([self.output_branch(self, cache, "", cache["hook_gate"], opts)],
+                                               names=["layer"], n_pos=L, batch=b, rows=(opts or implicit.MapOptions()).rows,
+                                               chunk=chunk)
 
 
 class S6(S6Core):

@@ -13,7 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformer_lens.hook_points import HookPoint
 
-from .. import implicit
+import dataclasses
+
+from .. import implicit, implicit_output
 from ..norms import GatedRMSNorm
 from ..scan import causal_conv1d, causal_conv1d_final_state, ssd, ssd_state_step
 from ..state import Recurrence
@@ -27,7 +29,9 @@ class Mamba2Mixer(ScanUnit, Mixer):
 
     Implicit attention: kind "s6" -> the per-head SSD map α [b, H, L, L]; kind "block" -> per channel
     diag(w ⊙ SiLU(z_t) / rms_group(t))·(α + diag(D))·diag(σ(v))·M and its conv-bias term, whose
-    `reconstruct(x part of hook_xBC)` equals `norm.hook_normalized`.
+    `reconstruct(x part of hook_xBC)` equals `norm.hook_normalized`; kind "output" -> W_out·(that map)·
+    W_in (`implicit_output.OutputAttention`), whose `reconstruct(h)` of the block's normed input
+    equals `hook_out`.
     """
 
     @staticmethod
@@ -110,16 +114,42 @@ class Mamba2Mixer(ScanUnit, Mixer):
 
     def attention_hooks(self, kind: str, branch: int | None = None) -> list[str]:
         names = ["hook_dt", "hook_B", "hook_C"]
-        return names + ["hook_conv", "hook_gate", "hook_xBC", "norm.hook_scale"] if kind == "block" else names
+        return names if kind == "s6" else names + ["hook_conv", "hook_gate", "hook_xBC", "norm.hook_scale"]
 
-    def implicit_attention(self, cache, kind, reduce=None, chunk=None, branch=None):
+    def implicit_attention(self, cache, kind, reduce=None, chunk=None, branch=None, opts=None):
         dt, B, C = cache["hook_dt"], cache["hook_B"], cache["hook_C"]
         A = self.A().detach().to(dt.dtype)
+        opts = opts or implicit.MapOptions()
         if kind == "s6":
-            return implicit.ssd_map(dt, A, B, C, reduce, chunk)
+            D = self.D.detach().to(dt.dtype) if opts.with_D("s6") else None
+            return implicit.ssd_map(dt, A, B, C, reduce, chunk, opts, D)
         E = self.d_inner
         scale = cache["norm.hook_scale"]  # [b, L, G]  1/rms of each norm group
         scale_e = scale.repeat_interleave(E // scale.shape[-1], dim=-1)  # [b, L, E]
         rows = self.norm.weight.detach().to(dt.dtype) * scale_e * cache["hook_gate"]  # [b, L, E]
-        return implicit.ssd_block_map(dt, A, B, C, self.D.detach().to(dt.dtype), cache["hook_conv"][..., :E], rows,
-                                      self.conv1d, self.head_dim, reduce, chunk)
+
+        def block(reduce, chunk, opts, upto=None):  # upto: only the first positions (rows of a causal map)
+            cut = (lambda v: v) if upto is None else (lambda v: implicit.prefix(v, upto))
+            return implicit.ssd_block_map(cut(dt), A, cut(B), cut(C), self.D.detach().to(dt.dtype),
+                                          cut(cache["hook_conv"][..., :E]), cut(rows), self.conv1d, self.head_dim,
+                                          reduce, chunk, opts)
+
+        if kind == "block":
+            return block(reduce, chunk, opts)
+        return implicit_output.OutputAttention([self.output_branch(block, opts, dt.dtype)], names=["layer"],
+                                               n_pos=dt.shape[1], batch=dt.shape[0], rows=opts.rows, chunk=chunk)
+
+    def output_branch(self, block, opts, f) -> implicit_output.OutputBranch:
+        """This mixer's term of the output-space operator: W_out·diag(block map)·W_in with W_in the x
+        rows of in_proj (after z), and their biases when opts.include_bias."""
+        E = self.d_inner
+
+        def maps(t0: int, t1: int):  # rows t0..t1−1 over the sources 0..t1−1 (causal: the rest is 0)
+            return block(None, None, dataclasses.replace(opts, rows=(t0, t1)), upto=t1)
+
+        w_in = self.in_proj.weight.detach()[E : 2 * E].to(f)  # z, then x of xBC
+        with_bias = opts.include_bias
+        b_in = self.in_proj.bias.detach()[E : 2 * E].to(f) if with_bias and self.in_proj.bias is not None else None
+        b_out = self.out_proj.bias.detach().to(f) if with_bias and self.out_proj.bias is not None else None
+        return implicit_output.OutputBranch(maps, w_in, self.out_proj.weight.detach().to(f), torch.ones((), dtype=f),
+                                            b_in, b_out)
