@@ -51,7 +51,7 @@ EXPECTED = {
     "03_implicit_attention.ipynb": dict(
         marker="notebook 03 OK",
         texts=["using block 0", "differential", "Mamba-2 block 0", "reconstruction max error", "scan error",
-               "block error", "float64"],
+               "block error", "float64", "output-space operator", "answer-row maps", "sources pushing the answer logit"],
         figures=2,
     ),
 }
