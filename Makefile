@@ -51,6 +51,9 @@ benchmarks: install
 	$(BIN)/python benchmarks/forward.py
 	$(BIN)/python benchmarks/scan.py
 	$(BIN)/python benchmarks/attention.py
+	$(BIN)/python benchmarks/ssd.py
+	$(BIN)/python benchmarks/long_context.py
+	$(BIN)/python benchmarks/long_context.py --decode
 
 clean:
 	rm -rf $(VENV) .pytest_cache
