@@ -206,9 +206,11 @@ class HookedMamba(HookedRootModule):
 
     def mixers(self) -> Iterator[tuple[str, ScanUnit]]:
         """(name, module) of every module that runs a scan (`ScanUnit`: Mamba-1/2 mixers, Diff-S6 cores)."""
-        for name, module in self.named_modules():
-            if isinstance(module, ScanUnit):
-                yield name, module
+        units = self.__dict__.get("_units")
+        if units is None:  # found once: walking every module on each decoding step costs milliseconds
+            units = tuple((name, m) for name, m in self.named_modules() if isinstance(m, ScanUnit))
+            object.__setattr__(self, "_units", units)
+        return iter(units)
 
     @property
     def last_path(self) -> str:
