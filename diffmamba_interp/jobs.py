@@ -133,6 +133,24 @@ class SnrRun:
         order = {label: i for i, label in enumerate(self.result.labels)}
         return out.sort_values(["model", "layer"], key=lambda c: c.map(order) if c.name == "model" else c).reset_index(drop=True)
 
+    def lens_evaluation(self) -> pd.DataFrame:
+        """The held-out evaluation saved with each model's tuned lens (`lens-train`): model, layer,
+        paper_layer, KL of the logit and the tuned lens at all positions and at answer positions.
+        Empty when no model was read with a tuned lens that carries one."""
+        from .analysis.lens import TunedLens, resolve_lens
+
+        frames = []
+        for m in self.models:
+            if self.lenses.get(m.label) != "tuned":
+                continue
+            lens = resolve_lens(m, "tuned")
+            if isinstance(lens, TunedLens) and lens.evaluation:
+                frames.append(pd.DataFrame(lens.evaluation).assign(model=m.label))
+        if not frames:
+            return pd.DataFrame()
+        out = pd.concat(frames, ignore_index=True)
+        return out[["model", *[c for c in out.columns if c != "model"]]]
+
     def summary_table(self) -> pd.DataFrame:
         """The columns the CLI prints: model, layer, paper_layer, prob (mean, CI), median prob, mean SNR
         (dB), mean rank, mean distractor log-ratio and n."""
@@ -156,11 +174,14 @@ class SnrRun:
     def write_report(self, path, *, branch: pd.DataFrame | None = None, attention=None, title: str | None = None) -> Path:
         from .report import write_report
 
-        table = self.layer_table()
+        tables = {"per-layer summary": self.layer_table().round(4)}
+        kl = self.lens_evaluation()
+        if len(kl):
+            tables["tuned lens: held-out KL(final ‖ lens) per layer, nats, vs the logit lens"] = kl.round(4)
         return write_report(
             path, title=title or self.title,
             summary=self.result.summary, paired=self.result.paired if len(self.result.paired) else None,
-            branch=branch, attention=attention, tables={"per-layer summary": table.round(4)},
+            branch=branch, attention=attention, tables=tables,
             meta={"data": self.data["spec"], "lens": self.lens_label, "examples": self.n_examples,
                   "bootstrap": self.data.get("bootstrap", "story"),
                   "checkpoints": [display_path(m.checkpoint_path) if m.checkpoint_path else m.label for m in self.models]},

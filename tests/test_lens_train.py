@@ -88,3 +88,16 @@ def test_reads_a_lens_saved_by_the_tuned_lens_package(hf_checkpoint, tmp_path):
     expected = model.unembed(h + h @ state["0.weight"].T + state["0.bias"])
     torch.testing.assert_close(lens(h, 1, model), expected)
     torch.testing.assert_close(lens.log_probs(model, ids)[0], logit_lens(model, ids)[0])  # layer 0: identity
+
+
+def test_the_snr_report_shows_the_lens_evaluation(hf_checkpoint, tmp_path):
+    from diffmamba_interp.jobs import run_snr
+
+    if not (hf_checkpoint / "tuned_lens.json").exists():
+        runner.invoke(app, ["lens-train", "--ckpt", str(hf_checkpoint), "--steps", "2", "--batch", "2", "--seq-len", "32",
+                            "--eval-n", "2", "-q"])
+    run = run_snr([str(hf_checkpoint)], data="babi:qa1", n=3, lens="tuned", progress=False)
+    kl = run.lens_evaluation()
+    assert list(kl.columns[:3]) == ["model", "layer", "paper_layer"] and len(kl) == 3
+    html = run.write_report(tmp_path / "r.html").read_text()
+    assert "held-out KL" in html and "kl_tuned_answer" in html
