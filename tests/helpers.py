@@ -22,3 +22,11 @@ def one_line_error(fn, *args, **kwargs) -> str:
     msg = str(e.value)
     assert msg and "\n" not in msg, msg
     return msg
+
+
+def assert_identity(got, want, rel=1e-12):
+    """max |got − want| ≤ rel · max |want|, on a non-degenerate `want` (an exact identity to rounding)."""
+    scale = want.abs().max().item()
+    err = (got.detach() - want.detach()).abs().max().item()
+    assert scale > 1e-5, f"degenerate identity: scale {scale:.3g}"
+    assert err <= rel * scale, f"max abs err {err:.3g} (scale {scale:.3g})"

@@ -8,16 +8,9 @@ from diffmamba_interp.analysis.attention import (
     ImplicitAttention, differential_summary, implicit_attention, minmax_abs, paper_form, row_window,
 )
 from diffmamba_interp.errors import DiffMambaError
+from helpers import assert_identity
 
 V = 32
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -31,13 +24,6 @@ def make(tiny_model):
 
 def ids_(b=2, L=9, seed=1):
     return torch.randint(0, V, (b, L), generator=torch.Generator().manual_seed(seed))
-
-
-def assert_identity(got, want, rel=1e-12):
-    scale = want.abs().max().item()
-    err = (got.detach() - want.detach()).abs().max().item()
-    assert scale > 1e-5, f"degenerate identity: scale {scale:.3g}"
-    assert err <= rel * scale, f"max abs err {err:.3g} (scale {scale:.3g})"
 
 
 def parts(model, ids, layer, branch):

@@ -14,14 +14,6 @@ from diffmamba_interp.data import Prompt, babilong, load_data, paper_prompts
 from diffmamba_interp.errors import DiffMambaError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def make(tiny_model, tokenizer):
     """make(arch, dtype=float64): a tiny perturbed model with the bAbI tokenizer (layer 0 differential)."""

@@ -19,14 +19,6 @@ PROMPT = ("<context> \nMary went to the kitchen. John moved to the garden. Mary 
           "Question: Where is Mary? Answer:")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def make(tiny_model, tokenizer):
     def build(arch="diffmamba2", dtype=torch.float64, **kw):
