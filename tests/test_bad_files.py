@@ -110,11 +110,11 @@ def test_json_and_report_outputs_are_atomic_with_umask_mode(ckpt, tmp_path, umas
 
 def test_report_writer_uses_the_atomic_writer(tmp_path, monkeypatch):
     from diffmamba_interp import files
-    from diffmamba_interp.report import write_report
+    from diffmamba_interp.report import html, write_report
 
     calls = []
     real = files.write_atomic
-    monkeypatch.setattr(files, "write_atomic", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    monkeypatch.setattr(html, "write_atomic", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
     path = write_report(tmp_path / "t.html", title="t", tables={"t": pd.DataFrame({"a": [1]})})
     assert calls == [tmp_path / "t.html"] and path.read_text().startswith("<!DOCTYPE html>")
 

@@ -12,6 +12,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from ..errors import DiffMambaError
+from ..files import write_atomic
 from ..schemas import REPORT_PAIRED_COLUMNS, REPORT_SUMMARY_COLUMNS
 from .figures import (
     BRANCH_COLUMNS,
@@ -86,6 +87,32 @@ class _Page:
         sid = self._unique_id("sec-" + title)
         self.toc.append((sid, title))
         self.parts.append(f'<h2 id="{sid}">{_html.escape(title)}</h2>')
+
+    def document(self, title: str, meta_html: str, *, contents: bool, note: str = "") -> str:
+        """The whole self-contained page: head (charset, viewport, figure count, CSS), the title,
+        `meta_html`, a table of contents of the sections (when `contents`), the parts, and a footer
+        with the figure count and `note`."""
+        toc = "".join(f'<li><a href="#{sid}">{_html.escape(t)}</a></li>' for sid, t in self.toc)
+        return "\n".join([
+            "<!DOCTYPE html>",
+            '<html lang="en">',
+            "<head>",
+            '<meta charset="utf-8">',
+            '<meta name="viewport" content="width=device-width, initial-scale=1">',
+            f'<meta name="diffmamba-figures" content="{self.n_figures}">',
+            f"<title>{_html.escape(title)}</title>",
+            f"<style>{_CSS}</style>",
+            "</head>",
+            "<body>",
+            f"<h1>{_html.escape(title)}</h1>",
+            meta_html,
+            f"<nav><b>Contents</b><ul>{toc}</ul></nav>" if contents and toc else "",
+            *self.parts,
+            f"<footer>{self.n_figures} figure(s). {note}Self-contained page: plotly.js is embedded, "
+            "nothing is loaded from the network.</footer>",
+            "</body>",
+            "</html>",
+        ])
 
     def heading(self, title: str) -> None:
         self.parts.append(f"<h3>{_html.escape(title)}</h3>")
@@ -219,28 +246,6 @@ def write_report(path, *, title: str, summary: pd.DataFrame | None = None, paire
 
     if page.n_figures == 0 and not tables:
         raise DiffMambaError("nothing to report: give a summary, paired, branch, attention or tables")
-    toc = "".join(f'<li><a href="#{sid}">{_html.escape(t)}</a></li>' for sid, t in page.toc)
-    doc = "\n".join([
-        "<!DOCTYPE html>",
-        '<html lang="en">',
-        "<head>",
-        '<meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f'<meta name="diffmamba-figures" content="{page.n_figures}">',
-        f"<title>{_html.escape(title)}</title>",
-        f"<style>{_CSS}</style>",
-        "</head>",
-        "<body>",
-        f"<h1>{_html.escape(title)}</h1>",
-        _meta_block(meta, summary),
-        f"<nav><b>Contents</b><ul>{toc}</ul></nav>" if toc else "",
-        *page.parts,
-        f"<footer>{page.n_figures} figure(s). Layer 0 = embeddings, layer k = residual stream "
-        "after block k. Self-contained page: plotly.js is embedded, nothing is loaded from the "
-        "network.</footer>",
-        "</body>",
-        "</html>",
-    ])
-    from ..files import write_atomic
-
+    doc = page.document(title, _meta_block(meta, summary), contents=True,
+                        note="Layer 0 = embeddings, layer k = residual stream after block k. ")
     return write_atomic(path, doc)  # temp file + rename: never a half-written report

@@ -11,7 +11,6 @@ Full-view entries are drawn by `figures.attention_figure` as in every report.
 
 from __future__ import annotations
 
-import html as _html
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -20,8 +19,9 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from ..errors import DiffMambaError
+from ..files import write_atomic
 from .figures import _FONT, _text, _token_label, attention_figure
-from .html import _CSS, _meta_block, _Page
+from .html import _meta_block, _Page
 
 __all__ = ["MAX_HTML_BYTES", "answer_row_figure", "write_attention_report"]
 
@@ -146,19 +146,7 @@ def write_attention_report(path, *, title: str, entries: Sequence[Mapping], meta
     for k, entry in enumerate(entries):
         fig = answer_row_figure(entry) if entry.get("view") == "row" else attention_figure(_shortened(entry))
         page.figure(fig, f"attention-{k}")
-    doc = "\n".join([
-        "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f'<meta name="diffmamba-figures" content="{page.n_figures}">', f"<title>{_html.escape(title)}</title>",
-        f"<style>{_CSS}</style>", "</head>", "<body>", f"<h1>{_html.escape(title)}</h1>", _meta_block(meta, None),
-        *page.parts,
-        f"<footer>{page.n_figures} figure(s). Self-contained page: plotly.js is embedded, nothing is loaded from "
-        "the network.</footer>", "</body>", "</html>",
-    ])
-    data = doc.encode("utf-8")
+    data = page.document(title, _meta_block(meta, None), contents=False).encode("utf-8")
     if len(data) > max_bytes:
         raise _too_big(len(data), max_bytes, "")
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(data)
-    return out
+    return write_atomic(path, data)  # temp file + rename: never a half-written report
