@@ -204,15 +204,15 @@ def attention_view(model, prompt: str, layer: int, branch: int | None = None, ki
 def _row_entry(model, ids, tokens, layer, branch, kind, reduce, a, b, answer, needles, tok, prompt, title) -> dict:
     from .analysis.answer_row import answer_row
     from .analysis.attention import differential_of
+    from .analysis.inputs import first_token
 
     if branch is not None and differential_of(model.blocks[layer], layer) is None:
         raise DiffMambaError(f"layer {layer} is not differential: drop --branch")
     answer_id = None
     if answer is not None:
-        enc = tok.encode(" " + answer, add_special_tokens=False)
-        if len(enc) != 1:
-            raise DiffMambaError(f"answer {answer!r} is {len(enc)} tokens for this tokenizer; give one word")
-        answer_id = enc[0]
+        answer_id, n_tokens, _ = first_token(answer, tok)
+        if n_tokens != 1:
+            raise DiffMambaError(f"answer {answer!r} is {n_tokens} tokens for this tokenizer; give one word")
     res = answer_row(model, ids, layer, kind="block" if kind == "output" else kind, reduce=reduce, answer=answer_id)
     keep = {}
     for name, r in res.maps.items():

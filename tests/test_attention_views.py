@@ -179,6 +179,7 @@ def test_attention_command_views(ckpt, tmp_path):
     assert "over 4 positions" in stdout
     for args, msg in [(["--max-mb", 1], "above the cap of 1.0 MB"), (["--positions", "9:3"], "selects no positions"),
                       (["--view", "row", "--needle", "Bill"], "not in the prompt"),
+                      (["--view", "row", "--answer", "zyzzyva"], "is not in the tokenizer's vocabulary"),
                       (["--answer", "hallway"], "are for the answer row (--view row)")]:
         code, stdout, err = run("attention", "--ckpt", ckpt, "--prompt", PROMPT, "--layer", 0, "--out", out, *args)
         lines = [line for line in err.splitlines() if line.strip()]

@@ -27,6 +27,7 @@ import torch
 
 from ..errors import DiffMambaError
 from .answer_row import answer_rows
+from .inputs import first_token
 from .stats import bootstrap_mean, paired_bootstrap
 
 __all__ = ["supporting_spans", "needle_token_mask", "needle_shares", "needle_attention", "NeedleAttention"]
@@ -67,13 +68,6 @@ def needle_token_mask(tokenizer, text: str, spans: Sequence[tuple[int, int]]) ->
     return mask
 
 
-def _answer_token(tokenizer, answer: str) -> int:
-    ids = tokenizer.encode(" " + answer, add_special_tokens=False)
-    if not ids:
-        raise DiffMambaError(f"answer {answer!r} encodes to no token")
-    return int(ids[0])
-
-
 def needle_shares(model, prompt, layers: Sequence[int] | None = None, kind: str = "block",
                   reduce: str = "mean") -> pd.DataFrame:
     """One prompt: layer, map, share, baseline (module docstring) for each layer's answer-row maps."""
@@ -86,7 +80,7 @@ def needle_shares(model, prompt, layers: Sequence[int] | None = None, kind: str 
     ids = model.to_tokens(prompt.prompt)
     if ids.shape[-1] != mask.size:
         raise DiffMambaError(f"the tokenizer's offsets ({mask.size}) and the model's tokens ({ids.shape[-1]}) differ")
-    answer = _answer_token(tok, prompt.answer)
+    answer = first_token(prompt.answer, tok)[0]
     needle = torch.as_tensor(mask)
     rows = []
     for layer, res in answer_rows(model, ids, layers, kind=kind, reduce=reduce, answer=answer).items():
