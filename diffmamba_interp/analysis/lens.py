@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DiffMambaError, one_line
+from ..files import write_atomic
 from ..recurrent import collect
 from ..scan import compute_dtype
 
@@ -234,8 +235,8 @@ class TunedLens(Lens):
         from safetensors.torch import save_file
 
         d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.translators.state_dict().items()}, str(d / LENS_WEIGHTS))
+        weights = {k: v.detach().contiguous().cpu() for k, v in self.translators.state_dict().items()}
+        write_atomic(d / LENS_WEIGHTS, write=lambda tmp: save_file(weights, str(tmp)))
         meta = {
             "format": "diffmamba_interp.TunedLens",
             "version": 2,
@@ -249,7 +250,7 @@ class TunedLens(Lens):
             "train": asdict(self.train_config) if self.train_config else None,
             "evaluation": self.evaluation,
         }
-        (d / LENS_CONFIG).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        write_atomic(d / LENS_CONFIG, json.dumps(meta, indent=2) + "\n")
         return d
 
     @classmethod

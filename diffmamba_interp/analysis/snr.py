@@ -35,7 +35,7 @@ from ..errors import DiffMambaError
 from ..schemas import SUMMARY_COLUMNS, TARGET_COLUMNS, paper_layer
 from .inputs import check_log_probs, first_token, padded_batches, prompt_ids, story_ids, unpack_prompts
 from .lens import resolve_lens
-from .stats import bootstrap_mean, log_mass, log_odds_db, log_ratio
+from .stats import bootstrap_mean, log_odds_db, log_ratio
 
 __all__ = ["MEASURES", "TARGET_COLUMNS", "SUMMARY_COLUMNS", "target_probs", "snr_summary"]
 
