@@ -50,3 +50,12 @@ def paper_layer(layer):
     values = pd.array(np.asarray(layer, dtype=np.int64) - 1, dtype="Int64")
     values[np.asarray(layer) == 0] = pd.NA
     return values
+
+
+def with_paper_layer(rows, columns: tuple) -> pd.DataFrame:
+    """A DataFrame of `rows` (each holding every column of `columns` but paper_layer, in order), with
+    paper_layer derived from layer and placed where `columns` puts it."""
+    out = pd.DataFrame(rows, columns=[c for c in columns if c != "paper_layer"])
+    values = paper_layer(out["layer"].to_numpy()) if len(out) else pd.array([], dtype="Int64")
+    out.insert(columns.index("paper_layer"), "paper_layer", values)
+    return out

@@ -19,7 +19,7 @@ import pandas as pd
 
 from ..errors import DiffMambaError
 from ..model import load_model
-from ..schemas import PAIRED_COLUMNS, SUMMARY_COLUMNS, TARGET_COLUMNS, check_columns, paper_layer
+from ..schemas import PAIRED_COLUMNS, SUMMARY_COLUMNS, TARGET_COLUMNS, check_columns, with_paper_layer
 from .lens import resolve_lens
 from .snr import MEASURES, example_clusters, snr_summary, target_probs
 from .stats import paired_bootstrap
@@ -79,8 +79,7 @@ def paired_summary(per_example: pd.DataFrame, a: str, b: str, n_boot: int = 1000
         for j, layer in enumerate(wa.columns):
             rows.append((a, b, int(layer), m, res.mean[j], res.ci_low[j], res.ci_high[j], int(res.n[j]),
                          int(res.n_clusters[j]), bool(sig[j])))
-    out = pd.DataFrame(rows, columns=[c for c in PAIRED_COLUMNS if c != "paper_layer"])
-    out.insert(3, "paper_layer", paper_layer(out["layer"].to_numpy()))
+    out = with_paper_layer(rows, PAIRED_COLUMNS)
     return out
 
 

@@ -21,7 +21,7 @@ import pandas as pd
 
 from ..errors import DiffMambaError
 from ..model import load_model
-from ..schemas import TARGET_COLUMNS, paper_layer
+from ..schemas import TARGET_COLUMNS, with_paper_layer
 from .lens import resolve_lens
 from .snr import BOOTSTRAPS, MEASURES, example_clusters, target_probs
 from .stats import paired_seed_level, seed_level
@@ -113,8 +113,6 @@ def compare_seeds(groups: dict[str, Sequence], prompts, answers=None, lens="auto
                 for j, layer in enumerate(layers):
                     pairs.append((a, b, int(layer), m, res.mean[j], res.ci_low[j], res.ci_high[j], res.n_seeds[0],
                                   res.n_seeds[1], int(res.n[j]), int(res.n_clusters[j]), bool(sig[j])))
-    summary = pd.DataFrame(rows, columns=[c for c in SEED_SUMMARY_COLUMNS if c != "paper_layer"])
-    summary.insert(2, "paper_layer", paper_layer(summary["layer"].to_numpy()))
-    paired = pd.DataFrame(pairs, columns=[c for c in SEED_PAIRED_COLUMNS if c != "paper_layer"])
-    paired.insert(3, "paper_layer", paper_layer(paired["layer"].to_numpy()) if len(paired) else pd.array([], dtype="Int64"))
+    summary = with_paper_layer(rows, SEED_SUMMARY_COLUMNS)
+    paired = with_paper_layer(pairs, SEED_PAIRED_COLUMNS)
     return SeedCompareResult(summary, paired, per_example, members, notes)

@@ -32,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import DiffMambaError
-from ..schemas import SUMMARY_COLUMNS, TARGET_COLUMNS, paper_layer
+from ..schemas import SUMMARY_COLUMNS, TARGET_COLUMNS, paper_layer, with_paper_layer
 from .inputs import check_log_probs, first_token, padded_batches, prompt_ids, story_ids, unpack_prompts
 from .lens import resolve_lens
 from .stats import bootstrap_mean, log_odds_db, log_ratio
@@ -158,9 +158,7 @@ def snr_summary(df: pd.DataFrame, n_boot: int = 1000, seed: int = 0, measures: S
             for j, layer in enumerate(layers):
                 rows.append((model, int(layer), m, res.mean[j], res.median[j], res.ci_low[j], res.ci_high[j],
                              int(res.n[j]), int(res.n_clusters[j]), bool(sig[j])))
-    cols = [c for c in SUMMARY_COLUMNS if c != "paper_layer"]
-    out = pd.DataFrame(rows, columns=cols)
-    out.insert(2, "paper_layer", paper_layer(out["layer"].to_numpy()))
+    out = with_paper_layer(rows, SUMMARY_COLUMNS)
     order = {m: i for i, m in enumerate(measures)}
     models = {m: i for i, m in enumerate(dict.fromkeys(data["model"]))}
     return out.sort_values(["model", "layer", "measure"], key=lambda s: s.map(models) if s.name == "model" else
