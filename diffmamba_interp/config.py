@@ -84,6 +84,25 @@ class MambaConfig:
     pad_vocab_size_multiple: int = 1
     extra: dict[str, Any] = field(default_factory=dict)  # unknown config.json keys, kept for saving
 
+    # -- the fields TransformerLens's analysis and patching helpers read (not saved; see tl_fields) --
+    # class attributes, not dataclass fields: never written to config.json. `device` and `dtype` follow
+    # the model (HookedMamba sets them on construction and on .to()).
+    attn_only = False  # there is no MLP: a block is the mixer
+    d_mlp = None
+    n_key_value_heads = None
+    normalization_type = "RMS"  # pre-norm RMSNorm; norm_f is RMS as well
+    final_rms = True
+    positional_embedding_type = "none"
+    act_fn = "silu"
+    default_prepend_bos = False
+    tokenizer_prepends_bos = False
+    n_devices = 1
+    use_split_qkv_input = False
+    use_attn_result = False
+    device = "cpu"
+    dtype = None
+    N_CTX = 131_072  # no positional limit; the longest context the toolkit is tested at (chunked prefill)
+
     def __post_init__(self) -> None:
         """Validate every field: a one-line DiffMambaError naming the first field of the wrong type or value."""
         if not isinstance(self.arch, str):
@@ -157,6 +176,29 @@ class MambaConfig:
         if self.diff_layers == "alternate":
             return tuple(range(0, self.n_layers, 2))
         return tuple(range(self.n_layers - self.n_layers // 4, self.n_layers))  # quarter
+
+    @property
+    def d_vocab(self) -> int:
+        """TransformerLens's name for vocab_size."""
+        return self.vocab_size
+
+    @property
+    def d_vocab_out(self) -> int:
+        return self.vocab_size
+
+    @property
+    def n_ctx(self) -> int:
+        """TransformerLens's context length: a Mamba model has none; the tested limit (N_CTX)."""
+        return self.N_CTX
+
+    @property
+    def d_head(self) -> int:
+        """TransformerLens's per-head size: the SSD head dim P (Mamba-2 families)."""
+        return self.head_dim
+
+    @property
+    def original_architecture(self) -> str:
+        return self.arch
 
     def is_diff_layer(self, i: int) -> bool:
         return i in self.diff_layer_indices

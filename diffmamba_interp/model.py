@@ -28,11 +28,12 @@ from .mixers import ScanUnit
 from .norms import RMSNorm
 from .scan import compute_dtype
 from .state import MixerState, ModelState, Recurrence
+from .tokens import TokenMethods
 
 log = logging.getLogger(__name__)
 
 
-class HookedMamba(HookedRootModule):
+class HookedMamba(TokenMethods, HookedRootModule):
     """A Mamba / Mamba-2 / Diff-Mamba-1 / Diff-Mamba-2 / Diff-S6 language model with hooks everywhere.
 
     `model(input_ids [batch, pos]) -> logits [batch, pos, vocab]`. Build a random one with
@@ -53,6 +54,7 @@ class HookedMamba(HookedRootModule):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.setup()
+        self._sync_cfg()
         for name, unit in self.mixers():
             unit.state_key = unit.conv_group = name  # its entry in a ModelState, and which conv state it reads
         for name, module in self.named_modules():  # the scan cores of one differential mixer share its conv
@@ -69,10 +71,16 @@ class HookedMamba(HookedRootModule):
 
     def _apply(self, fn, recurse: bool = True):
         super()._apply(fn, recurse)
+        self._sync_cfg()
         lens = self.__dict__.get("tuned_lens")
         if isinstance(lens, nn.Module):
             lens._apply(fn)
         return self
+
+    def _sync_cfg(self) -> None:
+        """cfg.device / cfg.dtype follow the weights (TransformerLens's helpers read them from cfg)."""
+        if "embed" in self._modules:
+            self.cfg.device, self.cfg.dtype = self.embed.weight.device, self.embed.weight.dtype
 
     # -- forward ---------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, return_type: str | None = "logits", state: ModelState | None = None,
@@ -85,6 +93,9 @@ class HookedMamba(HookedRootModule):
         `return_state=True` returns (output, the state after the last position). The given state is
         never modified.
         """
+        if isinstance(input_ids, str) or (isinstance(input_ids, (list, tuple)) and input_ids
+                                          and all(isinstance(t, str) for t in input_ids)):
+            input_ids = self._texts_to_ids(input_ids)
         self.check_input_ids(input_ids)
         if state is not None:
             self.check_state(state, input_ids.shape[0])
@@ -97,6 +108,14 @@ class HookedMamba(HookedRootModule):
         if return_state:
             return out, rec.result((state.seen if state is not None else 0) + input_ids.shape[1])
         return out
+
+    def _texts_to_ids(self, texts) -> torch.Tensor:
+        """A text, or texts of one token length, as the forward's input (TransformerLens's `model(text)`)."""
+        ids, lengths = self.to_tokens(texts, return_lengths=True)
+        if int(lengths.min()) != ids.shape[1]:
+            raise DiffMambaError(f"the texts have different token lengths ({sorted(set(lengths.tolist()))}); use "
+                                 "ids, lengths = model.to_tokens(texts, return_lengths=True) and read row r at lengths[r] - 1")
+        return ids
 
     def _output(self, resid: torch.Tensor, input_ids: torch.Tensor, return_type):
         if return_type is None:
@@ -234,12 +253,19 @@ class HookedMamba(HookedRootModule):
             for name, m in self.mixers():
                 m.capture_states = old[name]
 
-    def run_with_cache(self, *args, names_filter=None, **kwargs):
-        """TransformerLens's run_with_cache; by default every hook except the large `hook_ssm_state`
-        ([batch, pos, E, N] per mixer). Pass a names_filter that names it to cache states too."""
+    def run_with_cache(self, *args, names_filter=None, return_cache_object: bool = True, remove_batch_dim: bool = False,
+                       **kwargs):
+        """TransformerLens's run_with_cache -> (output, `MambaActivationCache`); a plain dict with
+        return_cache_object=False. By default every hook except the large `hook_ssm_state`
+        ([batch, pos, E, N] per mixer); pass a names_filter that names it to cache states too."""
+        from .cache import MambaActivationCache
+
         if names_filter is None:
             names_filter = lambda name: not name.endswith("hook_ssm_state")  # noqa: E731
-        return super().run_with_cache(*args, names_filter=names_filter, **kwargs)
+        out, cache = super().run_with_cache(*args, names_filter=names_filter, remove_batch_dim=remove_batch_dim, **kwargs)
+        if return_cache_object:
+            cache = MambaActivationCache(cache, self, has_batch_dim=not remove_batch_dim)
+        return out, cache
 
     def hook_shapes(self, pos: int = 4) -> pd.DataFrame:
         """Every hook's name and the shape it sees on a [1, pos] input, as a DataFrame."""
@@ -252,23 +278,6 @@ class HookedMamba(HookedRootModule):
         with torch.no_grad(), self.hooks(fwd_hooks=[(lambda n: True, record)]):
             self(ids)
         return pd.DataFrame({"hook": list(self.hook_dict), "shape": [shapes.get(n) for n in self.hook_dict]})
-
-    # -- tokens ----------------------------------------------------------------------------------
-    def to_tokens(self, text: str | list[str]) -> torch.Tensor:
-        """Tokenize with the checkpoint's tokenizer -> [batch, pos] (no special tokens added)."""
-        if self.tokenizer is None:
-            raise DiffMambaError("this model has no tokenizer; pass token ids or load a checkpoint that has one")
-        texts = [text] if isinstance(text, str) else list(text)
-        ids = [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
-        if len({len(i) for i in ids}) > 1:
-            raise DiffMambaError("texts of different token lengths; tokenize them one at a time")
-        return torch.tensor(ids, dtype=torch.long, device=self.device)
-
-    def to_str_tokens(self, text_or_ids) -> list[str]:
-        if self.tokenizer is None:
-            raise DiffMambaError("this model has no tokenizer")
-        ids = self.to_tokens(text_or_ids)[0] if isinstance(text_or_ids, str) else torch.as_tensor(text_or_ids).flatten()
-        return self.tokenizer.convert_ids_to_tokens(ids.tolist())
 
     # -- checkpoints -----------------------------------------------------------------------------
     @classmethod
