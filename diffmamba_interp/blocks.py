@@ -59,6 +59,7 @@ class DiffBlock(Differential, Mixer):
     """
 
     BRANCHES = ("mixer_1", "mixer_2")
+    BRANCH_OUTPUT = "hook_out"  # each branch's output hook: [batch, pos, d]
     DESCRIPTION = "a differential block"
     SHARED_CHANNELS = False  # whether the two branches act on the same channels
 

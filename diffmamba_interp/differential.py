@@ -69,6 +69,7 @@ class Differential(nn.Module):
     """
 
     BRANCHES: tuple[str, str]  # attribute names of the two branches
+    BRANCH_OUTPUT: str  # the hook of a branch that holds its output (activation patching of "branch")
     DESCRIPTION: str  # how an error message names a layer of this kind
     SHARED_CHANNELS: bool  # whether both branches act on the same channels (Diff-S6) or have their own (Diff-Mamba)
 

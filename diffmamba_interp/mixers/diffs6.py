@@ -27,6 +27,7 @@ class DiffS6Mixer(ConvFront, Differential, Mixer):
     1/2 for one term): W_out·diag(𝒜₁ − λ𝒜₂)·W_in, whose `reconstruct(h)` equals `hook_out`."""
 
     BRANCHES = ("ssm_1", "ssm_2")
+    BRANCH_OUTPUT = "hook_ssm_out"  # each core's output hook: [batch, pos, E]
     DESCRIPTION = "a Diff-S6 layer"
     SHARED_CHANNELS = True  # whether the two branches act on the same channels
 

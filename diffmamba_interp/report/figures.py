@@ -41,6 +41,7 @@ __all__ = [
     "paired_figure",
     "branch_figure",
     "attention_figure",
+    "patching_figure",
 ]
 
 
@@ -399,4 +400,44 @@ def attention_figure(entry: Mapping) -> go.Figure:
     _finish(fig, title=_text(entry["title"]), how=how, xlabel=None, ylabel=None,
             height=int(min(900, max(420, 300 + 8 * min(n, 60) + 6 * longest))))
     fig.update_layout(margin=dict(l=70 + 5 * min(longest, 20), r=60, t=90, b=60 + 6 * min(longest, 20)))
+    return fig
+
+
+def patching_figure(result) -> go.Figure:
+    """A patching grid (`analysis.patching.PatchingResult`) as one heat-map: rows "block i · component",
+    columns positions (labelled with the corrupted prompt's tokens). The colour is the normalized
+    effect (value − corrupted) / (clean − corrupted) on a scale centred at 0 (1 = the clean metric
+    restored), or the raw metric when the two runs give the same value."""
+    df = result.frame
+    if df.empty:
+        raise DiffMambaError("the patching result has no cells")
+    use_norm = bool(np.isfinite(df["normalized"]).any())
+    column = "normalized" if use_norm else "value"
+    grid = result.grid(column)
+    z = grid.to_numpy(dtype=float)
+    if not use_norm:
+        z = z - result.corrupt_metric
+    positions = [int(p) for p in grid.columns]
+    labels = [f"{p}: {_token_label(result.tokens[p])}" if p < len(result.tokens) else str(p) for p in positions]
+    finite = z[np.isfinite(z)]
+    m = float(np.abs(finite).max()) if finite.size else 1.0
+    m = m if m > 0 else 1.0
+    step = max(1, math.ceil(len(positions) / 60))
+    raw = result.grid("value").to_numpy(dtype=float)
+    fig = go.Figure(go.Heatmap(
+        z=z.tolist(), x=list(range(len(positions))), y=list(grid.index), colorscale=_DIVERGING, zmin=-m, zmax=m,
+        name=f"{result.method} patching", customdata=np.stack([raw, np.broadcast_to(np.array(labels, dtype=object), raw.shape)], -1),
+        colorbar=dict(title=dict(text="normalized effect" if use_norm else "metric − corrupted", side="right")),
+        hovertemplate="%{y}<br>position %{customdata[1]}<br>" + ("effect %{z:.3f}" if use_norm else "Δ %{z:.4g}")
+                      + "<br>" + _text(result.metric) + " %{customdata[0]:.4g}<extra></extra>"))
+    fig.update_xaxes(tickmode="array", tickvals=list(range(0, len(positions), step)),
+                     ticktext=labels[::step], tickangle=-60, showgrid=False)
+    fig.update_yaxes(autorange="reversed", showgrid=False)
+    how = (f"Each cell is the {result.metric} of the corrupted run with one {result.what} value at one position taken "
+           f"from the clean run ({result.method}); 1 (red) = the clean result restored, 0 (white) = no effect, "
+           f"blue = pushed the other way. Clean {result.clean_metric:.4g}, corrupted {result.corrupt_metric:.4g}.")
+    title = f"{'Attribution' if result.method == 'attribution' else 'Activation'} patching: {result.what} → {result.metric}"
+    _finish(fig, title=_text(title), how=how, xlabel="position (corrupted prompt's token)", ylabel=None,
+            height=int(min(1200, max(360, 160 + 22 * len(grid.index)))))
+    fig.update_layout(showlegend=False)
     return fig

@@ -1,0 +1,379 @@
+"""Activation, state and attribution patching over layers × positions.
+
+A clean and a corrupted prompt of the same length; a metric of the last position's logits
+(`logit_diff(answer, wrong)` or `answer_prob(answer)`). Each cell of the grid is the metric of the
+corrupted run with one thing at one position taken from the clean run:
+
+- exact activation patching (`what` "resid", "mixer", "branch" or any hook name with `{layer}`):
+  that hook's value at that position replaced by the clean run's. Cells run in batches, one row per
+  patched position, starting at the block that holds the hook (the blocks before it are the
+  corrupted run's, read from its cache) and at the batch's first patched position (positions before
+  it are unchanged: the corrupted run's recurrent state there is carried in), and only the last
+  position is unembedded. Equal to TransformerLens's `get_act_patch_*` loop (tests).
+- state patching (`what="state"`): the SSM state of one scan unit (a mixer, each branch of a
+  differential block, each core of a Diff-S6 mixer) after position p replaced by the clean run's
+  and the recurrence continued from it (`recurrent.patch_state`), batched over units, reusing the
+  corrupted prefix state instead of re-running the prefix.
+- attribution patching (`method="attribution"`): the first-order estimate
+  (clean − corrupted activation) · ∂metric/∂activation, summed over the hook's features, from one
+  clean forward and one corrupted forward and backward for the whole grid. Exact where the
+  metric is linear in the activation (tests); not available for states (the gradient of
+  `hook_ssm_state` covers only each position's readout, not the recurrence).
+
+`patch(...)` returns a `PatchingResult`: a DataFrame (component, layer, hook, position, token,
+value, normalized = (value − corrupted) / (clean − corrupted)), both baselines and `figure()`.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from ..differential import Differential
+from ..errors import DiffMambaError
+from ..recurrent import check_chunk_size, collect, normalize_positions, prefill
+from ..state import MixerState, Recurrence
+from .inputs import first_token, prompt_ids
+
+__all__ = ["WHATS", "METHODS", "PatchingResult", "patch", "logit_diff", "answer_prob"]
+
+Tensor = torch.Tensor
+Metric = Callable[[Tensor], Tensor]  # logits at the last position [rows, V] -> [rows]
+
+WHATS = ("resid", "mixer", "branch", "state")
+METHODS = ("exact", "attribution")
+
+
+def logit_diff(answer: int, wrong: int) -> Metric:
+    """logit[answer] − logit[wrong] at the last position."""
+    def metric(logits: Tensor) -> Tensor:
+        return logits[:, answer] - logits[:, wrong]
+    metric.label = "logit difference"
+    return metric
+
+
+def answer_prob(answer: int) -> Metric:
+    """softmax(logits)[answer] at the last position."""
+    def metric(logits: Tensor) -> Tensor:
+        return logits.float().softmax(-1)[:, answer]
+    metric.label = "answer probability"
+    return metric
+
+
+@dataclass
+class _Cell:
+    """One row of the grid: a hook (or, for state patching, a scan unit), its block and component."""
+
+    name: str  # hook name, or the scan unit's state key
+    layer: int  # block index (-1: the embedding; n_layers: the final norm)
+    component: str
+
+
+@dataclass
+class PatchingResult:
+    """The grid of one patching run (see the module docstring)."""
+
+    frame: pd.DataFrame
+    what: str
+    method: str
+    metric: str
+    clean_metric: float
+    corrupt_metric: float
+    tokens: list[str] = field(default_factory=list)
+
+    def grid(self, column: str = "value") -> pd.DataFrame:
+        """Rows "block i · component", columns positions."""
+        df = self.frame.assign(row=_row_labels(self.frame))
+        return df.pivot_table(index="row", columns="position", values=column, sort=False)
+
+    def figure(self):
+        from ..report.figures import patching_figure
+
+        return patching_figure(self)
+
+
+def _row_labels(df: pd.DataFrame) -> pd.Series:
+    return df["layer"].map(lambda i: "embed" if i < 0 else f"block {i}") + " · " + df["component"]
+
+
+# -- what is patched ------------------------------------------------------------------------------
+def _block_of(name: str, n_layers: int) -> int:
+    m = re.match(r"blocks\.(\d+)\.", name)
+    if m:
+        return int(m.group(1))
+    if name == "hook_embed":
+        return -1
+    if name.startswith("norm_f."):
+        return n_layers
+    raise DiffMambaError(f"cannot patch {name!r}: only hooks of the blocks, hook_embed and norm_f are patched by position")
+
+
+def _cells(model, what: str, layers) -> list[_Cell]:
+    n = model.cfg.n_layers
+    if what == "resid":
+        cells = [_Cell(f"blocks.{i}.hook_resid_pre", i, "resid_pre") for i in range(n)]
+    elif what == "mixer":
+        cells = [_Cell(f"blocks.{i}.hook_mixer_out", i, "mixer_out") for i in range(n)]
+    elif what == "branch":
+        cells = [_Cell(f"{path}.{b}.{m.BRANCH_OUTPUT}", _block_of(path + ".", n), b)
+                 for path, m in model.named_modules() if isinstance(m, Differential) for b in m.BRANCHES]
+        if not cells:
+            raise DiffMambaError("what='branch' needs differential layers; this model has none (use resid or mixer)")
+    elif what == "state":
+        cells = [_Cell(key, _block_of(key + ".", n), key.split(".", 2)[2]) for key, _ in model.mixers()]
+    elif "{layer}" in what:
+        cells = [_Cell(what.format(layer=i), i, what.split("{layer}.", 1)[-1].removeprefix("hook_")) for i in range(n)]
+    elif what in model.hook_dict:
+        cells = [_Cell(what, _block_of(what, n), what.rsplit(".", 1)[-1].removeprefix("hook_"))]
+    else:
+        raise DiffMambaError(f"unknown what {what!r}: one of {', '.join(WHATS)}, a hook name, or a hook name with "
+                             "{layer} (e.g. 'blocks.{layer}.mixer.hook_dt')")
+    if what != "state":
+        for c in cells:
+            if c.name not in model.hook_dict:
+                raise DiffMambaError(f"no hook {c.name!r} in this model")
+            if c.name.endswith("hook_ssm_state"):
+                raise DiffMambaError("hook_ssm_state changes only each position's readout; patch states with what='state'")
+            if c.name.endswith("hook_lambda"):
+                raise DiffMambaError("λ (hook_lambda) is a parameter, the same in the clean and corrupted runs: patching "
+                                     "it changes nothing; set it with a hook (run_with_hooks) to ablate the subtraction")
+    if layers is not None:
+        want = {int(i) for i in layers}
+        bad = sorted(want - set(range(n)))
+        if bad:
+            raise DiffMambaError(f"layers {bad} out of range for {n} blocks")
+        cells = [c for c in cells if c.layer in want]
+        if not cells:
+            raise DiffMambaError(f"no {what} cells in layers {sorted(want)}")
+    return cells
+
+
+# -- running the tail of the model ----------------------------------------------------------------
+def _resid_in(layer: int, n_layers: int) -> str:
+    """The hook holding the residual that block `layer` reads (the final residual for layer n_layers)."""
+    if layer <= 0:
+        return "blocks.0.hook_resid_pre"
+    return f"blocks.{layer}.hook_resid_pre" if layer < n_layers else f"blocks.{n_layers - 1}.hook_resid_post"
+
+
+def _last_logits(model, resid: Tensor, start: int, state, full_unembed: bool = False) -> Tensor:
+    """Blocks start.. on resid [rows, pos, d] from `state` (positions before it), then the logits at the last position."""
+    rec = Recurrence(state, False) if state is not None else None
+    for block in model.blocks[max(start, 0):]:
+        resid = block(resid, rec)
+    if full_unembed:  # a norm_f hook is patched: it must see every position
+        return model.unembed(resid)[:, -1]
+    return model.unembed(resid[:, -1])
+
+
+def _groups(positions: list[int], size: int) -> list[list[int]]:
+    ps = sorted(set(positions))
+    return [ps[i:i + size] for i in range(0, len(ps), size)]
+
+
+def _advance(model, ids: Tensor, state, a: int, b: int, chunk: int):
+    """The state after ids[:, :b], from the state after ids[:, :a] (None: before any token)."""
+    if b <= a:
+        return state
+    _, st = collect(model, ids[:, a:b], [], chunk_size=chunk, state=state, return_state=True)
+    return st
+
+
+def _values(model, ids: Tensor, names, chunk: int) -> dict[str, Tensor]:
+    """Every hook of `names` at every position; norm_f's hooks (which a logits-free run never fires)
+    from norm_f applied to the final residual."""
+    final = _resid_in(model.cfg.n_layers, model.cfg.n_layers)
+    inner = {n for n in names if not n.startswith("norm_f.")}
+    outer = set(names) - inner
+    out = collect(model, ids, inner | ({final} if outer else set()), chunk_size=chunk)
+    if outer:
+        with torch.no_grad(), model.hooks(fwd_hooks=[(lambda n: n in outer, lambda t, hook: out.update({hook.name: t}))]):
+            model.norm_f(out[final].to(model.norm_f.weight.dtype))
+    return out
+
+
+def _exact(model, clean: Tensor, corrupt: Tensor, cells, positions, metric, batch_size, chunk, bar) -> dict:
+    n = model.cfg.n_layers
+    names = sorted({c.name for c in cells})
+    starts = sorted({c.layer for c in cells})
+    clean_vals = _values(model, clean, names, chunk)
+    entry = collect(model, corrupt, {_resid_in(s, n) for s in starts}, chunk_size=chunk)
+    out, state, at = {}, None, 0
+    for group in _groups(positions, batch_size):
+        s = group[0]
+        state = _advance(model, corrupt, state, at, s, chunk)
+        at = s
+        R = len(group)
+        rows = torch.arange(R)
+        local = torch.tensor(group) - s
+        st = state.select([0] * R) if state is not None else None
+        for cell in cells:
+            value = clean_vals[cell.name][0, group]  # [R, ...]
+
+            def put(t, hook, value=value):
+                t = t.clone()
+                t[rows, local] = value.to(t.dtype)
+                return t
+
+            x = entry[_resid_in(cell.layer, n)][:, s:].expand(R, -1, -1)
+            if cell.name == "hook_embed":
+                x = put(x, None)
+            with torch.no_grad(), model.hooks(fwd_hooks=[] if cell.name == "hook_embed" else [(cell.name, put)]):
+                vals = metric(_last_logits(model, x, cell.layer, st, full_unembed=cell.layer == n))
+            for p, v in zip(group, vals.tolist()):
+                out[(cell.name, p)] = v
+            bar.update(R)
+    return out
+
+
+def _state(model, clean: Tensor, corrupt: Tensor, cells, positions, metric, batch_size, chunk, conv, corrupt_metric,
+           bar) -> dict:
+    L = corrupt.shape[1]
+    out, st_clean, st_corrupt, at = {}, None, None, 0
+    for p in sorted(set(positions)):
+        st_clean = _advance(model, clean, st_clean, at, p + 1, chunk)
+        st_corrupt = _advance(model, corrupt, st_corrupt, at, p + 1, chunk)
+        at = p + 1
+        if p == L - 1:  # a state after the last position reaches no logit
+            for cell in cells:
+                out[(cell.name, p)] = corrupt_metric
+            bar.update(len(cells))
+            continue
+        suffix = corrupt[:, p + 1:]
+        for k in range(0, len(cells), batch_size):
+            part = cells[k:k + batch_size]
+            R = len(part)
+            st = st_corrupt.select([0] * R)
+            selected = dict(st.entries)  # holds the selected tensors alive, so their ids stay theirs
+            fresh: dict[int, Tensor] = {}  # id of a selected conv -> its patched copy (shared ones stay shared)
+            for r, cell in enumerate(part):
+                e = selected[cell.name]
+                ssm = e.ssm.clone()
+                ssm[r] = st_clean.entries[cell.name].ssm[0]
+                st.entries[cell.name] = MixerState(e.conv, ssm)
+                if conv:
+                    fresh.setdefault(id(e.conv), e.conv.clone())[r] = st_clean.entries[cell.name].conv[0]
+            for key, e in selected.items():  # the two cores of a Diff-S6 mixer read one conv tensor
+                if id(e.conv) in fresh:
+                    st.entries[key] = MixerState(fresh[id(e.conv)], st.entries[key].ssm)
+            with torch.no_grad():
+                x = model.hook_embed(model.embed(suffix.expand(R, -1)))
+                vals = metric(_last_logits(model, x, 0, st))
+            for cell, v in zip(part, vals.tolist()):
+                out[(cell.name, p)] = v
+            bar.update(R)
+    return out
+
+
+def _attribution(model, clean: Tensor, corrupt: Tensor, cells, positions, metric, chunk) -> dict:
+    names = sorted({c.name for c in cells})
+    clean_vals = _values(model, clean, names, chunk)
+    leaves: dict[str, Tensor] = {}
+    acts: dict[str, Tensor] = {}
+
+    def tap(t, hook):  # t + a zero leaf: its gradient is the activation's, the flow through t is kept
+        zero = torch.zeros_like(t, requires_grad=True)
+        leaves[hook.name], acts[hook.name] = zero, t.detach()
+        return t + zero
+
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for p in frozen:  # gradients of activations only; the weights' .grad stay untouched
+            p.requires_grad_(False)
+        with torch.enable_grad(), model.hooks(fwd_hooks=[(lambda n: n in leaves or n in names, tap)]):
+            logits = model(corrupt, return_type="logits")
+            metric(logits[:, -1]).sum().backward()
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    missing = [n for n in names if n not in leaves]
+    if missing:
+        raise DiffMambaError(f"hook {missing[0]!r} did not fire")
+    out = {}
+    for name in names:
+        diff = (clean_vals[name] - acts[name]).to(leaves[name].grad.dtype)  # [1, L, ...]
+        per_pos = (diff * leaves[name].grad).flatten(2).sum(-1)[0]  # [L]
+        for p in positions:
+            out[(name, p)] = float(per_pos[p])
+    return out
+
+
+# -- the entry point ------------------------------------------------------------------------------
+def _ids(model, prompt, what: str) -> Tensor:
+    if isinstance(prompt, Tensor) and prompt.ndim == 2:
+        if prompt.shape[0] != 1:
+            raise DiffMambaError(f"{what} must be one prompt (batch 1), got batch {prompt.shape[0]}; patch pairs one at a time")
+        ids = prompt
+    else:
+        ids = torch.tensor([prompt_ids(prompt, model.tokenizer)], dtype=torch.long)
+    model.check_input_ids(ids)
+    return ids.to(model.device)
+
+
+def patch(model, clean, corrupt, metric: Metric | None = None, *, answer=None, wrong=None, what: str = "resid",
+          method: str = "exact", positions=None, layers=None, conv: bool = False, batch_size: int = 32,
+          chunk_size: int | None = None, progress: bool = True) -> PatchingResult:
+    """Patch `what` from the clean run into the corrupted one over layers × positions.
+
+    clean, corrupt: texts or token ids ([pos] or [1, pos]) of the same token length. metric: a
+    function of the last position's logits [rows, V] -> [rows]; or answer (and wrong) as texts or
+    token ids: logit_diff(answer, wrong), or answer_prob(answer) without `wrong`.
+    what: "resid" (hook_resid_pre of every block), "mixer" (hook_mixer_out), "branch" (each branch
+    of every differential layer), "state" (each scan unit's SSM state, the recurrence carried), a
+    hook name, or a hook name with {layer}. method: "exact" or "attribution" (not for states).
+    positions: which positions (default all; negatives count from the end); layers: which blocks.
+    conv: state patching also takes the clean conv state (the last K − 1 conv inputs).
+    batch_size: patched cells per forward.
+    """
+    if method not in METHODS:
+        raise DiffMambaError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    if method == "attribution" and what == "state":
+        raise DiffMambaError("attribution patching of states is not available (the gradient of hook_ssm_state covers "
+                             "only each position's readout, not the recurrence); use method='exact'")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise DiffMambaError(f"batch_size must be a positive integer, got {batch_size!r}")
+    chunk = check_chunk_size(chunk_size)
+    clean_ids, corrupt_ids = _ids(model, clean, "clean"), _ids(model, corrupt, "corrupt")
+    if clean_ids.shape != corrupt_ids.shape:
+        raise DiffMambaError(f"the clean and corrupted prompts must have the same token length, got "
+                             f"{clean_ids.shape[1]} and {corrupt_ids.shape[1]}")
+    if metric is None:
+        if answer is None:
+            raise DiffMambaError("give a metric, or answer= (and wrong= for a logit difference)")
+        a = first_token(answer, model.tokenizer)[0]
+        b = first_token(wrong, model.tokenizer, what="wrong answer")[0] if wrong is not None else None
+        for t in (a, b):
+            if t is not None and not 0 <= t < model.cfg.vocab_size:
+                raise DiffMambaError(f"answer token id {t} is out of range for vocab size {model.cfg.vocab_size}")
+        metric = logit_diff(a, b) if b is not None else answer_prob(a)
+    L = corrupt_ids.shape[1]
+    pos = normalize_positions(positions, L) or list(range(L))
+    cells = _cells(model, what, layers)
+    with torch.no_grad():
+        clean_metric = float(metric(prefill(model, clean_ids, chunk_size=chunk)[0])[0])
+        corrupt_metric = float(metric(prefill(model, corrupt_ids, chunk_size=chunk)[0])[0])
+    if method == "attribution":
+        values = _attribution(model, clean_ids, corrupt_ids, cells, pos, metric, chunk)
+        values = {k: v + corrupt_metric for k, v in values.items()}  # estimates of the patched metric
+    else:
+        bar = tqdm(total=len(cells) * len(set(pos)), desc=f"patching {what}", file=sys.stderr, disable=not progress)
+        if what == "state":
+            values = _state(model, clean_ids, corrupt_ids, cells, pos, metric, batch_size, chunk, conv, corrupt_metric, bar)
+        else:
+            values = _exact(model, clean_ids, corrupt_ids, cells, pos, metric, batch_size, chunk, bar)
+        bar.close()
+    tokens = (model.tokenizer.convert_ids_to_tokens(corrupt_ids[0].tolist()) if model.tokenizer is not None
+              else [str(t) for t in corrupt_ids[0].tolist()])
+    span = clean_metric - corrupt_metric
+    rows = [(c.component, c.layer, c.name, p, tokens[p], values[(c.name, p)]) for c in cells for p in sorted(set(pos))]
+    df = pd.DataFrame(rows, columns=["component", "layer", "hook", "position", "token", "value"])
+    df["value"] = df["value"].astype(np.float64)
+    df["normalized"] = (df["value"] - corrupt_metric) / span if span != 0 else np.nan
+    return PatchingResult(df, what, method, getattr(metric, "label", "metric"), clean_metric, corrupt_metric, tokens)

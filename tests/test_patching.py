@@ -1,0 +1,167 @@
+"""Activation, state and attribution patching (analysis/patching.py) against hand-written loops,
+TransformerLens's patching and recurrent.patch_state."""
+
+import numpy as np
+import pytest
+import torch
+from transformer_lens import patching as tl_patching
+
+from diffmamba_interp import load_model, patch_state
+from diffmamba_interp.analysis.patching import answer_prob, logit_diff, patch
+from diffmamba_interp.errors import DiffMambaError
+
+ARCHS = ["mamba1", "mamba2", "diffmamba1", "diffmamba2", "diffs6"]
+L = 7
+
+
+def _pair(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 40, (1, L), generator=g), torch.randint(0, 40, (1, L), generator=g)
+
+
+def _hand_loop(model, clean, corrupt, name, metric):
+    """TransformerLens's way: one full corrupted forward per position, the hook's value replaced."""
+    _, cache = model.run_with_cache(clean, names_filter=[name])
+    out = []
+    for p in range(L):
+        def put(t, hook, p=p):
+            t = t.clone()
+            t[:, p] = cache[name][:, p]
+            return t
+        out.append(float(metric(model.run_with_hooks(corrupt, fwd_hooks=[(name, put)])[:, -1])[0]))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_exact_patching_equals_the_hand_written_loop(tiny_model, arch):
+    model = tiny_model(arch, diff_layers="all", n_layers=3, dtype=torch.float64, shared=True)
+    clean, corrupt = _pair()
+    metric = logit_diff(3, 4)
+    whats = ["resid", "mixer", "blocks.{layer}.hook_resid_post"] + (["branch"] if arch != "mamba1" and arch != "mamba2" else [])
+    for what in whats:
+        res = patch(model, clean, corrupt, metric, what=what, batch_size=3, chunk_size=4, progress=False)
+        for hook, df in res.frame.groupby("hook", sort=False):
+            want = _hand_loop(model, clean, corrupt, hook, metric)
+            np.testing.assert_allclose(df.sort_values("position")["value"].to_numpy(), want, rtol=0, atol=1e-10,
+                                       err_msg=f"{what} {hook}")
+        assert res.frame["value"].std() > 0
+    # the baselines are the unpatched runs
+    assert res.clean_metric == pytest.approx(float(metric(model(clean)[:, -1])[0]), abs=1e-10)
+    assert res.corrupt_metric == pytest.approx(float(metric(model(corrupt)[:, -1])[0]), abs=1e-10)
+
+
+def test_resid_patching_equals_transformer_lens(tiny_model):
+    model = tiny_model("diffmamba2", diff_layers="all", dtype=torch.float64, shared=True)
+    clean, corrupt = _pair(1)
+    _, cache = model.run_with_cache(clean)
+    metric = logit_diff(5, 6)
+    tl = tl_patching.get_act_patch_resid_pre(model, corrupt, cache, lambda logits: metric(logits[:, -1])[0])
+    ours = patch(model, clean, corrupt, metric, what="resid", progress=False)
+    np.testing.assert_allclose(ours.grid().to_numpy(), tl.numpy(), rtol=0, atol=1e-6)  # TL stores float32
+    # normalized = (value − corrupted) / (clean − corrupted): 1 where the clean result is restored, as by
+    # the final residual at the last position
+    last = patch(model, clean, corrupt, metric, what="blocks.{layer}.hook_resid_post", layers=[1], positions=[-1],
+                 progress=False)
+    assert last.frame["normalized"].item() == pytest.approx(1.0, abs=1e-9)
+    f = ours.frame
+    np.testing.assert_allclose(f["normalized"], (f["value"] - ours.corrupt_metric) / (ours.clean_metric - ours.corrupt_metric))
+
+
+def test_positions_layers_and_batching_do_not_change_values(tiny_model):
+    model = tiny_model("mamba2", n_layers=3, dtype=torch.float64, shared=True)
+    clean, corrupt = _pair(2)
+    full = patch(model, clean, corrupt, answer_prob(3), what="mixer", batch_size=32, progress=False)
+    part = patch(model, clean, corrupt, answer_prob(3), what="mixer", positions=[-1, 2, 4], layers=[1, 2], batch_size=1,
+                 progress=False)
+    assert sorted(part.frame["position"].unique()) == [2, 4, 6] and sorted(part.frame["layer"].unique()) == [1, 2]
+    merged = part.frame.merge(full.frame, on=["hook", "position"])
+    np.testing.assert_allclose(merged["value_x"], merged["value_y"], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("conv", [False, True])
+def test_state_patching_equals_patch_state_cell_by_cell(tiny_model, arch, conv):
+    model = tiny_model(arch, diff_layers="all", dtype=torch.float64, shared=True)
+    clean, corrupt = _pair(3)
+    metric = logit_diff(1, 2)
+    res = patch(model, clean, corrupt, metric, what="state", conv=conv, batch_size=2, progress=False)
+    units = [k for k, _ in model.mixers()]
+    assert sorted(res.frame["hook"].unique()) == sorted(units)
+    for unit in units:
+        for p in range(L):
+            _, st = model(clean[:, : p + 1], return_type=None, return_state=True)
+            got = patch_state(model, corrupt, unit, p, fn=lambda h: st[unit].ssm,
+                              conv_fn=(lambda c: st[unit].conv) if conv else None)
+            want = float(metric(got[:, -1])[0])
+            value = res.frame.query("hook == @unit and position == @p")["value"].item()
+            assert value == pytest.approx(want, abs=1e-10), (unit, p)
+    assert res.frame["value"].std() > 0
+
+
+def test_attribution_is_exact_on_a_linear_piece(tiny_model):
+    """The logits are linear in norm_f's output: attribution patching equals exact patching there."""
+    model = tiny_model("diffmamba2", dtype=torch.float64, shared=True)
+    clean, corrupt = _pair(4)
+    metric = logit_diff(3, 4)
+    exact = patch(model, clean, corrupt, metric, what="norm_f.hook_normalized", progress=False)
+    attr = patch(model, clean, corrupt, metric, what="norm_f.hook_normalized", method="attribution", progress=False)
+    np.testing.assert_allclose(attr.frame["value"], exact.frame["value"], rtol=0, atol=1e-10)
+    assert abs(exact.frame["value"].iloc[-1] - exact.corrupt_metric) > 1e-3  # the last position moves the metric
+    # not linear elsewhere: resid attribution differs from exact patching (an approximation)
+    e = patch(model, clean, corrupt, metric, what="resid", progress=False).frame["value"]
+    a = patch(model, clean, corrupt, metric, what="resid", method="attribution", progress=False).frame["value"]
+    assert (e - a).abs().max() > 1e-6
+    # the weights' gradients are left alone and they still require grad
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.slow
+def test_attribution_is_close_to_exact_on_the_shipped_model():
+    model = load_model("models/diffmamba2-babi")
+    clean = "Mary went to the kitchen . John moved to the garden . Where is Mary ?"
+    corrupt = "Mary went to the garden . John moved to the kitchen . Where is Mary ?"
+    for what in ("resid", "mixer"):
+        e = patch(model, clean, corrupt, answer="kitchen", wrong="garden", what=what, progress=False).frame
+        a = patch(model, clean, corrupt, answer="kitchen", wrong="garden", what=what, method="attribution",
+                  progress=False).frame
+        assert np.corrcoef(e["value"], a["value"])[0, 1] > 0.7, what
+        # both find the same most important cell
+        assert e.loc[e["normalized"].idxmax(), ["hook", "position"]].tolist() == \
+            a.loc[a["normalized"].idxmax(), ["hook", "position"]].tolist()
+
+
+def test_bad_patching_input_is_refused(tiny_model):
+    model = tiny_model("mamba2", shared=True)
+    clean, corrupt = _pair(5)
+    m = logit_diff(1, 2)
+    cases = [
+        (dict(corrupt=corrupt[:, :5]), "same token length"),
+        (dict(what="state", method="attribution"), "attribution patching of states"),
+        (dict(what="branch"), "needs differential layers"),
+        (dict(what="blocks.{layer}.mixer.hook_ssm_state"), "what='state'"),
+        (dict(what="nonsense"), "unknown what"),
+        (dict(method="greedy"), "unknown method"),
+        (dict(layers=[9]), "out of range"),
+        (dict(positions=[40]), "out of range"),
+        (dict(batch_size=0), "batch_size"),
+    ]
+    for kw, msg in cases:
+        args = dict(clean=clean, corrupt=corrupt, metric=m, progress=False) | kw
+        with pytest.raises(DiffMambaError, match=msg):
+            patch(model, **args)
+    with pytest.raises(DiffMambaError, match="give a metric"):
+        patch(model, clean, corrupt, progress=False)
+    diff = tiny_model("diffmamba2", shared=True)
+    with pytest.raises(DiffMambaError, match="parameter"):
+        patch(diff, clean, corrupt, m, what="blocks.{layer}.hook_lambda", layers=[0], progress=False)
+
+
+def test_the_figure_draws_every_cell(tiny_model):
+    model = tiny_model("diffmamba2", shared=True)
+    clean, corrupt = _pair(6)
+    res = patch(model, clean, corrupt, logit_diff(1, 2), what="branch", progress=False)
+    fig = res.figure()
+    z = np.array(fig.data[0].z, dtype=float)
+    assert z.shape == (2, L) and np.isfinite(z).all()
+    assert list(fig.data[0].y) == ["block 0 · mixer_1", "block 0 · mixer_2"]
+    assert fig.layout.coloraxis is not None and fig.data[0].zmin == -fig.data[0].zmax
