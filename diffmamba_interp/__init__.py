@@ -35,6 +35,12 @@ _EXPORTS = {
     "answer_row": "analysis.answer_row",
     "needle_attention": "analysis.needle_attention",
     "compare": "analysis.compare",
+    "patch": "analysis.patching",
+    "logit_diff": "analysis.patching",
+    "answer_prob": "analysis.patching",
+    "PatchingResult": "analysis.patching",
+    "MambaActivationCache": "cache",
+    "MambaNNsight": "nnsight_model",
 }
 
 __all__ = ["__version__", *_EXPORTS]

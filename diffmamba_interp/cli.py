@@ -349,6 +349,78 @@ def report(
     typer.echo(f"wrote {path}", err=True)
 
 
+class PatchMethod(str, Enum):
+    exact = "exact"
+    attribution = "attribution"
+
+
+@app.command()
+@_errors
+def patch(
+    ckpt: Optional[List[str]] = CKPT,
+    clean: str = typer.Option(..., "--clean", help="The clean prompt."),
+    corrupt: str = typer.Option(..., "--corrupt", help="The corrupted prompt (same number of tokens)."),
+    answer: str = typer.Option(..., "--answer", help="The clean answer word."),
+    wrong: Optional[str] = typer.Option(None, "--wrong", help="The corrupted answer: metric = logit difference "
+                                        "(without it: the answer's probability)."),
+    what: str = typer.Option("resid", "--what", help="resid, mixer, branch (each branch of a differential layer), state "
+                             "(each scan unit's SSM state, the recurrence carried), or a hook name with {layer}."),
+    method: PatchMethod = typer.Option(PatchMethod.exact, "--method", help="exact, or attribution (the gradient "
+                                       "estimate: one forward and one backward)."),
+    positions: Optional[str] = typer.Option(None, "--positions", help="a:b: only positions a..b-1 (negative from the end)."),
+    conv: bool = typer.Option(False, "--conv", help="State patching also takes the clean conv state."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Patched cells per forward pass."),
+    chunk_size: Optional[int] = CHUNK,
+    out: Path = typer.Option(Path("reports/patching.html"), "--out", help="HTML report with one heat-map per model."),
+    csv: Optional[Path] = typer.Option(None, "--csv", help="Every cell as CSV (model, component, layer, hook, position, "
+                                       "token, value, normalized)."),
+    quiet: bool = QUIET,
+) -> None:
+    """Activation, state or attribution patching from a clean prompt into a corrupted one, over layers × positions."""
+    from .analysis.patching import patch as run_patch
+    from .attention_views import parse_positions
+    from .differential import Differential
+    from .jobs import load_models, tokenizer_of
+    from .report.html import write_report
+
+    if csv is not None:
+        check_writable(csv, "--csv")
+    if batch_size <= 0:
+        raise DiffMambaError(f"--batch-size must be positive, got {batch_size}")
+    models = load_models(ckpt)
+    if what == "branch":
+        plain = [m for m in models if not any(isinstance(b, Differential) for b in m.modules())]
+        if len(plain) == len(models):
+            raise DiffMambaError("--what branch needs a model with differential layers; none of the models has any")
+        for m in plain:
+            typer.echo(f"note: {m.label} has no differential layers: skipped for --what branch", err=True)
+        models = [m for m in models if m not in plain]
+    results = []
+    for m in models:
+        L = len(tokenizer_of(m).encode(corrupt, add_special_tokens=False))
+        a, b = parse_positions(positions, L) if positions else (0, L)
+        res = run_patch(m, clean, corrupt, answer=answer, wrong=wrong, what=what, method=method.value,
+                        positions=list(range(a, b)), conv=conv, batch_size=batch_size, chunk_size=chunk_size,
+                        progress=not quiet)
+        res.frame.insert(0, "model", m.label)
+        res.model = m.label
+        results.append(res)
+        top = res.frame.reindex(res.frame["normalized"].abs().sort_values(ascending=False).index).head(10)
+        typer.echo(f"== {m.label} ({m.cfg.arch}): {res.metric} clean {res.clean_metric:.4f}, corrupted "
+                   f"{res.corrupt_metric:.4f}; the 10 largest effects ({method.value} patching of {what}):")
+        _print_table(top.drop(columns=["model"]))
+    if csv is not None:
+        import pandas as pd
+
+        frame = pd.concat([r.frame for r in results], ignore_index=True)
+        write_atomic(csv, frame.to_csv(index=False))
+        typer.echo(f"wrote {csv}", err=True)
+    meta = {"clean": clean, "corrupt": corrupt, "answer": answer, "wrong": wrong or "(none: answer probability)",
+            "what": what, "method": method.value}
+    path = write_report(out, title=f"Patching: {what} ({method.value})", patching=results, meta=meta)
+    typer.echo(f"wrote {path}", err=True)
+
+
 @app.command("lens-train")
 @_errors
 def lens_train(

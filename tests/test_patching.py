@@ -2,14 +2,19 @@
 TransformerLens's patching and recurrent.patch_state."""
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from transformer_lens import patching as tl_patching
+from typer.testing import CliRunner
 
 from diffmamba_interp import load_model, patch_state
+from diffmamba_interp.cli import app
 from diffmamba_interp.analysis.patching import answer_prob, logit_diff, patch
 from diffmamba_interp.errors import DiffMambaError
 
+CLEAN = "Mary went to the kitchen . John moved to the garden . Where is Mary ?"
+CORRUPT = "Mary went to the garden . John moved to the kitchen . Where is Mary ?"
 ARCHS = ["mamba1", "mamba2", "diffmamba1", "diffmamba2", "diffs6"]
 L = 7
 
@@ -118,8 +123,7 @@ def test_attribution_is_exact_on_a_linear_piece(tiny_model):
 @pytest.mark.slow
 def test_attribution_is_close_to_exact_on_the_shipped_model():
     model = load_model("models/diffmamba2-babi")
-    clean = "Mary went to the kitchen . John moved to the garden . Where is Mary ?"
-    corrupt = "Mary went to the garden . John moved to the kitchen . Where is Mary ?"
+    clean, corrupt = CLEAN, CORRUPT
     for what in ("resid", "mixer"):
         e = patch(model, clean, corrupt, answer="kitchen", wrong="garden", what=what, progress=False).frame
         a = patch(model, clean, corrupt, answer="kitchen", wrong="garden", what=what, method="attribution",
@@ -165,3 +169,23 @@ def test_the_figure_draws_every_cell(tiny_model):
     assert z.shape == (2, L) and np.isfinite(z).all()
     assert list(fig.data[0].y) == ["block 0 · mixer_1", "block 0 · mixer_2"]
     assert fig.layout.coloraxis is not None and fig.data[0].zmin == -fig.data[0].zmax
+
+
+def test_patch_cli_writes_the_report_and_the_csv(tmp_path):
+    out, csv = tmp_path / "p.html", tmp_path / "p.csv"
+    res = CliRunner().invoke(app, ["patch", "--clean", CLEAN, "--corrupt", CORRUPT, "--answer", "kitchen", "--wrong", "garden",
+                            "--what", "branch", "--positions", "-4:", "--out", str(out), "--csv", str(csv), "-q"])
+    assert res.exit_code == 0, res.output
+    assert "mamba2-babi has no differential layers" in res.output and "the 10 largest effects" in res.output
+    df = pd.read_csv(csv)
+    assert set(df["model"]) == {"diffmamba2-babi"} and sorted(df["position"].unique()) == [12, 13, 14, 15]
+    assert set(df["component"]) == {"mixer_1", "mixer_2"}
+    html = out.read_text()
+    assert html.count('class="plotly-graph-div"') == 1 and "Activation patching: branch" in html
+    # bad input: one line, exit 2, nothing written
+    bad = CliRunner().invoke(app, ["patch", "--clean", CLEAN, "--corrupt", "Mary went .", "--answer", "kitchen",
+                            "--out", str(tmp_path / "bad.html")])
+    assert bad.exit_code == 2 and "same token length" in bad.output and not (tmp_path / "bad.html").exists()
+    bad = CliRunner().invoke(app, ["patch", "--clean", CLEAN, "--corrupt", CORRUPT, "--answer", "zeppelin",
+                            "--out", str(tmp_path / "bad.html")])
+    assert bad.exit_code == 2 and "not in the tokenizer's vocabulary" in bad.output

@@ -403,24 +403,30 @@ def attention_figure(entry: Mapping) -> go.Figure:
     return fig
 
 
-def patching_figure(result) -> go.Figure:
+def patching_effects(result) -> np.ndarray:
+    """The colour values of `patching_figure`: the normalized effect, or the metric − corrupted."""
+    use_norm = bool(np.isfinite(result.frame["normalized"]).any())
+    z = result.grid("normalized" if use_norm else "value").to_numpy(dtype=float)
+    return z if use_norm else z - result.corrupt_metric
+
+
+def patching_figure(result, zmax: float | None = None) -> go.Figure:
     """A patching grid (`analysis.patching.PatchingResult`) as one heat-map: rows "block i · component",
     columns positions (labelled with the corrupted prompt's tokens). The colour is the normalized
     effect (value − corrupted) / (clean − corrupted) on a scale centred at 0 (1 = the clean metric
-    restored), or the raw metric when the two runs give the same value."""
+    restored), or the raw metric when the two runs give the same value. zmax: the colour range ±zmax
+    (give several figures one range to compare them; default: this grid's largest |value|)."""
     df = result.frame
     if df.empty:
         raise DiffMambaError("the patching result has no cells")
     use_norm = bool(np.isfinite(df["normalized"]).any())
     column = "normalized" if use_norm else "value"
     grid = result.grid(column)
-    z = grid.to_numpy(dtype=float)
-    if not use_norm:
-        z = z - result.corrupt_metric
+    z = patching_effects(result)
     positions = [int(p) for p in grid.columns]
     labels = [f"{p}: {_token_label(result.tokens[p])}" if p < len(result.tokens) else str(p) for p in positions]
     finite = z[np.isfinite(z)]
-    m = float(np.abs(finite).max()) if finite.size else 1.0
+    m = zmax if zmax is not None else (float(np.abs(finite).max()) if finite.size else 1.0)
     m = m if m > 0 else 1.0
     step = max(1, math.ceil(len(positions) / 60))
     raw = result.grid("value").to_numpy(dtype=float)
@@ -436,7 +442,8 @@ def patching_figure(result) -> go.Figure:
     how = (f"Each cell is the {result.metric} of the corrupted run with one {result.what} value at one position taken "
            f"from the clean run ({result.method}); 1 (red) = the clean result restored, 0 (white) = no effect, "
            f"blue = pushed the other way. Clean {result.clean_metric:.4g}, corrupted {result.corrupt_metric:.4g}.")
-    title = f"{'Attribution' if result.method == 'attribution' else 'Activation'} patching: {result.what} → {result.metric}"
+    kind = "Attribution" if result.method == "attribution" else "State" if result.what == "state" else "Activation"
+    title = f"{kind} patching: {result.what} → {result.metric}"
     _finish(fig, title=_text(title), how=how, xlabel="position (corrupted prompt's token)", ylabel=None,
             height=int(min(1200, max(360, 160 + 22 * len(grid.index)))))
     fig.update_layout(showlegend=False)

@@ -8,6 +8,7 @@ import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
@@ -17,6 +18,8 @@ from ..schemas import REPORT_PAIRED_COLUMNS, REPORT_SUMMARY_COLUMNS
 from .figures import (
     BRANCH_COLUMNS,
     attention_figure,
+    patching_effects,
+    patching_figure,
     branch_figure,
     check_columns,
     how_to_read,
@@ -191,14 +194,15 @@ def _attention_entries(attention) -> list:
 
 
 def write_report(path, *, title: str, summary: pd.DataFrame | None = None, paired: pd.DataFrame | None = None,
-                 branch: pd.DataFrame | None = None, attention=None,
+                 branch: pd.DataFrame | None = None, attention=None, patching=None,
                  tables: Mapping[str, pd.DataFrame] | None = None,
                  meta: Mapping | None = None) -> Path:
     """Write one self-contained HTML report to ``path`` and return it as a Path.
 
     Sections: meta block, needle probability (linear and log, if ``summary`` has "prob" rows),
     every other summary measure as curves with CI bands, paired differences (one figure per
-    measure in ``paired``), branch decomposition, one attention figure per entry, and the
+    measure in ``paired``), branch decomposition, one attention figure per entry, one heat-map per
+    ``patching`` result (`analysis.patching.PatchingResult`, titled by its ``.model`` if set), and the
     ``tables``. Optional inputs that are None or empty are omitted. plotly.js is embedded inline
     once (with the first figure); nothing is fetched from the network. Missing required columns
     raise DiffMambaError naming them; parent directories of ``path`` are created.
@@ -239,13 +243,22 @@ def write_report(path, *, title: str, summary: pd.DataFrame | None = None, paire
         for k, entry in enumerate(entries):
             fig = attention_figure(entry)
             page.figure(fig, f"attention-{k}")
+    if patching:
+        page.section("Patching")
+        effects = [np.abs(e[np.isfinite(e)]) for e in map(patching_effects, patching)]
+        zmax = max((float(e.max()) for e in effects if e.size), default=1.0)  # one colour scale for every model
+        for k, result in enumerate(patching):
+            label = getattr(result, "model", None)
+            if label:
+                page.heading(str(label))
+            page.figure(patching_figure(result, zmax=zmax), f"patching-{k}")
     if tables:
         page.section("Tables")
         for name, df in tables.items():
             page.table(str(name), df)
 
     if page.n_figures == 0 and not tables:
-        raise DiffMambaError("nothing to report: give a summary, paired, branch, attention or tables")
+        raise DiffMambaError("nothing to report: give a summary, paired, branch, attention, patching or tables")
     doc = page.document(title, _meta_block(meta, summary), contents=True,
                         note="Layer 0 = embeddings, layer k = residual stream after block k. ")
     return write_atomic(path, doc)  # temp file + rename: never a half-written report
