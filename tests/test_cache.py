@@ -1,6 +1,7 @@
 """The TransformerLens ActivationCache of run_with_cache, the config fields TL's helpers read, and the
 token conveniences (issue 16)."""
 
+import numpy as np
 import pytest
 import torch
 from transformer_lens import ActivationCache, patching
@@ -138,3 +139,28 @@ def test_single_tokens_and_residual_directions(shipped):
     assert shipped.W_E.shape == (shipped.cfg.vocab_size, shipped.cfg.d_model)
     with pytest.raises(DiffMambaError, match="out of range"):
         shipped.tokens_to_residual_directions(torch.tensor([10_000]))
+
+
+def test_analyses_take_a_right_padded_batch_with_lengths(shipped):
+    from diffmamba_interp import branch_lens, logit_lens, target_probs
+
+    texts = ["Mary went to the kitchen . Where is Mary ?", "John moved . Where is John ?"]
+    ids, lengths = shipped.to_tokens(texts, return_lengths=True)
+    assert lengths[1] < ids.shape[1]
+    lp = logit_lens(shipped, ids, lengths=lengths)
+    for r, t in enumerate(texts):  # each row at its own last token == that text alone
+        torch.testing.assert_close(lp[:, r, 0], logit_lens(shipped, shipped.to_tokens(t), positions=[-1])[:, 0, 0],
+                                   atol=1e-5, rtol=0)
+    second = logit_lens(shipped, ids, lengths=lengths, positions=-2)
+    torch.testing.assert_close(second[:, 1, 0], logit_lens(shipped, shipped.to_tokens(texts[1]), positions=[-2])[:, 0, 0],
+                               atol=1e-5, rtol=0)
+    df = target_probs(shipped, ids, ["kitchen", "hallway"], lengths=lengths, progress=False)
+    alone = target_probs(shipped, texts, ["kitchen", "hallway"], progress=False)
+    assert np.allclose(df["prob"], alone["prob"], atol=1e-6)
+    b = branch_lens(shipped, ids, ["kitchen", "hallway"], lengths=lengths, progress=False)
+    b_alone = branch_lens(shipped, texts, ["kitchen", "hallway"], progress=False)
+    assert np.allclose(b["value"], b_alone["value"], atol=1e-5)
+    with pytest.raises(DiffMambaError, match="one length in 1"):
+        logit_lens(shipped, ids, lengths=[3])
+    with pytest.raises(DiffMambaError, match="out of range for row 1"):
+        logit_lens(shipped, ids, lengths=lengths, positions=-8)

@@ -22,7 +22,7 @@ nbformat = pytest.importorskip("nbformat")
 REPO = Path(__file__).resolve().parent.parent
 NB_DIR = REPO / "notebooks"
 NOTEBOOKS = ("01_quickstart.ipynb", "02_lens_and_snr.ipynb", "03_implicit_attention.ipynb",
-             "04_recurrent_mode_and_paper_protocol.ipynb")
+             "04_recurrent_mode_and_paper_protocol.ipynb", "05_interventions.ipynb")
 ABSOLUTE_PATH = re.compile(r"/work/|/tmp/|/root|/home/")
 PLOTLY = "application/vnd.plotly.v1+json"
 KERNEL_MARKER = "KERNEL_PREFIX="
@@ -53,6 +53,14 @@ EXPECTED = {
         texts=["using block 0", "differential", "Mamba-2 block 0", "reconstruction max error", "scan error",
                "block error", "float64", "output-space operator", "answer-row maps", "sources pushing the answer logit"],
         figures=2,
+    ),
+    "05_interventions.ipynb": dict(
+        marker="notebook 05 OK",
+        texts=["MambaActivationCache", "decompose_resid: the terms sum to the final residual", "0_-λ·mixer_2",
+               "logit_attrs sum", "logit attribution (kitchen − garden)", "TransformerLens vs patch(what='resid')",
+               "branch patching", "state patching", "attribution vs exact", "read without capture_states",
+               "two invokes in one trace", "lengths [", "× <pad>"],
+        figures=5,
     ),
 }
 

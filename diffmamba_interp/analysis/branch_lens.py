@@ -32,7 +32,7 @@ from ..recurrent import collect
 from ..scan import compute_dtype
 from ..schemas import BRANCH_COMPONENTS
 from ..differential import Differential
-from .inputs import first_token, padded_batches, prompt_ids
+from .inputs import first_token, padded_batches, prompt_ids, unpad
 
 __all__ = ["BRANCH_COMPONENTS", "branch_lens", "direct_logit"]
 
@@ -84,7 +84,8 @@ def _batch_contributions(model, ids: torch.Tensor, tids: torch.Tensor, rows: lis
 
 
 def branch_lens(model, input_ids, targets, position: int = -1, include_embed: bool = False,
-                tokenizer=None, batch_size: int = 8, progress: bool = True, chunk_size: int | None = None) -> pd.DataFrame:
+                tokenizer=None, batch_size: int = 8, progress: bool = True, chunk_size: int | None = None,
+                lengths=None) -> pd.DataFrame:
     """Direct logit contribution of mixer_1, −λ·mixer_2 and the whole block, per example and block.
 
     input_ids: a LongTensor [batch, pos], or a list of prompts (texts or id sequences; batched
@@ -93,10 +94,15 @@ def branch_lens(model, input_ids, targets, position: int = -1, include_embed: bo
     include_embed: also a row (layer −1, component "embed") for the embedding's direct contribution,
     so that per example the embed and "block" rows sum to the target logit.
     chunk_size: long prompts run in pieces with the state carried (`recurrent.collect`).
+    lengths: with input_ids a right-padded LongTensor, each row's real length (`position` then counts
+    in each row's own tokens).
     Returns columns example, layer (block index), component, value.
     """
     tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
-    if isinstance(input_ids, torch.Tensor):
+    if lengths is not None:
+        model.check_input_ids(input_ids)
+        seqs = unpad(input_ids, lengths)
+    elif isinstance(input_ids, torch.Tensor):
         model.check_input_ids(input_ids)
         seqs = input_ids.tolist()
     else:

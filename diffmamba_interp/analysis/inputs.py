@@ -12,7 +12,7 @@ import torch
 
 from ..errors import DiffMambaError
 
-__all__ = ["first_token", "prompt_ids", "padded_batches", "unpack_prompts", "story_ids", "check_log_probs"]
+__all__ = ["first_token", "prompt_ids", "padded_batches", "unpad", "unpack_prompts", "story_ids", "check_log_probs"]
 
 
 def _is_id(x) -> bool:
@@ -129,6 +129,19 @@ def story_ids(prompts) -> list | None:
     not independent, so the bootstrap resamples stories. None when the prompts carry no story ids."""
     ids = [getattr(p, "meta", {}).get("story") if isinstance(getattr(p, "meta", None), dict) else None for p in prompts]
     return ids if ids and all(i is not None for i in ids) else None
+
+
+def unpad(input_ids, lengths) -> list[list[int]]:
+    """A right-padded batch [B, L] and each row's real length -> the rows without their padding
+    (`model.to_tokens(texts, return_lengths=True)` gives both). A one-line DiffMambaError for lengths
+    that are not one whole number in 1..L per row."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
+        raise DiffMambaError("lengths= goes with a right-padded LongTensor [batch, pos] of token ids")
+    B, L = input_ids.shape
+    n = torch.as_tensor(lengths).flatten()
+    if n.is_floating_point() or n.dtype == torch.bool or len(n) != B or int(n.min()) < 1 or int(n.max()) > L:
+        raise DiffMambaError(f"lengths must give one length in 1..{L} per row ({B} rows), got {n.tolist()}")
+    return [row[:k] for row, k in zip(input_ids.tolist(), n.tolist())]
 
 
 def padded_batches(seqs: Sequence[Sequence[int]], batch_size: int, pad_id: int = 0):

@@ -33,6 +33,7 @@ from ..errors import DiffMambaError, one_line
 from ..files import write_atomic
 from ..recurrent import collect
 from ..scan import compute_dtype
+from .inputs import unpad
 
 __all__ = ["Lens", "LogitLens", "TunedLens", "LensTrainConfig", "LENSES", "logit_lens", "resolve_lens", "has_tuned_lens",
            "lens_name", "residuals",
@@ -133,10 +134,32 @@ class LogitLens(Lens):
         return h
 
 
-def logit_lens(model, input_ids: torch.Tensor, positions=None, chunk_size: int | None = None) -> torch.Tensor:
+def logit_lens(model, input_ids: torch.Tensor, positions=None, chunk_size: int | None = None,
+               lengths=None) -> torch.Tensor:
     """Logit-lens log-probs [n_layers + 1, B, L or len(positions), V]; layer n_layers = the model's output.
-    A long prompt runs in pieces of `chunk_size` tokens with the state carried."""
-    return LogitLens(model).log_probs(model, input_ids, positions, chunk_size=chunk_size)
+    A long prompt runs in pieces of `chunk_size` tokens with the state carried.
+
+    lengths: each row's real length in a right-padded batch (`model.to_tokens(texts,
+    return_lengths=True)`); then `positions` is one int (default −1) counted in each row's own tokens
+    (−1: each row's last real token) -> [n_layers + 1, B, 1, V], exact for a causal model."""
+    if lengths is None:
+        return LogitLens(model).log_probs(model, input_ids, positions, chunk_size=chunk_size)
+    return LogitLens(model).log_probs(model, input_ids, chunk_size=chunk_size,
+                                      row_positions=row_positions(input_ids, lengths, positions))
+
+
+def row_positions(input_ids, lengths, position=None) -> list[int]:
+    """One position per row of a right-padded batch: `position` (an int, default −1; negative counts
+    from each row's own end) within each row's real `lengths`."""
+    rows = [len(r) for r in unpad(input_ids, lengths)]
+    position = -1 if position is None else position
+    if isinstance(position, bool) or not isinstance(position, int):
+        raise DiffMambaError(f"with lengths=, positions is one int counted in each row's own tokens, got {position!r}")
+    out = [k + position if position < 0 else position for k in rows]
+    bad = next((i for i, (p, k) in enumerate(zip(out, rows)) if not 0 <= p < k), None)
+    if bad is not None:
+        raise DiffMambaError(f"position {position} is out of range for row {bad} of {rows[bad]} tokens")
+    return out
 
 
 @dataclass

@@ -39,7 +39,7 @@ from tqdm import tqdm
 from ..differential import Differential
 from ..errors import DiffMambaError
 from ..recurrent import check_chunk_size, collect, normalize_positions, prefill
-from ..state import MixerState, Recurrence
+from ..state import MixerState, ModelState, Recurrence
 from .inputs import first_token, prompt_ids
 
 __all__ = ["WHATS", "METHODS", "PatchingResult", "patch", "logit_diff", "answer_prob"]
@@ -235,7 +235,13 @@ def _exact(model, clean: Tensor, corrupt: Tensor, cells, positions, metric, batc
 
 def _state(model, clean: Tensor, corrupt: Tensor, cells, positions, metric, batch_size, chunk, conv, corrupt_metric,
            bar) -> dict:
-    L = corrupt.shape[1]
+    """Per position p and block: the block's scan units as rows, each with its clean state after p,
+    run over positions p+1.. from that block on (the blocks before it and the corrupted prefix are
+    unchanged by the patch: their residual is read from the corrupted run, the prefix is the state)."""
+    n, L = model.cfg.n_layers, corrupt.shape[1]
+    layers = sorted({c.layer for c in cells})
+    entry = collect(model, corrupt, {_resid_in(i, n) for i in layers}, chunk_size=chunk)
+    units = [k for k, _ in model.mixers()]
     out, st_clean, st_corrupt, at = {}, None, None, 0
     for p in sorted(set(positions)):
         st_clean = _advance(model, clean, st_clean, at, p + 1, chunk)
@@ -246,29 +252,33 @@ def _state(model, clean: Tensor, corrupt: Tensor, cells, positions, metric, batc
                 out[(cell.name, p)] = corrupt_metric
             bar.update(len(cells))
             continue
-        suffix = corrupt[:, p + 1:]
-        for k in range(0, len(cells), batch_size):
-            part = cells[k:k + batch_size]
-            R = len(part)
-            st = st_corrupt.select([0] * R)
-            selected = dict(st.entries)  # holds the selected tensors alive, so their ids stay theirs
-            fresh: dict[int, Tensor] = {}  # id of a selected conv -> its patched copy (shared ones stay shared)
-            for r, cell in enumerate(part):
-                e = selected[cell.name]
-                ssm = e.ssm.clone()
-                ssm[r] = st_clean.entries[cell.name].ssm[0]
-                st.entries[cell.name] = MixerState(e.conv, ssm)
-                if conv:
-                    fresh.setdefault(id(e.conv), e.conv.clone())[r] = st_clean.entries[cell.name].conv[0]
-            for key, e in selected.items():  # the two cores of a Diff-S6 mixer read one conv tensor
-                if id(e.conv) in fresh:
-                    st.entries[key] = MixerState(fresh[id(e.conv)], st.entries[key].ssm)
-            with torch.no_grad():
-                x = model.hook_embed(model.embed(suffix.expand(R, -1)))
-                vals = metric(_last_logits(model, x, 0, st))
-            for cell, v in zip(part, vals.tolist()):
-                out[(cell.name, p)] = v
-            bar.update(R)
+        for layer in layers:
+            here = [c for c in cells if c.layer == layer]
+            later = [k for k in units if _block_of(k + ".", n) >= layer]
+            for k in range(0, len(here), batch_size):
+                part = here[k:k + batch_size]
+                R = len(part)
+                # the corrupted state as views (never copied; a forward does not modify its state)
+                st = ModelState({key: MixerState(st_corrupt.entries[key].conv.expand(R, *st_corrupt.entries[key].conv.shape[1:]),
+                                                 st_corrupt.entries[key].ssm.expand(R, *st_corrupt.entries[key].ssm.shape[1:]))
+                                 for key in later}, st_corrupt.seen)
+                fresh: dict[int, Tensor] = {}  # id of a corrupted conv -> its patched copy (shared ones stay shared)
+                for r, cell in enumerate(part):
+                    e, c = st_corrupt.entries[cell.name], st_clean.entries[cell.name]
+                    ssm = st.entries[cell.name].ssm.clone()
+                    ssm[r] = c.ssm[0]
+                    st.entries[cell.name] = MixerState(st.entries[cell.name].conv, ssm)
+                    if conv:
+                        fresh.setdefault(id(e.conv), e.conv.expand(R, *e.conv.shape[1:]).clone())[r] = c.conv[0]
+                for key in later:  # the two cores of a Diff-S6 mixer read one conv tensor
+                    if id(st_corrupt.entries[key].conv) in fresh:
+                        st.entries[key] = MixerState(fresh[id(st_corrupt.entries[key].conv)], st.entries[key].ssm)
+                x = entry[_resid_in(layer, n)][:, p + 1:].expand(R, -1, -1)
+                with torch.no_grad():
+                    vals = metric(_last_logits(model, x, layer, st))
+                for cell, v in zip(part, vals.tolist()):
+                    out[(cell.name, p)] = v
+                bar.update(R)
     return out
 
 

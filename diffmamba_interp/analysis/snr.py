@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from ..errors import DiffMambaError
 from ..schemas import SUMMARY_COLUMNS, TARGET_COLUMNS, paper_layer, with_paper_layer
-from .inputs import check_log_probs, first_token, padded_batches, prompt_ids, story_ids, unpack_prompts
+from .inputs import check_log_probs, first_token, padded_batches, prompt_ids, story_ids, unpack_prompts, unpad
 from .lens import resolve_lens
 from .stats import bootstrap_mean, log_odds_db, log_ratio
 
@@ -44,7 +44,8 @@ BOOTSTRAPS = ("story", "question")  # what the bootstrap resamples: story cluste
 
 
 def target_probs(model, prompts, answers=None, lens="logit", candidates=None, tokenizer=None,
-                 batch_size: int = 8, progress: bool = True, stories=None, chunk_size: int | None = None) -> pd.DataFrame:
+                 batch_size: int = 8, progress: bool = True, stories=None, chunk_size: int | None = None,
+                 lengths=None) -> pd.DataFrame:
     """Lens probability of each answer's first token at the last prompt position, per layer.
 
     prompts: texts (or token-id sequences), or `Prompt` objects when answers is None.
@@ -54,9 +55,13 @@ def target_probs(model, prompts, answers=None, lens="logit", candidates=None, to
     stories: per example its story (cluster) id; by default `Prompt.meta["story"]`, else the example.
     chunk_size: long prompts run in pieces of this many tokens with the state carried (default
     `recurrent.DEFAULT_CHUNK`), only the last position is read, so memory does not grow with length.
+    lengths: with prompts a right-padded LongTensor [B, L], each row's real length (as from
+    `model.to_tokens(texts, return_lengths=True)`): each row is read at its own last token.
     Returns one row per (example, layer), columns `TARGET_COLUMNS`; layer 0 = embeddings.
     Raises DiffMambaError when a log-probability is NaN (non-finite weights or activations).
     """
+    if lengths is not None:
+        prompts = unpad(prompts, lengths)
     if answers is None and not isinstance(prompts, (str, torch.Tensor)):
         prompts = list(prompts)  # Prompt objects: their stories too
         if stories is None:
