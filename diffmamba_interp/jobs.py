@@ -171,7 +171,8 @@ class SnrRun:
                 "n_examples": self.n_examples, "models": models, "paired": _records(self.result.paired),
                 "notes": list(self.result.notes)}
 
-    def write_report(self, path, *, branch: pd.DataFrame | None = None, attention=None, title: str | None = None) -> Path:
+    def write_report(self, path, *, branch: pd.DataFrame | None = None, attention=None, patching=None,
+                     title: str | None = None) -> Path:
         from .report import write_report
 
         tables = {"per-layer summary": self.layer_table().round(4)}
@@ -181,7 +182,7 @@ class SnrRun:
         return write_report(
             path, title=title or self.title,
             summary=self.result.summary, paired=self.result.paired if len(self.result.paired) else None,
-            branch=branch, attention=attention, tables=tables,
+            branch=branch, attention=attention, patching=patching, tables=tables,
             meta={"data": self.data["spec"], "lens": self.lens_label, "examples": self.n_examples,
                   "bootstrap": self.data.get("bootstrap", "story"),
                   "checkpoints": [display_path(m.checkpoint_path) if m.checkpoint_path else m.label for m in self.models]},
@@ -291,7 +292,8 @@ def full_report(ckpts: Sequence[str] | None = None, data: str | None = None, n: 
                 preset: str | None = None, bootstrap: str = "story", filler: str = "books",
                 chunk_size: int | None = None) -> tuple[SnrRun, Path]:
     """Everything in one HTML report: SNR per layer, paired differences, branch lens, implicit
-    attention of one example (the first differential layer by default) for each model, tables."""
+    attention of one example (the first differential layer by default) for each model, residual
+    patching of that example into its swap corruption (`swap_patching`), tables."""
     run = run_snr(ckpts, data, n, lens, seed=seed, progress=progress, preset=preset, bootstrap=bootstrap, filler=filler,
                   chunk_size=chunk_size)
     if isinstance(example, bool) or not isinstance(example, int) or not 0 <= example < len(run.prompts):
@@ -302,7 +304,52 @@ def full_report(ckpts: Sequence[str] | None = None, data: str | None = None, n: 
     for m in run.models:
         k = layer if layer is not None else (m.cfg.diff_layer_indices[0] if m.cfg.diff_layer_indices else 0)
         entries.append(attention_entry(m, prompt, k, kind=kind))
-    return run, run.write_report(out, branch=branch, attention=entries, title="diffmamba-interp report")
+    patching = swap_patching(run.models, run.prompts[example], chunk_size=chunk_size)
+    return run, run.write_report(out, branch=branch, attention=entries, patching=patching, title="diffmamba-interp report")
+
+
+SWAP_EXACT_MAX = 512  # tokens up to which the report's patching is exact over every position (else attribution)
+
+
+def swap_corruption(prompt) -> tuple[str, str, str] | None:
+    """A bAbI-style corrupted prompt: the answer and its first other candidate swapped everywhere in the
+    text (so the facts point to the other answer) -> (corrupted text, answer, wrong answer); None
+    without a candidate."""
+    import re
+
+    others = [c for c in getattr(prompt, "candidates", ()) if c != prompt.answer]
+    if not others:
+        return None
+    a, b = prompt.answer, others[0]
+    swapped = re.sub(rf"\b({re.escape(a)}|{re.escape(b)})\b", lambda m: b if m.group(0) == a else a, prompt.prompt)
+    return swapped, a, b
+
+
+def swap_patching(models, prompt, chunk_size: int | None = None) -> list:
+    """Residual patching of one example for each model, from the prompt into its swap corruption
+    (`swap_corruption`), metric the logit difference answer − wrong: exact over every position up to
+    SWAP_EXACT_MAX tokens, the attribution estimate beyond. Models whose tokens of the two prompts
+    differ in length are left out (with a warning), as is an example without a candidate."""
+    import warnings
+
+    from .analysis.patching import patch
+
+    pair = swap_corruption(prompt)
+    if pair is None:
+        return []
+    corrupt, a, b = pair
+    out = []
+    for m in models:
+        L = len(tokenizer_of(m).encode(prompt.prompt, add_special_tokens=False))
+        try:
+            res = patch(m, prompt.prompt, corrupt, answer=a, wrong=b, what="resid", progress=False,
+                        method="exact" if L <= SWAP_EXACT_MAX else "attribution", chunk_size=chunk_size)
+        except DiffMambaError as e:
+            warnings.warn(f"{m.label}: no patching section ({e})", stacklevel=2)
+            continue
+        res.model = f"{m.label}: {a!r} and {b!r} swapped in the story"
+        out.append(res)
+    return out
 
 
 # -- tuned lens for any checkpoint --------------------------------------------------------------

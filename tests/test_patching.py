@@ -116,6 +116,9 @@ def test_attribution_is_exact_on_a_linear_piece(tiny_model):
     e = patch(model, clean, corrupt, metric, what="resid", progress=False).frame["value"]
     a = patch(model, clean, corrupt, metric, what="resid", method="attribution", progress=False).frame["value"]
     assert (e - a).abs().max() > 1e-6
+    # the embedding is block 0's input: the same estimate through either hook
+    emb = patch(model, clean, corrupt, metric, what="hook_embed", method="attribution", progress=False).frame["value"]
+    np.testing.assert_allclose(emb, a[:L], rtol=0, atol=1e-10)
     # the weights' gradients are left alone and they still require grad
     assert all(p.grad is None and p.requires_grad for p in model.parameters())
 

@@ -283,33 +283,53 @@ def _state(model, clean: Tensor, corrupt: Tensor, cells, positions, metric, batc
 
 
 def _attribution(model, clean: Tensor, corrupt: Tensor, cells, positions, metric, chunk) -> dict:
+    """(clean − corrupted value) · ∂metric/∂value per hook and position. The gradient is taken block by
+    block from the top (the corrupted run's block inputs kept from a gradient-free run, each block
+    re-run with autograd on its own), so memory holds one block's graph, not the model's."""
+    n = model.cfg.n_layers
     names = sorted({c.name for c in cells})
     clean_vals = _values(model, clean, names, chunk)
+    corrupt_vals = _values(model, corrupt, names, chunk)
+    inputs = collect(model, corrupt, {_resid_in(i, n) for i in range(n + 1)}, chunk_size=chunk)
     leaves: dict[str, Tensor] = {}
-    acts: dict[str, Tensor] = {}
 
     def tap(t, hook):  # t + a zero leaf: its gradient is the activation's, the flow through t is kept
-        zero = torch.zeros_like(t, requires_grad=True)
-        leaves[hook.name], acts[hook.name] = zero, t.detach()
-        return t + zero
+        leaves[hook.name] = torch.zeros_like(t, requires_grad=True)
+        return t + leaves[hook.name]
 
-    frozen = [p for p in model.parameters() if p.requires_grad]
+    def grad_into(x: Tensor, run, hooks: list[str], g: Tensor | None) -> Tensor:
+        """x -> run(x) with `hooks` tapped; backpropagate g (or the output itself, a scalar) -> ∂/∂x."""
+        x = x.detach().requires_grad_(True)
+        with model.hooks(fwd_hooks=[(lambda nm: nm in hooks, tap)]):
+            out = run(x)
+        (out.sum() if g is None else (out * g.to(out.dtype)).sum()).backward()
+        return x.grad
+
+    weights = [p for p in model.parameters() if p.requires_grad]
     try:
-        for p in frozen:  # gradients of activations only; the weights' .grad stay untouched
+        for p in weights:  # gradients of activations only; the weights' .grad stay untouched
             p.requires_grad_(False)
-        with torch.enable_grad(), model.hooks(fwd_hooks=[(lambda n: n in leaves or n in names, tap)]):
-            logits = model(corrupt, return_type="logits")
-            metric(logits[:, -1]).sum().backward()
+        with torch.enable_grad():
+            outer = [nm for nm in names if nm.startswith("norm_f.")]  # a norm_f hook must see every position
+            g = grad_into(inputs[_resid_in(n, n)], lambda x: metric((model.unembed(x) if outer else model.unembed(x[:, -1:]))[:, -1]),
+                          outer, None)
+            for i in reversed(range(n)):
+                here = [nm for nm in names if nm.startswith(f"blocks.{i}.")]
+                g = grad_into(inputs[_resid_in(i, n)], model.blocks[i], here, g)
     finally:
-        for p in frozen:
+        for p in weights:
             p.requires_grad_(True)
-    missing = [n for n in names if n not in leaves]
+    grads = {nm: leaf.grad for nm, leaf in leaves.items()}
+    if "hook_embed" in names:  # the embedding is block 0's input
+        grads["hook_embed"] = g
+    missing = [nm for nm in names if nm not in grads]
     if missing:
         raise DiffMambaError(f"hook {missing[0]!r} did not fire")
     out = {}
     for name in names:
-        diff = (clean_vals[name] - acts[name]).to(leaves[name].grad.dtype)  # [1, L, ...]
-        per_pos = (diff * leaves[name].grad).flatten(2).sum(-1)[0]  # [L]
+        grad = grads[name]
+        diff = (clean_vals[name] - corrupt_vals[name]).to(grad.dtype)  # [1, L, ...]
+        per_pos = (diff * grad).flatten(2).sum(-1)[0]  # [L]
         for p in positions:
             out[(name, p)] = float(per_pos[p])
     return out
