@@ -33,7 +33,8 @@ def _hand_loop(model, clean, corrupt, name, metric):
             t = t.clone()
             t[:, p] = cache[name][:, p]
             return t
-        out.append(float(metric(model.run_with_hooks(corrupt, fwd_hooks=[(name, put)])[:, -1])[0]))
+        with torch.no_grad():
+            out.append(float(metric(model.run_with_hooks(corrupt, fwd_hooks=[(name, put)])[:, -1])[0]))
     return np.array(out)
 
 

@@ -187,16 +187,23 @@ def _advance(model, ids: Tensor, state, a: int, b: int, chunk: int):
 
 
 def _values(model, ids: Tensor, names, chunk: int) -> dict[str, Tensor]:
-    """Every hook of `names` at every position; norm_f's hooks (which a logits-free run never fires)
-    from norm_f applied to the final residual."""
+    """Every hook of `names` and the final residual at every position, from one run; norm_f's hooks
+    (which a logits-free run never fires) from norm_f applied to the final residual."""
     final = _resid_in(model.cfg.n_layers, model.cfg.n_layers)
     inner = {n for n in names if not n.startswith("norm_f.")}
     outer = set(names) - inner
-    out = collect(model, ids, inner | ({final} if outer else set()), chunk_size=chunk)
+    out = collect(model, ids, inner | {final}, chunk_size=chunk)
     if outer:
         with torch.no_grad(), model.hooks(fwd_hooks=[(lambda n: n in outer, lambda t, hook: out.update({hook.name: t}))]):
             model.norm_f(out[final].to(model.norm_f.weight.dtype))
     return out
+
+
+def _baseline(model, vals: dict[str, Tensor], metric) -> float:
+    """The metric of the run whose final residual `vals` holds (from `_values`)."""
+    final = vals[_resid_in(model.cfg.n_layers, model.cfg.n_layers)]
+    with torch.no_grad():
+        return float(metric(model.unembed(final[:, -1]))[0])
 
 
 def _exact(model, clean: Tensor, corrupt: Tensor, cells, positions, metric, batch_size, chunk, bar) -> dict:
@@ -204,7 +211,7 @@ def _exact(model, clean: Tensor, corrupt: Tensor, cells, positions, metric, batc
     names = sorted({c.name for c in cells})
     starts = sorted({c.layer for c in cells})
     clean_vals = _values(model, clean, names, chunk)
-    entry = collect(model, corrupt, {_resid_in(s, n) for s in starts}, chunk_size=chunk)
+    entry = _values(model, corrupt, {_resid_in(s, n) for s in starts}, chunk)
     out, state, at = {}, None, 0
     for group in _groups(positions, batch_size):
         s = group[0]
@@ -230,17 +237,19 @@ def _exact(model, clean: Tensor, corrupt: Tensor, cells, positions, metric, batc
             for p, v in zip(group, vals.tolist()):
                 out[(cell.name, p)] = v
             bar.update(R)
-    return out
+    return out, _baseline(model, clean_vals, metric), _baseline(model, entry, metric)
 
 
-def _state(model, clean: Tensor, corrupt: Tensor, cells, positions, metric, batch_size, chunk, conv, corrupt_metric,
-           bar) -> dict:
+def _state(model, clean: Tensor, corrupt: Tensor, cells, positions, metric, batch_size, chunk, conv, bar):
     """Per position p and block: the block's scan units as rows, each with its clean state after p,
     run over positions p+1.. from that block on (the blocks before it and the corrupted prefix are
     unchanged by the patch: their residual is read from the corrupted run, the prefix is the state)."""
     n, L = model.cfg.n_layers, corrupt.shape[1]
     layers = sorted({c.layer for c in cells})
-    entry = collect(model, corrupt, {_resid_in(i, n) for i in layers}, chunk_size=chunk)
+    entry = _values(model, corrupt, {_resid_in(i, n) for i in layers}, chunk)
+    corrupt_metric = _baseline(model, entry, metric)
+    with torch.no_grad():
+        clean_metric = float(metric(prefill(model, clean, chunk_size=chunk)[0])[0])
     units = [k for k, _ in model.mixers()]
     out, st_clean, st_corrupt, at = {}, None, None, 0
     for p in sorted(set(positions)):
@@ -279,7 +288,7 @@ def _state(model, clean: Tensor, corrupt: Tensor, cells, positions, metric, batc
                 for cell, v in zip(part, vals.tolist()):
                     out[(cell.name, p)] = v
                 bar.update(R)
-    return out
+    return out, clean_metric, corrupt_metric
 
 
 def _attribution(model, clean: Tensor, corrupt: Tensor, cells, positions, metric, chunk) -> dict:
@@ -289,8 +298,8 @@ def _attribution(model, clean: Tensor, corrupt: Tensor, cells, positions, metric
     n = model.cfg.n_layers
     names = sorted({c.name for c in cells})
     clean_vals = _values(model, clean, names, chunk)
-    corrupt_vals = _values(model, corrupt, names, chunk)
-    inputs = collect(model, corrupt, {_resid_in(i, n) for i in range(n + 1)}, chunk_size=chunk)
+    inputs = corrupt_vals = _values(model, corrupt, set(names) | {_resid_in(i, n) for i in range(n + 1)}, chunk)
+    corrupt_metric = _baseline(model, corrupt_vals, metric)
     leaves: dict[str, Tensor] = {}
 
     def tap(t, hook):  # t + a zero leaf: its gradient is the activation's, the flow through t is kept
@@ -331,8 +340,8 @@ def _attribution(model, clean: Tensor, corrupt: Tensor, cells, positions, metric
         diff = (clean_vals[name] - corrupt_vals[name]).to(grad.dtype)  # [1, L, ...]
         per_pos = (diff * grad).flatten(2).sum(-1)[0]  # [L]
         for p in positions:
-            out[(name, p)] = float(per_pos[p])
-    return out
+            out[(name, p)] = corrupt_metric + float(per_pos[p])  # the estimate of the patched metric
+    return out, _baseline(model, clean_vals, metric), corrupt_metric
 
 
 # -- the entry point ------------------------------------------------------------------------------
@@ -386,18 +395,15 @@ def patch(model, clean, corrupt, metric: Metric | None = None, *, answer=None, w
     L = corrupt_ids.shape[1]
     pos = normalize_positions(positions, L) or list(range(L))
     cells = _cells(model, what, layers)
-    with torch.no_grad():
-        clean_metric = float(metric(prefill(model, clean_ids, chunk_size=chunk)[0])[0])
-        corrupt_metric = float(metric(prefill(model, corrupt_ids, chunk_size=chunk)[0])[0])
     if method == "attribution":
-        values = _attribution(model, clean_ids, corrupt_ids, cells, pos, metric, chunk)
-        values = {k: v + corrupt_metric for k, v in values.items()}  # estimates of the patched metric
+        values, clean_metric, corrupt_metric = _attribution(model, clean_ids, corrupt_ids, cells, pos, metric, chunk)
     else:
         bar = tqdm(total=len(cells) * len(set(pos)), desc=f"patching {what}", file=sys.stderr, disable=not progress)
         if what == "state":
-            values = _state(model, clean_ids, corrupt_ids, cells, pos, metric, batch_size, chunk, conv, corrupt_metric, bar)
+            values, clean_metric, corrupt_metric = _state(model, clean_ids, corrupt_ids, cells, pos, metric, batch_size,
+                                                          chunk, conv, bar)
         else:
-            values = _exact(model, clean_ids, corrupt_ids, cells, pos, metric, batch_size, chunk, bar)
+            values, clean_metric, corrupt_metric = _exact(model, clean_ids, corrupt_ids, cells, pos, metric, batch_size, chunk, bar)
         bar.close()
     tokens = (model.tokenizer.convert_ids_to_tokens(corrupt_ids[0].tolist()) if model.tokenizer is not None
               else [str(t) for t in corrupt_ids[0].tolist()])
