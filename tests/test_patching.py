@@ -1,6 +1,8 @@
 """Activation, state and attribution patching (analysis/patching.py) against hand-written loops,
 TransformerLens's patching and recurrent.patch_state."""
 
+import html
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -184,8 +186,8 @@ def test_patch_cli_writes_the_report_and_the_csv(tmp_path):
     df = pd.read_csv(csv)
     assert set(df["model"]) == {"diffmamba2-babi"} and sorted(df["position"].unique()) == [12, 13, 14, 15]
     assert set(df["component"]) == {"mixer_1", "mixer_2"}
-    html = out.read_text()
-    assert html.count('class="plotly-graph-div"') == 1 and "Activation patching: branch" in html
+    page = out.read_text()
+    assert page.count('class="plotly-graph-div"') == 1 and "Activation patching: branch" in page
     # bad input: one line, exit 2, nothing written
     bad = CliRunner().invoke(app, ["patch", "--clean", CLEAN, "--corrupt", "Mary went .", "--answer", "kitchen",
                             "--out", str(tmp_path / "bad.html")])
@@ -193,3 +195,17 @@ def test_patch_cli_writes_the_report_and_the_csv(tmp_path):
     bad = CliRunner().invoke(app, ["patch", "--clean", CLEAN, "--corrupt", CORRUPT, "--answer", "zeppelin",
                             "--out", str(tmp_path / "bad.html")])
     assert bad.exit_code == 2 and "not in the tokenizer's vocabulary" in bad.output
+
+
+def test_the_report_patches_its_example_into_the_swap_corruption(tmp_path):
+    from diffmamba_interp.data import load_data
+    from diffmamba_interp.jobs import full_report, swap_corruption
+
+    prompt = load_data("babi:qa1", n=4)[0]
+    corrupt, a, b = swap_corruption(prompt)
+    assert a == prompt.answer and b in prompt.candidates and b != a
+    assert corrupt.count(b) == prompt.prompt.count(a) and corrupt.count(a) == prompt.prompt.count(b)
+    _, path = full_report(n=4, out=tmp_path / "r.html", progress=False)
+    page = path.read_text()
+    assert '>Patching</h2>' in page and page.count('id="fig-patching-') == 2  # one heat-map per model
+    assert html.escape(f"{a!r} and {b!r} swapped in the story") in page
