@@ -41,6 +41,7 @@ _EXPORTS = {
     "PatchingResult": "analysis.patching",
     "MambaActivationCache": "cache",
     "MambaNNsight": "nnsight_model",
+    "set_scan_path": "scan",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -201,6 +201,8 @@ class HookedMamba(TokenMethods, HookedRootModule):
     def check_input_ids(self, input_ids) -> None:
         """Raise a one-line DiffMambaError (a ValueError) for anything but in-range token ids [batch, pos]."""
         V = self.cfg.vocab_size
+        if torch.compiler.is_compiling():  # checked once, outside the compiled graph (no sync, no graph break)
+            return
         if not isinstance(input_ids, torch.Tensor):
             raise DiffMambaError(f"input_ids must be a LongTensor [batch, pos], got {type(input_ids).__name__}")
         if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
@@ -238,7 +240,7 @@ class HookedMamba(TokenMethods, HookedRootModule):
         return ",".join(paths)
 
     def _log_paths(self) -> None:
-        if log.isEnabledFor(logging.DEBUG):
+        if not torch.compiler.is_compiling() and log.isEnabledFor(logging.DEBUG):
             log.debug("scan path: %s", self.last_path)
 
     @contextlib.contextmanager

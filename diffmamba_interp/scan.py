@@ -28,7 +28,9 @@ float32 (float64 stays float64); y comes back in the input dtype, states in the 
 from __future__ import annotations
 
 import functools
+import importlib
 import math
+import warnings
 from types import SimpleNamespace
 from typing import NamedTuple
 
@@ -39,7 +41,7 @@ Tensor = torch.Tensor
 
 __all__ = [
     "ScanOut", "causal_conv1d", "causal_conv1d_final_state", "causal_conv1d_step", "compute_dtype",
-    "gpu_kernels", "segprod", "selective_scan", "selective_scan_torch", "selective_state_step", "ssd",
+    "gpu_kernels", "scan_path", "segprod", "selective_scan", "set_scan_path", "selective_scan_torch", "selective_state_step", "ssd",
     "ssd_state_step", "ssd_torch",
 ]
 
@@ -53,20 +55,39 @@ class ScanOut(NamedTuple):
     path: str  # "mamba_ssm", "numba" or "torch"
 
 
+# name in `gpu_kernels()` -> (module to import, attribute, the compiled extension it needs, or None)
+_KERNELS = {
+    "causal_conv1d_fn": ("causal_conv1d", "causal_conv1d_fn", "causal_conv1d_cuda"),
+    # mamba-ssm's main (PR #977) makes the selective-scan extension opt-in: its Python wrapper imports
+    # without it and raises only when called, so the extension itself is checked
+    "selective_scan_fn": ("mamba_ssm.ops.selective_scan_interface", "selective_scan_fn", "selective_scan_cuda"),
+    "mamba_chunk_scan_combined": ("mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined", None),
+}
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # the kernels refuse or downcast float64
+SCAN_PATHS = ("auto", "torch", "kernel")
+_path = {"now": "auto"}
+_fallback_warned: set[str] = set()
+_broken: dict[str, str] = {}  # kernel name -> why it could not be imported
+
+
+def _import_kernel(name: str):
+    """One kernel, imported on its own: a missing or ABI-broken one turns off only itself."""
+    module, attr, extension = _KERNELS[name]
+    try:
+        if extension is not None:
+            importlib.import_module(extension)
+        return getattr(importlib.import_module(module), attr)
+    except Exception as e:  # noqa: BLE001 - ImportError, or OSError / RuntimeError from a broken extension
+        _broken[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        return None
+
+
 @functools.cache
 def gpu_kernels() -> SimpleNamespace | None:
-    """The mamba-ssm / causal-conv1d kernels, or None when they are not installed (never on CPU)."""
-    try:
-        from causal_conv1d import causal_conv1d_fn
-        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
-    except ImportError:
-        return None
-    return SimpleNamespace(
-        causal_conv1d_fn=causal_conv1d_fn,
-        selective_scan_fn=selective_scan_fn,
-        mamba_chunk_scan_combined=mamba_chunk_scan_combined,
-    )
+    """The mamba-ssm / causal-conv1d kernels that import (each on its own; None for one that does not),
+    or None when none does (never imported for CPU tensors)."""
+    found = {name: _import_kernel(name) for name in _KERNELS}
+    return SimpleNamespace(**found) if any(found.values()) else None
 
 
 @functools.cache
@@ -79,8 +100,47 @@ def _numba():
     return cpu_scan if cpu_scan.available() else None
 
 
-def _use_kernels(*tensors: Tensor) -> bool:
-    return tensors[0].is_cuda and gpu_kernels() is not None
+def set_scan_path(path: str) -> None:
+    """Which scan implementations run, process-wide: "auto" (default: the GPU kernels for CUDA tensors
+    where they apply, numba for CPU inference), "torch" (PyTorch everywhere: one path for every run,
+    e.g. a bf16 baseline that a `hook_ssm_state` hook, which forces PyTorch, can be compared with) or
+    "kernel" (like auto, but a CUDA tensor that cannot use its kernel is an error, not a fallback)."""
+    from .errors import DiffMambaError
+
+    if path not in SCAN_PATHS:
+        raise DiffMambaError(f"unknown scan path {path!r}; expected one of {', '.join(SCAN_PATHS)}")
+    _path["now"] = path
+
+
+def scan_path() -> str:
+    return _path["now"]
+
+
+def _fallback(name: str, why: str) -> bool:
+    """A CUDA tensor takes the PyTorch path: an error under set_scan_path("kernel"), else one warning per kind."""
+    if _path["now"] == "kernel":
+        from .errors import DiffMambaError
+
+        raise DiffMambaError(f"scan path 'kernel': {name} cannot run here ({why})")
+    if why not in _fallback_warned:
+        _fallback_warned.add(why)
+        warnings.warn(f"CUDA tensors take the PyTorch path for {name}: {why}", stacklevel=3)
+    return False
+
+
+def _use_kernels(name: str, x: Tensor, supported: bool = True, why: str = "") -> bool:
+    """Whether kernel `name` runs for x: CUDA tensors, the kernel imported, a dtype it takes, and what
+    was asked within what it supports (`supported`, else `why` not)."""
+    if not x.is_cuda or _path["now"] == "torch":
+        return False
+    kernels = gpu_kernels()
+    if kernels is None or getattr(kernels, name) is None:
+        return _fallback(name, f"{name} is not available ({_broken.get(name, 'not installed')})")
+    if x.dtype not in KERNEL_DTYPES:
+        return _fallback(name, f"{x.dtype} is not a kernel dtype (float16, bfloat16, float32)")
+    if not supported:
+        return _fallback(name, why)
+    return True
 
 
 def _needs_grad(*tensors: Tensor | None) -> bool:
@@ -100,8 +160,8 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, initial_state:
     (zeros when None). out[t, c] = bias[c] + Σ_j weight[c, 0, j] · x[t − (K − 1) + j, c].
     """
     L, K = x.shape[1], weight.shape[-1]
-    if _use_kernels(x) and initial_state is None:
-        out = gpu_kernels().causal_conv1d_fn(x.transpose(1, 2).contiguous(), weight.squeeze(1), bias, activation=None)
+    if initial_state is None and _use_kernels("causal_conv1d_fn", x, 2 <= K <= 4, f"the conv kernel takes widths 2-4, not {K}"):
+        out = torch.compiler.disable(gpu_kernels().causal_conv1d_fn)(x.transpose(1, 2).contiguous(), weight.squeeze(1), bias, activation=None)
         return out.transpose(1, 2), "causal_conv1d"
     xt = x.transpose(1, 2)  # [b, C, L]
     if initial_state is None:
@@ -145,8 +205,11 @@ def selective_scan(
     through its last state: those cases go to PyTorch.
     """
     final_grad = return_final_state and _needs_grad(u, dt, A, B, C, D)
-    if _use_kernels(u) and not return_states and initial_state is None and not final_grad:
-        out = gpu_kernels().selective_scan_fn(
+    wants = not return_states and initial_state is None and not final_grad  # what the kernel can give
+    if wants and _use_kernels("selective_scan_fn", u, A.shape[1] <= 256, f"the S6 kernel takes d_state <= 256, not {A.shape[1]}"):
+        # Δ, B, C in u's dtype: under autocast softplus gives float32 Δ, a hook may return another dtype
+        dt, B, C = (t.to(u.dtype) for t in (dt, B, C))
+        out = torch.compiler.disable(gpu_kernels().selective_scan_fn)(
             u.transpose(1, 2).contiguous(), dt.transpose(1, 2).contiguous(), A.float(),
             B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(), D.float(),
             z=None, delta_bias=None, delta_softplus=False, return_last_state=return_final_state,
@@ -154,8 +217,9 @@ def selective_scan(
         y, last = out if return_final_state else (out, None)  # last [b, E, N], float32
         final = last.to(compute_dtype(u.dtype)) if return_final_state else None
         return ScanOut(y.transpose(1, 2).to(u.dtype), None, final, "mamba_ssm")
-    if not u.is_cuda and not _needs_grad(u, dt, A, B, C, D, initial_state) and _numba() is not None:
-        out = _numba().selective_scan_numba(
+    if (not u.is_cuda and _path["now"] != "torch" and not _needs_grad(u, dt, A, B, C, D, initial_state)
+            and _numba() is not None):
+        out = torch.compiler.disable(_numba().selective_scan_numba)(  # dynamo cannot trace into numba
             u, dt, A, B, C, D, initial_state=initial_state, return_states=return_states,
             return_final_state=return_final_state,
         )
@@ -268,8 +332,9 @@ def ssd(x, dt, A, B, C, D, *, chunk_size, initial_state=None, return_final_state
     Returns ScanOut(y [b, L, H, P], states [b, L, H, P, N] or None, final_state [b, H, P, N] or None,
     path). Per-position states go to PyTorch; the CUDA kernel takes the initial and final states.
     """
-    if _use_kernels(x) and not return_states:
-        out = gpu_kernels().mamba_chunk_scan_combined(
+    if not return_states and _use_kernels("mamba_chunk_scan_combined", x):
+        dt, B, C = (t.to(x.dtype) for t in (dt, B, C))  # one dtype for the kernel (autocast, hooks)
+        out = torch.compiler.disable(gpu_kernels().mamba_chunk_scan_combined)(
             x.contiguous(), dt.contiguous(), A.float(), B.contiguous(), C.contiguous(), chunk_size,
             D=D.float(), z=None, dt_bias=None, initial_states=initial_state, dt_softplus=False,
             return_final_states=return_final_state,
