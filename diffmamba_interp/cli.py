@@ -54,7 +54,7 @@ app = typer.Typer(
 _state = {"debug": False}
 MAX_SEED = 2**32 - 1  # numpy's and random's seeds: whole numbers 0..2**32-1
 MAX_HOOK_POS = 1024  # `hooks --pos`: the shapes differ only in their pos dimension; a forward pass of pos tokens runs
-_OUTPUT_FILES = {"json_out": "--json", "out": "--out"}  # command parameters that name an output file
+_OUTPUT_FILES = {"json_out": "--json", "out": "--out", "per_example": "--per-example"}  # parameters naming an output file
 
 
 LensKind = Enum("LensKind", {name: name for name in LENSES}, type=str)  # the lens registry's names
@@ -91,6 +91,21 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+class _ErrorsOnly(io.TextIOBase):
+    """stderr of a torchrun rank other than 0: only `error: ...` lines get through."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        if text.startswith("error:"):
+            self.stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
 @app.callback()
 def main(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
@@ -98,6 +113,11 @@ def main(
 ) -> None:
     """Mechanistic interpretability for Mamba and Diff-Mamba models."""
     _state["debug"] = debug
+    from .distributed import is_main
+
+    if not is_main():  # under torchrun: rank 0 prints tables, notes and bars; the other ranks only their errors
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of this process
+        sys.stderr = _ErrorsOnly(sys.stderr)
     if not debug:  # warnings (e.g. a multi-token answer) as one line each, without source lines
         warnings.showwarning = lambda message, category, *a, **k: typer.echo(f"warning: {message}", err=True)
 
@@ -121,6 +141,10 @@ def _check_options(kwargs: dict) -> None:
     for name, flag in _OUTPUT_FILES.items():
         if isinstance(kwargs.get(name), Path):
             check_writable(kwargs[name], flag)
+    if isinstance(kwargs.get("per_example"), Path):
+        from .jobs import check_table_path
+
+        check_table_path(kwargs["per_example"])
 
 
 def _quiet_broken_pipe() -> None:
@@ -167,6 +191,21 @@ def _print_table(df, floatfmt: str = "{:.4f}") -> None:
     typer.echo(df.to_string(index=False, float_format=lambda x: floatfmt.format(x)))
 
 
+def _warn(message: str | None) -> None:
+    """One line `warning: ...` on stderr (nothing for None)."""
+    if message:
+        typer.echo(f"warning: {message}", err=True)
+
+
+def _write_per_example(path: Path | None, frame) -> None:
+    """`--per-example`: one row per example × layer × model, CSV or Parquet by extension, atomically."""
+    if path is not None:
+        from .jobs import write_table
+
+        write_table(path, frame)
+        typer.echo(f"wrote {path}", err=True)
+
+
 def _write_json(path: Path, obj) -> None:
     """JSON (strict: no NaN) through a temporary file and a rename (files.write_atomic)."""
     write_atomic(path, json.dumps(obj, indent=2, allow_nan=False) + "\n", what="--json")
@@ -184,6 +223,8 @@ PRESET = typer.Option(None, "--preset", help="paper: the Diff-Mamba paper's prot
 BOOTSTRAP = typer.Option("story", "--bootstrap", help="What the CIs resample: story (questions of one story together) or question.")
 CHUNK = typer.Option(None, "--chunk-size", help="Long prompts run in pieces of this many tokens, the state carried "
                      "(default 2048): memory stays bounded at any length.")
+PER_EXAMPLE = typer.Option(None, "--per-example", help="Write every example × layer × model with every measure "
+                           "(and its task, length, answer) as .csv, or .parquet (needs pyarrow).")
 FILLER = typer.Option("books", "--filler", help="babilong filler: books (public-domain prose), babi (sentences of other bAbI "
                       "tasks: distractors) or a text file.")
 
@@ -198,12 +239,14 @@ def snr(
     ckpt_b: Optional[List[str]] = typer.Option(None, "--ckpt-b", help="Seeds of architecture b (repeat, or a glob)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON (schema in the README)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write an HTML report (plotly, works offline)."),
+    per_example: Optional[Path] = PER_EXAMPLE,
     quiet: bool = QUIET,
 ) -> None:
     """Per-layer needle probability, SNR (dB), rank and distractor ratio with 95% CIs, per model, plus
     paired differences (the paper's Figure 6 analysis; paper_layer is the figure's layer index).
     With --ckpt-a/--ckpt-b: across training seeds, per architecture and paired."""
     from .jobs import run_seed_snr, run_snr
+    from .schemas import few_clusters_warning
 
     if ckpt_a or ckpt_b:
         if ckpt:
@@ -218,8 +261,10 @@ def snr(
         _print_table(seeds.paired_table())
         for note in seeds.result.notes:
             typer.echo(f"note: {note}", err=True)
+        _warn(few_clusters_warning(seeds.result.summary, "questions" if _value(bootstrap) == "question" else "stories"))
         if json_out:
             _write_json(json_out, seeds.to_json())
+        _write_per_example(per_example, seeds.result.per_example)
         return
 
     run = run_snr(ckpt, data, n, _value(lens), seed=seed, progress=not quiet, preset=_value(preset),
@@ -232,10 +277,12 @@ def snr(
         _print_table(p[p.measure == "prob"].drop(columns="measure"))
     for note in run.result.notes:
         typer.echo(f"note: {note}", err=True)
+    _warn(run.sample_warning())
     if json_out:
         _write_json(json_out, run.to_json())
     if out:
         typer.echo(f"wrote {run.write_report(out)}", err=True)
+    _write_per_example(per_example, run.per_example_table())
 
 
 @app.command()
@@ -313,6 +360,7 @@ def compare(
                   bootstrap=_value(bootstrap), filler=filler, chunk_size=chunk_size)
     for note in run.result.notes:
         typer.echo(f"note: {note}", err=True)
+    _warn(run.sample_warning())
     s = run.result.summary
     if measure not in set(s.measure):
         raise DiffMambaError(f"unknown measure {measure!r}; expected one of {sorted(set(s.measure))}")
@@ -337,16 +385,20 @@ def report(
     out: Path = typer.Option(Path("reports/report.html"), "--out", help="The HTML report."),
     example: int = typer.Option(0, "--example", help="Which example's attention maps to show."),
     layer: Optional[int] = typer.Option(None, "--layer", help="Layer for the attention maps (default: first differential)."),
+    per_example: Optional[Path] = PER_EXAMPLE,
     quiet: bool = QUIET,
 ) -> None:
-    """Everything in one self-contained HTML report: SNR, paired differences, branch lens, attention, tables."""
+    """Everything in one self-contained HTML report: accuracy, SNR, paired differences, λ, branch lens, attention,
+    patching, tables."""
     from .jobs import full_report
 
     run, path = full_report(ckpt, data, n, _value(lens), out, example=example, layer=layer, seed=seed, progress=not quiet,
                             preset=_value(preset), bootstrap=_value(bootstrap), filler=filler, chunk_size=chunk_size)
     typer.echo(run.title)
     _print_table(run.summary_table())
+    _warn(run.sample_warning())
     typer.echo(f"wrote {path}", err=True)
+    _write_per_example(per_example, run.per_example_table())
 
 
 class PatchMethod(str, Enum):

@@ -122,6 +122,10 @@ def write_atomic(path: Union[str, Path], data: Union[str, bytes, None] = None, *
     no temporary file is left behind. Returns the path."""
     if (data is None) == (write is None):
         raise TypeError("write_atomic takes data or write=, not both")
+    from .distributed import is_main
+
+    if not is_main():  # under torchrun only rank 0 writes (every rank holds the same result)
+        return Path(path).expanduser()
     target = Path(path).expanduser()
     label = f"{what} {target}" if what else str(target)
     check_writable(target, what)

@@ -169,8 +169,8 @@ def collate(examples, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 
 def answer_logits(model: HookedMamba, ids: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
     """Logits at each row's last prompt token: [batch, vocab]."""
-    logits = model(ids)
-    return logits[torch.arange(ids.shape[0]), last]
+    logits = model(ids.to(model.device))
+    return logits[torch.arange(ids.shape[0], device=logits.device), last.to(logits.device)]
 
 
 def train(cfg: TrainConfig, tokenizer, progress: bool = True, eval_n: int | None = None) -> tuple[HookedMamba, TrainResult]:
@@ -199,7 +199,7 @@ def train(cfg: TrainConfig, tokenizer, progress: bool = True, eval_n: int | None
     bar = tqdm(range(cfg.steps), desc=f"train {cfg.arch}", disable=not progress)
     for _ in bar:
         ids, last, answers = next(stream)
-        loss = F.cross_entropy(answer_logits(model, ids, last), answers)
+        loss = F.cross_entropy(answer_logits(model, ids, last), answers.to(model.device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -233,7 +233,7 @@ def evaluate(model: HookedMamba, tokenizer, tasks=TASKS, split: str = "test", n:
         correct = 0
         for s in tqdm(range(0, len(examples), batch_size), desc=f"eval {task}", disable=not progress, leave=False):
             ids, last, answers = collate(examples[s:s + batch_size], tokenizer.pad_token_id)
-            correct += int((answer_logits(model, ids, last).argmax(-1) == answers).sum())
+            correct += int((answer_logits(model, ids, last).argmax(-1).cpu() == answers.cpu()).sum())  # any device
         rows.append({"task": task, "n": len(examples), "accuracy": correct / len(examples)})
     return pd.DataFrame(rows)
 
