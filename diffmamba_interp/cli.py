@@ -28,19 +28,34 @@ from .config import ARCHS
 from .errors import DiffMambaError, one_line
 from .files import check_writable, write_atomic
 
-def _hoist_debug(args: list[str]) -> list[str]:
-    """`--debug` anywhere before a `--` (e.g. after the subcommand: `snr --debug ...`) moved to the front,
-    where the app's callback reads it: the error messages say "run with --debug", wherever it goes."""
+_GLOBAL_FLAGS = ("--debug",)  # options of the app's callback that may also come after the subcommand
+_GLOBAL_VALUES = ("--device", "--dtype")
+
+
+def _hoist_globals(args: list[str]) -> list[str]:
+    """`--debug`, `--device X` and `--dtype X` anywhere before a `--` (e.g. after the subcommand:
+    `snr --debug --device cuda ...`) moved to the front, where the app's callback reads them."""
     args = list(args)
     end = args.index("--") if "--" in args else len(args)
-    if "--debug" not in args[:end]:
-        return args
-    return ["--debug"] + [a for a in args[:end] if a != "--debug"] + args[end:]
+    front, rest, i = [], [], 0
+    while i < end:
+        a = args[i]
+        if a in _GLOBAL_FLAGS:
+            front.append(a)
+        elif a in _GLOBAL_VALUES and i + 1 < end:
+            front += [a, args[i + 1]]
+            i += 1
+        elif a.split("=", 1)[0] in _GLOBAL_VALUES:
+            front.append(a)
+        else:
+            rest.append(a)
+        i += 1
+    return front + rest + args[end:]
 
 
 class _Group(TyperGroup):
     def parse_args(self, ctx, args):
-        return super().parse_args(ctx, _hoist_debug(args))
+        return super().parse_args(ctx, _hoist_globals(args))
 
 
 app = typer.Typer(
@@ -91,6 +106,34 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+_DTYPES = ("float32", "bfloat16", "float16", "float64", "auto")
+
+
+def _set_runtime(device: str | None, dtype: str | None) -> None:
+    """--device / --dtype checked (a CUDA device that is not there is an error, before any work) and
+    handed to `jobs.load_models`."""
+    import torch
+
+    from .jobs import RUNTIME
+
+    if dtype is not None and dtype not in _DTYPES:
+        raise DiffMambaError(f"--dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DiffMambaError(f"--device must be cpu, cuda or cuda:N, got {device!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DiffMambaError(f"--device {device}: this machine has no CUDA device (torch {torch.__version__}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DiffMambaError(f"--device {device}: there are {torch.cuda.device_count()} CUDA devices (0..{torch.cuda.device_count() - 1})")
+    elif dev.type != "cpu":
+        raise DiffMambaError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
+    RUNTIME["device"], RUNTIME["dtype"] = str(dev), dtype
+
+
 class _ErrorsOnly(io.TextIOBase):
     """stderr of a torchrun rank other than 0: only `error: ...` lines get through."""
 
@@ -110,12 +153,22 @@ class _ErrorsOnly(io.TextIOBase):
 def main(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors (also accepted after the command)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda when available, "
+                                         "else cpu; also accepted after the command)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 (default), bfloat16, float16, float64 or auto "
+                                        "(as stored; also accepted after the command)."),
 ) -> None:
     """Mechanistic interpretability for Mamba and Diff-Mamba models."""
     _state["debug"] = debug
     from .distributed import is_main
 
-    if not is_main():  # under torchrun: rank 0 prints tables, notes and bars; the other ranks only their errors
+    main_rank = is_main()  # under torchrun: joins the process group, each rank on its own GPU
+    try:
+        _set_runtime(device, dtype)
+    except DiffMambaError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    if not main_rank:  # under torchrun: rank 0 prints tables, notes and bars; the other ranks only their errors
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of this process
         sys.stderr = _ErrorsOnly(sys.stderr)
     if not debug:  # warnings (e.g. a multi-token answer) as one line each, without source lines
@@ -136,7 +189,8 @@ def _check_options(kwargs: dict) -> None:
         n = kwargs.get("n")
         if example < 0:
             raise DiffMambaError(f"--example must be an example index >= 0, got {example}")
-        if n is not None and n >= 1 and example >= n:
+        several_lengths = "," in str(kwargs.get("data") or "")  # --n per length: the job checks the real count
+        if n is not None and n >= 1 and example >= n and not several_lengths:
             raise DiffMambaError(f"--example {example} is out of range for --n {n} examples (0..{n - 1})")
     for name, flag in _OUTPUT_FILES.items():
         if isinstance(kwargs.get(name), Path):

@@ -11,9 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import pandas as pd
 
 from .errors import DiffMambaError
+from .schemas import ACCURACY_COLUMNS, LAMBDA_COLUMNS, few_clusters_warning
 
 # the shipped models, Mamba first and Diff-Mamba second: every command defaults to them
 SHIPPED = ("mamba2-babi", "diffmamba2-babi")
@@ -42,12 +44,17 @@ def display_path(path) -> str:
     return str(path) if rel.startswith("..") else rel
 
 
+# where the CLI's models go (`--device`, `--dtype`); None: load_model's defaults
+RUNTIME: dict = {"device": None, "dtype": None}
+
+
 def load_models(ckpts: Sequence[str] | None) -> list:
-    """Load each checkpoint (the shipped pair when None) -> [HookedMamba], labelled by directory name."""
+    """Load each checkpoint (the shipped pair when None) -> [HookedMamba], labelled by directory name,
+    on RUNTIME's device and dtype."""
     from .model import load_model
 
     paths = list(ckpts) if ckpts else default_checkpoints()
-    models = [load_model(p) for p in paths]
+    models = [load_model(p, device=RUNTIME["device"], dtype=RUNTIME["dtype"]) for p in paths]
     labels = [Path(p).name or str(p) for p in paths]
     if len(set(labels)) != len(labels):
         labels = [str(p) for p in paths]
@@ -171,22 +178,137 @@ class SnrRun:
                 "n_examples": self.n_examples, "models": models, "paired": _records(self.result.paired),
                 "notes": list(self.result.notes)}
 
-    def write_report(self, path, *, branch: pd.DataFrame | None = None, attention=None, patching=None,
-                     title: str | None = None) -> Path:
-        from .report import write_report
+    @property
+    def unit(self) -> str:
+        """What the bootstrap resamples, as the warnings name it: stories or questions."""
+        return "questions" if self.data.get("bootstrap") == "question" else "stories"
 
-        tables = {"per-layer summary": self.layer_table().round(4)}
+    def sample_warning(self) -> str | None:
+        """A one-line warning when the statistics rest on fewer than `schemas.MIN_CLUSTERS` stories."""
+        return few_clusters_warning(self.result.summary, self.unit)
+
+    def per_example_table(self) -> pd.DataFrame:
+        """One row per model × example × layer with every measure (`schemas.TARGET_COLUMNS`), the
+        example's task, length (BABILong tokens, where the data has one) and answer: `--per-example`."""
+        pe = self.result.per_example
+        facts = pd.DataFrame({"example": range(len(self.prompts)), "task": [p.task for p in self.prompts],
+                              "length": [p.meta.get("length") for p in self.prompts],
+                              "answer": [p.answer for p in self.prompts]})
+        out = pe.merge(facts, on="example", how="left", validate="many_to_one")
+        first = ["model", "example", "story", "task", "length", "answer", "layer", "paper_layer"]
+        return out[first + [c for c in out.columns if c not in first]]
+
+    def accuracy_table(self) -> pd.DataFrame:
+        """Task accuracy per model and task (`schemas.ACCURACY_COLUMNS`): the share of examples whose answer
+        is rank 1 at the final layer (the model's argmax at the last position, as the final lens layer is
+        the model's output), with a 95% Wilson interval. With several BABILong lengths the task label
+        carries the length ("qa1 · 1k")."""
+        from .data.babilong import format_length
+
+        pe = self.per_example_table()
+        final = pe[pe["layer"] == pe.groupby("model")["layer"].transform("max")].copy()
+        lengths = final["length"].dropna().unique()
+        if len(lengths) > 1:
+            final["task"] = [f"{t} · {format_length(int(n))}" if n == n else t for t, n in zip(final["task"], final["length"])]
+        final["correct"] = final["rank"] == 1
+        grouped = final.groupby(["model", "task"], sort=False)["correct"].agg(["size", "sum"]).reset_index()
+        n, k = grouped["size"].to_numpy(), grouped["sum"].to_numpy()
+        low, high = wilson_interval(k, n)
+        out = pd.DataFrame({"model": grouped["model"], "task": grouped["task"], "n": n, "correct": k,
+                            "accuracy": k / n, "ci_low": low, "ci_high": high}, columns=list(ACCURACY_COLUMNS))
+        order = {label: i for i, label in enumerate(self.result.labels)}
+        return out.sort_values(["model", "task"], key=lambda c: c.map(order) if c.name == "model" else c.map(_natural),
+                               kind="stable").reset_index(drop=True)
+
+    def report_tables(self, accuracy: pd.DataFrame, lambdas: pd.DataFrame) -> dict:
+        """The tables at the end of the report: per-layer summary, accuracy, λ, the tuned lens's KL."""
+        tables = {"per-layer summary": self.layer_table().round(4), "task accuracy (Wilson 95% interval)": accuracy.round(4)}
+        if len(lambdas):
+            tables["λ per differential block"] = lambdas.round(4)
         kl = self.lens_evaluation()
         if len(kl):
             tables["tuned lens: held-out KL(final ‖ lens) per layer, nats, vs the logit lens"] = kl.round(4)
+        return tables
+
+    def write_report(self, path, *, branch: pd.DataFrame | None = None, attention=None, patching=None,
+                     title: str | None = None) -> Path:
+        """The HTML report of this run (`report.write_report`): accuracy, the per-layer measures, paired
+        differences, λ, and whatever `branch` / `attention` / `patching` are given; a warning box when
+        the statistics rest on too few stories."""
+        from .report import write_report
+
+        accuracy, lambdas = self.accuracy_table(), lambda_table(self.models)
         return write_report(
             path, title=title or self.title,
             summary=self.result.summary, paired=self.result.paired if len(self.result.paired) else None,
-            branch=branch, attention=attention, patching=patching, tables=tables,
+            branch=branch, attention=attention, patching=patching, accuracy=accuracy, lambdas=lambdas,
+            tables=self.report_tables(accuracy, lambdas), unit=self.unit,
             meta={"data": self.data["spec"], "lens": self.lens_label, "examples": self.n_examples,
                   "bootstrap": self.data.get("bootstrap", "story"),
                   "checkpoints": [display_path(m.checkpoint_path) if m.checkpoint_path else m.label for m in self.models]},
         )
+
+
+def _natural(text) -> tuple:
+    """A sort key that puts "qa2" before "qa10" and "1k" before "16k"."""
+    import re
+
+    return tuple(int(t) if t.isdigit() else t for t in re.findall(r"\d+|\D+", str(text)))
+
+
+def wilson_interval(correct, n, z: float = 1.959963984540054) -> tuple[np.ndarray, np.ndarray]:
+    """The Wilson score interval (95% by default) of a proportion `correct` / `n` (arrays): sane at 0%
+    and 100% and for small n, unlike the normal approximation."""
+    k, n = np.asarray(correct, dtype=np.float64), np.asarray(n, dtype=np.float64)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    low = np.where(k == 0, 0.0, np.clip(centre - half, 0.0, 1.0))  # exact ends, not 1e-17 off
+    high = np.where(k == n, 1.0, np.clip(centre + half, 0.0, 1.0))
+    return low, high
+
+
+def lambda_table(models) -> pd.DataFrame:
+    """λ of every differential block of each model (`schemas.LAMBDA_COLUMNS`): block index i (the paper's
+    layer i), λ (`Differential.lam()`, what `hook_lambda` sees) and λ_init. Plain models add no rows."""
+    import torch
+
+    from .analysis.attention import differential_of
+
+    rows = []
+    for m in models:
+        for i, block in enumerate(m.blocks):
+            found = differential_of(block, i)
+            if found is not None:
+                with torch.no_grad():
+                    lam = float(found[1].lam())
+                rows.append((m.label, i, lam, float(found[1].lambda_init)))
+    return pd.DataFrame(rows, columns=list(LAMBDA_COLUMNS))
+
+
+PER_EXAMPLE_FORMATS = {".csv": "CSV", ".parquet": "Parquet"}
+
+
+def check_table_path(path, what: str = "--per-example") -> str:
+    """The format of a table file by its extension ("CSV" or "Parquet"), checked before any work: another
+    extension, or Parquet without pyarrow, is a one-line error."""
+    import importlib.util
+
+    fmt = PER_EXAMPLE_FORMATS.get(Path(path).suffix.lower())
+    if fmt is None:
+        raise DiffMambaError(f"{what} {path}: give a file ending in .csv or .parquet")
+    if fmt == "Parquet" and importlib.util.find_spec("pyarrow") is None:
+        raise DiffMambaError(f"{what} {path}: Parquet needs pyarrow (pip install pyarrow), or write .csv")
+    return fmt
+
+
+def write_table(path, frame: pd.DataFrame, what: str = "--per-example") -> Path:
+    """`frame` as CSV or Parquet (by extension, `check_table_path`), written atomically (files.write_atomic)."""
+    from .files import write_atomic
+
+    if check_table_path(path, what) == "Parquet":
+        return write_atomic(path, write=lambda tmp: frame.to_parquet(tmp, index=False), what=what)
+    return write_atomic(path, frame.to_csv(index=False), what=what)
 
 
 def _records(df: pd.DataFrame) -> list[dict]:
@@ -286,13 +408,17 @@ def branch_table(models, prompts, n: int = 50, progress: bool = True, chunk_size
     return pd.concat(frames, ignore_index=True)[["model", "layer", "component", "value"]]
 
 
+REPORT_ATTENTION_SIDE = 96  # cells a side of the report's attention maps (longer prompts are averaged over blocks)
+
+
 def full_report(ckpts: Sequence[str] | None = None, data: str | None = None, n: int | None = None,
                 lens: str | None = None, out: str | Path = "reports/report.html", example: int = 0,
                 layer: int | None = None, kind: str = "s6", seed: int = 0, progress: bool = True,
                 preset: str | None = None, bootstrap: str = "story", filler: str = "books",
                 chunk_size: int | None = None) -> tuple[SnrRun, Path]:
-    """Everything in one HTML report: SNR per layer, paired differences, branch lens, implicit
-    attention of one example (the first differential layer by default) for each model, residual
+    """Everything in one HTML report: task accuracy, SNR per layer, paired differences, λ, branch lens,
+    implicit attention of one example (the first differential layer by default; the bounded full view
+    of `attention_entry`, at most `REPORT_ATTENTION_SIDE` cells a side) for each model, residual
     patching of that example into its swap corruption (`swap_patching`), tables."""
     run = run_snr(ckpts, data, n, lens, seed=seed, progress=progress, preset=preset, bootstrap=bootstrap, filler=filler,
                   chunk_size=chunk_size)
@@ -303,7 +429,7 @@ def full_report(ckpts: Sequence[str] | None = None, data: str | None = None, n: 
     entries = []
     for m in run.models:
         k = layer if layer is not None else (m.cfg.diff_layer_indices[0] if m.cfg.diff_layer_indices else 0)
-        entries.append(attention_entry(m, prompt, k, kind=kind))
+        entries.append(attention_entry(m, prompt, k, kind=kind, max_side=REPORT_ATTENTION_SIDE))
     patching = swap_patching(run.models, run.prompts[example], chunk_size=chunk_size)
     return run, run.write_report(out, branch=branch, attention=entries, patching=patching, title="diffmamba-interp report")
 
