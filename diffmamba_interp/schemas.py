@@ -59,3 +59,26 @@ def with_paper_layer(rows, columns: tuple) -> pd.DataFrame:
     values = paper_layer(out["layer"].to_numpy()) if len(out) else pd.array([], dtype="Int64")
     out.insert(columns.index("paper_layer"), "paper_layer", values)
     return out
+
+
+# task accuracy per (model, task[, length]): the final layer's rank 1 (argmax at the last position)
+ACCURACY_COLUMNS = ("model", "task", "n", "correct", "accuracy", "ci_low", "ci_high")
+# λ of every differential block: block index i (the paper's layer i), λ and its λ_init
+LAMBDA_COLUMNS = ("model", "block", "lambda", "lambda_init")
+
+# the fewest clusters (stories, or questions with --bootstrap question) a summary's intervals should rest on:
+# below it `analysis.stats` calls no difference significant (its `min_n`), and the CLI and the report warn
+MIN_CLUSTERS = 10
+
+
+def few_clusters_warning(frame, unit: str = "stories") -> str | None:
+    """A one-line warning when a summary or paired frame rests on fewer than `MIN_CLUSTERS` clusters
+    at some layer (its `n_clusters` column), else None (also when the frame has no such column)."""
+    if frame is None or "n_clusters" not in getattr(frame, "columns", ()) or not len(frame):
+        return None
+    least = pd.to_numeric(frame["n_clusters"], errors="coerce").min()
+    if not least < MIN_CLUSTERS:  # NaN too: nothing to say
+        return None
+    least = int(least)
+    return (f"only {least} {unit} behind these statistics (fewer than {MIN_CLUSTERS}): the intervals are "
+            "unreliable and no difference is called significant; use more examples (--n)")

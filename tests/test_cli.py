@@ -209,3 +209,70 @@ def test_chunk_size_option(ckpts, tmp_path):
         assert abs(x["prob_mean"] - y["prob_mean"]) < 1e-5
     code, _, err = run("snr", "--ckpt", ckpts[1], "--n", 3, "--chunk-size", 0, "-q")
     assert code == 2 and "chunk_size must be a positive" in err
+
+
+def test_snr_per_example_csv_and_parquet(ckpts, tmp_path):
+    import pandas as pd
+
+    for name, read in (("pe.csv", pd.read_csv), ("pe.parquet", pd.read_parquet)):
+        path = tmp_path / "sub" / name
+        code, _, err = run("snr", "--ckpt", ckpts[0], "--ckpt", ckpts[1], "--n", 4, "--per-example", path, "-q")
+        assert code == 0, err
+        df = read(path)
+        assert len(df) == 2 * 4 * 3  # models × examples × layers (0 = embeddings, 1, 2)
+        assert set(df["model"]) == {"mamba2-tiny", "diffmamba2-tiny"} and set(df["layer"]) == {0, 1, 2}
+        for column in ("example", "story", "task", "answer", "paper_layer", "prob", "logprob", "rank", "snr_db",
+                       "distractor_ratio", "distractor_log_ratio"):
+            assert column in df.columns
+        assert not df.duplicated(["model", "example", "layer"]).any()
+    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["pe.csv", "pe.parquet"]  # no temp files left
+
+
+def test_report_per_example_and_the_few_stories_warning(ckpts, tmp_path):
+    import pandas as pd
+
+    out_html, out_csv = tmp_path / "r.html", tmp_path / "r.csv"
+    code, _, err = run("report", "--ckpt", ckpts[0], "--ckpt", ckpts[1], "--n", 3, "--out", out_html,
+                       "--per-example", out_csv, "-q")
+    assert code == 0, err
+    warnings = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and "only 3 stories" in warnings[0] and "fewer than 10" in warnings[0]
+    assert 'class="dm-warning"' in out_html.read_text()
+    assert len(pd.read_csv(out_csv)) == 2 * 3 * 3
+
+
+def test_enough_stories_give_no_warning(ckpts):
+    code, _, err = run("compare", "--ckpt", ckpts[0], "--ckpt", ckpts[1], "--n", 12, "-q")
+    assert code == 0 and "warning:" not in err, err
+
+
+@pytest.mark.parametrize("name, needle", [("pe.json", "give a file ending in .csv or .parquet"),
+                                          ("missing-dir-is-a-file/pe.csv", "cannot be created")])
+def test_per_example_path_is_checked_before_any_work(ckpts, tmp_path, name, needle, monkeypatch):
+    import diffmamba_interp.jobs as jobs
+
+    (tmp_path / "missing-dir-is-a-file").write_text("x")
+    monkeypatch.setattr(jobs, "run_snr", lambda *a, **k: pytest.fail("ran before checking --per-example"))
+    code, _, err = run("snr", "--ckpt", ckpts[0], "--per-example", tmp_path / name, "-q")
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: --per-example") and needle in err
+
+
+def test_parquet_without_pyarrow_is_a_clear_error(ckpts, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pyarrow" else real(name, *a))
+    code, _, err = run("report", "--ckpt", ckpts[0], "--per-example", tmp_path / "pe.parquet", "-q")
+    assert code == 2 and "Parquet needs pyarrow" in err and "or write .csv" in err
+
+
+def test_seed_groups_write_per_example_and_warn(ckpts, tmp_path):
+    import pandas as pd
+
+    path = tmp_path / "seeds.csv"
+    code, _, err = run("snr", "--ckpt-a", ckpts[0], "--ckpt-b", ckpts[1], "--n", 4, "--lens", "logit",
+                       "--per-example", path, "-q")
+    assert code == 0, err
+    assert sum(line.startswith("warning: only") for line in err.splitlines()) == 1
+    df = pd.read_csv(path)
+    assert {"group", "model", "example", "layer", "prob"} <= set(df.columns) and len(df) == 2 * 4 * 3

@@ -111,26 +111,68 @@ def _values(x) -> np.ndarray:
 # ------------------------------------------------------------------------------ figure builders
 
 
-@pytest.mark.parametrize("log_scale", [False, True])
-def test_needle_prob_bars_grouped_with_ci_whiskers(log_scale):
+def _needle_ref(summary, model):
+    return summary[(summary.model == model) & (summary.measure == "prob")].sort_values("layer")
+
+
+def test_needle_prob_linear_bars_grouped_with_ci_whiskers():
     summary = make_summary()
-    fig = needle_prob_figure(summary, log_scale=log_scale)
+    fig = needle_prob_figure(summary, log_scale=False)
     assert [t.type for t in fig.data] == ["bar", "bar"]
     assert [t.name for t in fig.data] == list(MODELS)
     assert fig.layout.barmode == "group"
     assert fig.data[0].marker.color != fig.data[1].marker.color
     for trace, model in zip(fig.data, MODELS):
-        ref = summary[(summary.model == model) & (summary.measure == "prob")].sort_values("layer")
+        ref = _needle_ref(summary, model)
         assert list(trace.x) == list(LAYERS)
         np.testing.assert_allclose(_values(trace.y), ref["mean"])
         assert trace.error_y.symmetric is False
         np.testing.assert_allclose(_values(trace.error_y.array), ref["ci_high"] - ref["mean"])
         np.testing.assert_allclose(_values(trace.error_y.arrayminus), ref["mean"] - ref["ci_low"])
-    assert (fig.layout.yaxis.type == "log") is log_scale
-    assert ("log" in fig.layout.title.text) is log_scale
-    assert "layer" in fig.layout.xaxis.title.text
+    assert fig.layout.yaxis.type != "log" and "log" not in fig.layout.title.text
+    assert "layer" in fig.layout.xaxis.title.text and "paper" in fig.layout.xaxis.title.text
     assert "probability" in fig.layout.yaxis.title.text
     assert "needle" in how_to_read(fig) and "whisker" in how_to_read(fig)
+
+
+def test_needle_prob_log_axis_draws_points_not_bars_with_readable_ticks():
+    summary = make_summary()
+    fig = needle_prob_figure(summary, log_scale=True)
+    assert [t.type for t in fig.data] == ["scatter", "scatter"]  # bars on a log axis exaggerate gaps
+    assert all(t.mode == "markers" for t in fig.data) and fig.layout.scattermode == "group"
+    for trace, model in zip(fig.data, MODELS):
+        ref = _needle_ref(summary, model)
+        np.testing.assert_allclose(_values(trace.y), ref["mean"])
+        np.testing.assert_allclose(_values(trace.error_y.arrayminus), ref["mean"] - ref["ci_low"])
+    assert fig.layout.yaxis.type == "log" and "log" in fig.layout.title.text
+    # explicit 1-2-5 ticks as decimals, never plotly's bare-digit minor labels ("7 6 5 4 3 2 0.1 9 8")
+    assert fig.layout.yaxis.tickmode == "array"
+    assert list(fig.layout.yaxis.ticktext) == ["0.005", "0.01", "0.02", "0.05", "0.1", "0.2", "0.5"]
+    np.testing.assert_allclose(_values(fig.layout.yaxis.tickvals), [0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5])
+    assert "point" in how_to_read(fig)
+
+
+def test_log_ticks_keep_powers_of_ten_past_three_decades():
+    from diffmamba_interp.report.figures import log_ticks
+
+    vals, text = log_ticks([3e-7, 0.02, np.nan, 0.0])
+    np.testing.assert_allclose(vals, [1e-6, 1e-5, 1e-4, 1e-3, 1e-2])
+    assert text == ["10<sup>-6</sup>", "10<sup>-5</sup>", "10<sup>-4</sup>", "0.001", "0.01"]
+    assert log_ticks([0.0, -1.0]) == ([], [])
+
+
+def test_every_per_layer_hover_names_the_papers_layer():
+    summary, paired = make_summary(), make_paired()
+    figs = [needle_prob_figure(summary), needle_prob_figure(summary, log_scale=True),
+            measure_curves_figure(summary, "snr_db"), paired_figure(paired, "prob")]
+    for fig in figs:
+        hovered = [t for t in fig.data if t.hovertemplate]
+        assert hovered, fig.layout.title.text
+        for t in hovered:
+            labels = [row[0] for row in t.customdata]
+            assert labels[0] == "layer 0 (embeddings; not in the paper)" and labels[2] == "layer 2 (paper 1)"
+            assert "%{customdata[0]}" in t.hovertemplate
+        assert "the paper's layer k − 1" in fig.layout.xaxis.title.text
 
 
 @pytest.mark.parametrize("measure", ["snr_db", "distractor_ratio"])
@@ -170,21 +212,42 @@ def test_measure_curves_any_measure_and_missing_measure():
 def test_paired_figure_whiskers_zero_line_and_significance():
     paired = make_paired()
     fig = paired_figure(paired, "prob")
-    assert len(fig.data) == 1
-    (trace,) = fig.data
+    line, points = fig.data  # the named line with whiskers, and its markers in the same legend group
     ref = paired[paired.measure == "prob"].sort_values("layer")
-    assert trace.name == f"{MODELS[1]} − {MODELS[0]}"
-    np.testing.assert_allclose(_values(trace.y), ref["diff_mean"])
-    np.testing.assert_allclose(_values(trace.error_y.array), ref["ci_high"] - ref["diff_mean"])
-    np.testing.assert_allclose(_values(trace.error_y.arrayminus), ref["diff_mean"] - ref["ci_low"])
+    assert line.name == f"{MODELS[1]} − {MODELS[0]}" and line.showlegend is not False
+    assert points.showlegend is False and points.legendgroup == line.legendgroup
+    for t in (line, points):
+        np.testing.assert_allclose(_values(t.y), ref["diff_mean"])
+    np.testing.assert_allclose(_values(line.error_y.array), ref["ci_high"] - ref["diff_mean"])
+    np.testing.assert_allclose(_values(line.error_y.arrayminus), ref["diff_mean"] - ref["ci_low"])
     zero = [s for s in fig.layout.shapes if s.y0 == 0 and s.y1 == 0]
     assert len(zero) == 1
-    # filled marker exactly where the CI excludes zero (layers 3 and 4 here)
+    # without a `significant` column: filled marker exactly where the CI excludes zero (layers 3 and 4 here)
     excludes = ((ref["ci_low"] > 0) | (ref["ci_high"] < 0)).tolist()
     assert excludes == [False, False, False, True, True]
-    assert list(trace.marker.symbol) == ["circle" if e else "circle-open" for e in excludes]
+    assert list(points.marker.symbol) == ["circle" if e else "circle-open" for e in excludes]
     assert "b − a" in fig.layout.yaxis.title.text and "layer" in fig.layout.xaxis.title.text
-    assert "zero" in how_to_read(fig)
+    assert "zero" in how_to_read(fig) and "open markers" in how_to_read(fig)
+
+
+def test_paired_markers_follow_the_significant_column_and_never_a_zero_width_interval():
+    paired = make_paired()
+    paired = paired[paired.measure == "prob"].copy()
+    paired.loc[paired.layer == 0, ["diff_mean", "ci_low", "ci_high"]] = -1e-6  # zero width, excludes 0
+    paired["significant"] = [True, False, False, False, True]  # e.g. layer 3: too few stories
+    symbols = list(paired_figure(paired, "prob").data[1].marker.symbol)
+    assert symbols == ["circle-open", "circle-open", "circle-open", "circle-open", "circle"]
+    no_column = paired.drop(columns="significant")
+    assert list(paired_figure(no_column, "prob").data[1].marker.symbol)[0] == "circle-open"
+
+
+@pytest.mark.parametrize("measure, words", [("prob", "higher than"), ("snr_db", "reads the needle better"),
+                                            ("rank", "reads it worse (lower is better)")])
+def test_paired_how_to_read_says_which_way_is_better(measure, words):
+    paired = make_paired().assign(measure=measure)
+    how = how_to_read(paired_figure(paired, measure))
+    assert words in how
+    assert ("worse" in how) is (measure == "rank")
 
 
 def test_branch_figure_groups_three_components_per_model():
@@ -206,36 +269,66 @@ def test_branch_figure_groups_three_components_per_model():
         ref = branch[(branch.model == model) & (branch.component == comp)].sort_values("layer")
         assert list(t.x) == ref["layer"].tolist()
         np.testing.assert_allclose(_values(t.y), ref["value"])
+        assert [row[0] for row in t.customdata][:2] == ["block 0 (writes layer 1; paper 0)",
+                                                        "block 1 (writes layer 2; paper 1)"]
     assert {a.text for a in fig.layout.annotations} >= set(models)  # subplot titles
-    assert "block index" in fig.layout.xaxis2.title.text
+    assert "block index" in fig.layout.xaxis2.title.text and "paper" in fig.layout.xaxis2.title.text
     assert "logit" in fig.layout.yaxis.title.text and fig.layout.title.text
     assert "λ" in how_to_read(fig)
 
 
-def test_attention_heatmaps_token_labels_and_centred_differential_scale():
+def test_branch_legend_names_every_component_when_the_first_model_is_plain():
+    plain = pd.DataFrame({"model": "mamba2", "layer": range(4), "component": "block", "value": 1.0})
+    fig = branch_figure(pd.concat([plain, make_branch()], ignore_index=True))
+    in_legend = [t.name for t in fig.data if t.showlegend is not False]
+    assert sorted(in_legend) == sorted(["block", "mixer_1", "-λ·mixer_2"])  # each once, all named
+    assert all(len(t.x) for t in fig.data)  # no empty trace stands in for a component a model lacks
+
+
+def test_attention_heatmaps_token_labels_and_one_shared_centred_scale():
     entry = make_attention()
     fig = attention_figure(entry)
     assert [t.type for t in fig.data] == ["heatmap"] * 3
     assert [a.text for a in fig.layout.annotations] == ["branch 1", "branch 2", "differential"]
     assert fig.layout.title.text == entry["title"]
+    positions = ["0: &lt;context&gt;", "1: ↵", "2:  Mary", "3:  went", "4:  the", "5:  the"]
     for axis in (fig.layout.xaxis, fig.layout.xaxis2, fig.layout.xaxis3, fig.layout.yaxis):
-        assert list(axis.tickvals) == list(range(6))
+        assert axis.type == "category" and list(axis.tickvals) == positions
         # duplicate tokens keep their own column; '<' is escaped for plotly, newline made visible
         assert list(axis.ticktext) == ["&lt;context&gt;", "↵", " Mary", " went", " the", " the"]
+    assert list(fig.data[0].x) == list(fig.data[0].y) == positions  # the hover shows position and token
+    assert fig.data[0].customdata is None  # no text per cell: the page grows with n, not n²
     assert fig.layout.yaxis.autorange == "reversed"  # query position 0 at the top
-    diff = fig.data[2]
-    m = np.abs(entry["maps"]["differential"]).max()
-    assert diff.zmin == pytest.approx(-m) and diff.zmax == pytest.approx(m)
-    np.testing.assert_allclose(_values(diff.z), entry["maps"]["differential"])
-    # diverging: near-white at its centre (value 0, since zmin = -zmax), blue low end, red high
-    stops = {round(pos, 6): plotly.colors.unlabel_rgb(c) for pos, c in diff.colorscale}
-    assert min(stops[0.5]) > 200
-    low, high = stops[0.0], stops[1.0]
-    assert low[2] > low[0] and high[0] > high[2]
-    for branch_map in fig.data[:2]:  # non-negative branch maps: sequential, auto range
-        assert branch_map.zmin is None and branch_map.colorscale != diff.colorscale
-    assert len({t.colorbar.x for t in fig.data}) == 3  # one colour bar per panel, no overlap
-    assert "centred" in how_to_read(fig)
+    # one colour axis for every panel, symmetric around 0 over all maps, so the branches compare by eye
+    assert {t.coloraxis for t in fig.data} == {"coloraxis"}
+    m = max(np.abs(z).max() for z in entry["maps"].values())
+    assert fig.layout.coloraxis.cmin == pytest.approx(-m) and fig.layout.coloraxis.cmax == pytest.approx(m)
+    np.testing.assert_allclose(_values(fig.data[2].z), entry["maps"]["differential"])
+    stops = {round(pos, 6): plotly.colors.unlabel_rgb(c) for pos, c in fig.layout.coloraxis.colorscale}
+    assert min(stops[0.5]) > 200  # near-white at 0, blue low end, red high end
+    assert stops[0.0][2] > stops[0.0][0] and stops[1.0][0] > stops[1.0][2]
+    assert all(t.colorbar.x is None for t in fig.data)  # one colour bar (the colour axis's), none per panel
+    assert "centred" in how_to_read(fig) and "differential" in how_to_read(fig)
+
+
+def test_attention_ticks_of_side_by_side_panels_do_not_crowd():
+    tokens = [f" token{i}" for i in range(70)]
+    maps = {name: np.tril(np.ones((70, 70))) for name in ("branch 1", "branch 2", "differential")}
+    fig = attention_figure({"title": "t", "tokens": tokens, "maps": maps})
+    assert fig.layout.xaxis.tickangle == -90  # upright labels never reach into the next panel
+    assert len(fig.layout.xaxis.tickvals) <= 24 and all(len(t) <= 12 for t in fig.layout.xaxis.ticktext)
+    single = attention_figure({"title": "t", "tokens": tokens, "maps": {"layer": maps["branch 1"]}})
+    assert len(single.layout.xaxis.tickvals) == 70  # one wide panel has room for every label
+    assert list(single.data[0].x) == [f" token{i}" for i in range(70)]  # distinct labels are their own categories
+
+
+def test_a_plain_layer_has_no_differential_reading_and_a_sequential_scale_from_zero():
+    entry = {"title": "mamba: block 0", "tokens": TOKENS, "maps": {"layer": np.tril(np.ones((6, 6))) * 0.5}}
+    fig = attention_figure(entry)
+    assert "differential" not in how_to_read(fig).lower()
+    assert (fig.layout.coloraxis.cmin, fig.layout.coloraxis.cmax) == (0.0, 0.5)
+    shared = attention_figure(entry, zrange=(-2.0, 2.0))  # the report's scale, shared with other figures
+    assert (shared.layout.coloraxis.cmin, shared.layout.coloraxis.cmax) == (-2.0, 2.0)
 
 
 def test_attention_entry_validation():
@@ -366,3 +459,97 @@ def test_browser_probe_reports_script_errors(tmp_path):
     joined = " | ".join(result["errors"])
     assert "boom" in joined and "logged failure" in joined
     assert result["graph_divs"] == 1 and result["drawn"] == 0
+
+
+# ---------------------------------------------------------------------- report sections (issue 18)
+
+
+def make_accuracy() -> pd.DataFrame:
+    return pd.DataFrame({"model": [MODELS[0], MODELS[0], MODELS[1], MODELS[1]], "task": ["qa1", "qa2"] * 2,
+                         "n": [20, 20, 20, 20], "correct": [10, 20, 15, 0], "accuracy": [0.5, 1.0, 0.75, 0.0],
+                         "ci_low": [0.3, 0.84, 0.53, 0.0], "ci_high": [0.7, 1.0, 0.89, 0.16]})
+
+
+def make_lambdas() -> pd.DataFrame:
+    return pd.DataFrame({"model": [MODELS[1]] * 2, "block": [0, 2], "lambda": [1.12, 0.3], "lambda_init": [0.2, 0.47]})
+
+
+def test_accuracy_figure_points_with_interval_per_task_and_model():
+    from diffmamba_interp.report import accuracy_figure
+
+    acc = make_accuracy()
+    fig = accuracy_figure(acc)
+    assert [t.name for t in fig.data] == list(MODELS) and all(t.mode == "markers" for t in fig.data)
+    second = fig.data[1]
+    assert list(second.x) == ["qa1", "qa2"] and list(second.y) == [0.75, 0.0]
+    np.testing.assert_allclose(_values(second.error_y.array), [0.14, 0.16])
+    np.testing.assert_allclose(_values(second.error_y.arrayminus), [0.22, 0.0])
+    assert list(fig.layout.yaxis.range) == [0, 1.05] and "Wilson" in how_to_read(fig)
+    with pytest.raises(DiffMambaError, match="accuracy.*ci_high"):
+        accuracy_figure(acc.drop(columns="ci_high"))
+
+
+def test_lambda_figure_one_line_per_model_with_lambda_init():
+    from diffmamba_interp.report import lambda_figure
+
+    fig = lambda_figure(make_lambdas())
+    lam, init = fig.data
+    assert list(lam.x) == [0, 2] and list(lam.y) == [1.12, 0.3] and list(init.y) == [0.2, 0.47]
+    assert lam.name.endswith("λ") and init.name.endswith("λ_init") and lam.legendgroup == init.legendgroup
+    assert [row[0] for row in lam.customdata] == ["block 0 (writes layer 1; paper 0)", "block 2 (writes layer 3; paper 2)"]
+    assert "paper" in fig.layout.xaxis.title.text
+
+
+def _with_log_ratio(df: pd.DataFrame) -> pd.DataFrame:
+    ratio = df[df.measure == "distractor_ratio"] if "distractor_ratio" in set(df.measure) else df[df.measure == "prob"]
+    return pd.concat([df, ratio.assign(measure="distractor_log_ratio")], ignore_index=True)
+
+
+def test_report_draws_the_log_distractor_ratio_in_place_of_the_raw_one(tmp_path):
+    paired = make_paired()
+    paired = pd.concat([paired, paired[paired.measure == "prob"].assign(measure="distractor_ratio")], ignore_index=True)
+    out = write_report(tmp_path / "r.html", title="t", summary=_with_log_ratio(make_summary()),
+                       paired=_with_log_ratio(paired))
+    ids = set(re.findall(r'<div id="(fig-[\w-]+)" class="plotly-graph-div"', out.read_text()))
+    assert {"fig-curves-distractor-log-ratio", "fig-paired-distractor-log-ratio"} <= ids
+    assert not {i for i in ids if i.endswith("distractor-ratio")}  # no raw-ratio figure spanning ±thousands
+    assert "compared on its log" in out.read_text()
+
+
+def test_report_warns_below_the_minimum_number_of_stories(tmp_path):
+    from diffmamba_interp.schemas import MIN_CLUSTERS, few_clusters_warning
+
+    few = make_summary().assign(n_clusters=MIN_CLUSTERS - 1)
+    page = write_report(tmp_path / "few.html", title="t", summary=few).read_text()
+    box = re.findall(r'<div class="dm-warning" role="alert">(.*?)</div>', page, re.S)
+    assert len(box) == 1 and f"only {MIN_CLUSTERS - 1} stories" in box[0]
+    enough = make_summary().assign(n_clusters=MIN_CLUSTERS)
+    page = write_report(tmp_path / "ok.html", title="t", summary=enough, warnings=["made-up caveat"]).read_text()
+    assert page.count('class="dm-warning"') == 1 and "made-up caveat" in page
+    assert few_clusters_warning(enough) is None and few_clusters_warning(make_summary()) is None  # no column: silent
+    assert "questions" in few_clusters_warning(few, "questions")
+
+
+def test_report_has_accuracy_and_lambda_sections(tmp_path):
+    page = write_report(tmp_path / "r.html", title="t", summary=make_summary(), accuracy=make_accuracy(),
+                        lambdas=make_lambdas()).read_text()
+    ids = re.findall(r'<div id="(fig-[\w-]+)" class="plotly-graph-div"', page)
+    assert ids[0] == "fig-accuracy" and "fig-lambda" in ids
+    assert "Task accuracy" in page and "λ per differential block" in page
+    empty = make_lambdas().iloc[:0]  # only plain models: no λ section
+    assert "fig-lambda" not in write_report(tmp_path / "p.html", title="t", summary=make_summary(), lambdas=empty).read_text()
+
+
+def test_report_attention_figures_share_one_scale_and_take_answer_rows(tmp_path):
+    plain = {"title": "plain", "tokens": TOKENS, "maps": {"layer": np.tril(np.full((6, 6), 0.25))}}
+    row = {"view": "row", "title": "row", "rows": {"branch 1": [0.1, 0.2]}, "positions": [4, 5], "tokens": ["a", "b"],
+           "target": 5, "marks": []}
+    from diffmamba_interp.report.long_context import attention_figures
+
+    figs = attention_figures([make_attention(), plain, row])
+    m = max(np.abs(z).max() for z in make_attention()["maps"].values())
+    for fig in figs[:2]:  # the plain map is drawn on the differential figure's symmetric scale
+        assert (fig.layout.coloraxis.cmin, fig.layout.coloraxis.cmax) == pytest.approx((-m, m))
+    assert figs[2].data[0].type == "scatter"  # the answer row: line panels
+    page = write_report(tmp_path / "a.html", title="t", attention=[make_attention(), plain, row]).read_text()
+    assert page.count('class="plotly-graph-div"') == 3 and "shares one colour scale" in page

@@ -1,8 +1,8 @@
 """Report layer: plotly figures and one self-contained offline HTML page, from DataFrames.
 
-The analysis code produces tidy DataFrames (schemas in :mod:`.figures`); this package only draws
-and writes them. Each figure keeps a one-sentence reading guide in ``fig.layout.meta``
-(:func:`how_to_read`), shown under the figure in the HTML report.
+The analysis code produces tidy DataFrames (schemas in :mod:`.figures`, :mod:`.model_figures` and
+`diffmamba_interp.schemas`); this package only draws and writes them. Each figure keeps a one-sentence
+reading guide in ``fig.layout.meta`` (:func:`how_to_read`), shown under the figure in the HTML report.
 """
 
 from .figures import (
@@ -19,6 +19,7 @@ from .figures import (
     paired_figure,
 )
 from .html import FIGURE_DIV_CLASS, write_report
+from .model_figures import accuracy_figure, lambda_figure
 
 __all__ = [
     "SUMMARY_COLUMNS",
@@ -33,5 +34,7 @@ __all__ = [
     "paired_figure",
     "branch_figure",
     "attention_figure",
+    "accuracy_figure",
+    "lambda_figure",
     "write_report",
 ]

@@ -3,7 +3,8 @@
 Every builder returns a ``plotly.graph_objects.Figure`` with a title and axis labels, and keeps a
 one-sentence "how to read this" note in ``fig.layout.meta["how_to_read"]`` (read it back with
 :func:`how_to_read`). Layer numbering follows docs/conventions.md, "Lens and SNR": layer 0 = embeddings, layer k = residual
-stream after block k; the branch figure uses block indices i (block i writes into layer i + 1).
+stream after block k; the branch figure uses block indices i (block i writes into layer i + 1). Every
+per-layer axis title and hover also gives the paper's index (layer k = the paper's layer k − 1).
 
 Input schemas (validated; a missing column raises :class:`DiffMambaError` naming it):
 
@@ -41,7 +42,13 @@ __all__ = [
     "paired_figure",
     "branch_figure",
     "attention_figure",
+    "attention_range",
     "patching_figure",
+    "layer_label",
+    "block_label",
+    "log_ticks",
+    "paired_direction",
+    "LOWER_IS_BETTER",
 ]
 
 
@@ -50,18 +57,21 @@ MEASURE_LABELS = {
     "logprob": "needle log-probability",
     "rank": "rank of the needle token",
     "snr_db": "signal-to-noise ratio (dB)",
-    "distractor_ratio": "needle / best-distractor probability ratio",
+    "distractor_ratio": "needle / other-candidates probability ratio",
+    "distractor_log_ratio": "needle / other-candidates log-ratio (ln)",
 }
 _MEASURE_HOW = {
     "prob": "higher = the lens puts more mass on the needle token",
     "logprob": "higher (closer to 0) = more mass on the needle token",
     "rank": "lower = the needle token is nearer the top of the lens distribution (1 = top)",
     "snr_db": "higher = the needle stands out more from the rest of the distribution",
-    "distractor_ratio": "above 1 = the needle beats the strongest distractor",
+    "distractor_ratio": "above 1 = the needle beats the story's other candidate answers together",
+    "distractor_log_ratio": "above 0 = the needle beats the story's other candidate answers together",
 }
+LOWER_IS_BETTER = frozenset({"rank"})  # measures where a smaller value means the needle is read better
 
-LAYER_AXIS = "layer (0 = embeddings, k = residual after block k)"
-BLOCK_AXIS = "block index i (0-based; block i writes into layer i + 1)"
+LAYER_AXIS = "layer (0 = embeddings, k = residual after block k = the paper's layer k − 1)"
+BLOCK_AXIS = "block index i (0-based; block i writes into layer i + 1 = the paper's layer i)"
 
 # Colour-blind-friendly palette (Okabe-Ito) for models; fixed colours for branch components.
 _MODEL_COLOURS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000",
@@ -108,6 +118,23 @@ def _err(upper: np.ndarray, lower: np.ndarray) -> list:
     return [None if not np.isfinite(v) else float(v) for v in d]
 
 
+def layer_label(layer) -> str:
+    """A lens layer as hover text: "layer k (paper k − 1)"; layer 0 (embeddings) has no paper index."""
+    k = int(layer)
+    return "layer 0 (embeddings; not in the paper)" if k == 0 else f"layer {k} (paper {k - 1})"
+
+
+def block_label(block) -> str:
+    """A block index as hover text: block i writes into layer i + 1, the paper's layer i."""
+    i = int(block)
+    return f"block {i} (writes layer {i + 1}; paper {i})"
+
+
+def _custom(labels, *columns) -> np.ndarray:
+    """customdata [n, 1 + k]: a text label then numeric columns (hover reads %{customdata[j]})."""
+    return np.stack([np.asarray(labels, dtype=object), *(np.asarray(c, dtype=object) for c in columns)], axis=-1)
+
+
 def _select_measure(df: pd.DataFrame, measure: str, name: str) -> pd.DataFrame:
     sub = df[df["measure"] == measure]
     if sub.empty:
@@ -138,17 +165,57 @@ def _finish(fig: go.Figure, *, title: str, how: str, xlabel: str | None, ylabel:
 
 
 def _measure_label(measure: str) -> str:
-    return MEASURE_LABELS.get(measure, measure)
+    return MEASURE_LABELS.get(measure, measure.replace("_", " "))
+
+
+def _layer_dtick(layers) -> int:
+    n = int(pd.Series(layers).nunique())
+    return max(1, math.ceil(n / 25))
+
+
+def _rgba(hex_colour: str, alpha: float) -> str:
+    h = hex_colour.lstrip("#")
+    r, g, b = (int(h[i:i + 2], 16) for i in (0, 2, 4))
+    return f"rgba({r},{g},{b},{alpha})"
+
+
+def _stat_hover(model: str, value: str = "mean") -> str:
+    """Hover of a per-layer statistic whose customdata is [layer label, median, ci_low, ci_high]."""
+    return (f"<b>{_text(model)}</b><br>%{{customdata[0]}}<br>{value} %{{y:.4g}}"
+            "<br>median %{customdata[1]:.4g}<br>CI [%{customdata[2]:.4g}, %{customdata[3]:.4g}]<extra></extra>")
+
+
+def log_ticks(values) -> tuple[list[float], list[str]]:
+    """Tick values and labels for a log axis spanning the finite positive `values`: 1, 2, 5 × 10^e
+    (only the powers of ten past three decades), as plain decimals down to 0.001 and as 10^e below."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v) & (v > 0)]
+    if not v.size:
+        return [], []
+    lo, hi = math.floor(math.log10(v.min())), math.ceil(math.log10(v.max()))
+    steps = (1,) if hi - lo > 3 else (1, 2, 5)
+    ticks = [m * 10.0 ** e for e in range(lo, hi + 1) for m in steps]
+    ticks = [t for t in ticks if v.min() / 2 <= t <= v.max() * 2]
+    return ticks, [_tick_text(t) for t in ticks]
+
+
+def _tick_text(t: float) -> str:
+    if t >= 1e-3:
+        return f"{t:g}"
+    mant, exp = f"{t:.0e}".split("e")
+    head = "" if mant == "1" else f"{mant}×"
+    return f"{head}10<sup>{int(exp)}</sup>"
 
 
 # --------------------------------------------------------------------------------------- figures
 
 
 def needle_prob_figure(summary: pd.DataFrame, log_scale: bool = False) -> go.Figure:
-    """Grouped bars per layer, one colour per model: mean needle probability with CI whiskers.
+    """Mean needle probability per layer, one colour per model, with CI whiskers.
 
-    The paper's Figure 6 layout (docs/conventions.md, "Lens and SNR"). ``log_scale=True`` puts the y axis on a log scale,
-    which makes the early layers (probabilities near 0) readable.
+    The paper's Figure 6 layout (docs/conventions.md, "Lens and SNR"): grouped bars on a linear axis;
+    with ``log_scale=True`` points with whiskers on a log axis (bars from an arbitrary floor would
+    exaggerate the gaps), which makes the early layers (probabilities near 0) readable.
     """
     check_columns(summary, REPORT_SUMMARY_COLUMNS, "summary")
     sub = _select_measure(summary, "prob", "summary")
@@ -158,33 +225,32 @@ def needle_prob_figure(summary: pd.DataFrame, log_scale: bool = False) -> go.Fig
     for m in models:
         d = sub[sub["model"] == m]
         mean, lo, hi = _floats(d["mean"]), _floats(d["ci_low"]), _floats(d["ci_high"])
-        fig.add_trace(go.Bar(
-            name=_text(m), x=d["layer"].tolist(), y=mean.tolist(),
-            marker_color=colours[m],
-            error_y=dict(type="data", symmetric=False, array=_err(hi, mean),
-                         arrayminus=_err(mean, lo), thickness=1.2, width=2),
-            customdata=np.stack([_floats(d["median"]), lo, hi], axis=-1),
-            hovertemplate=(f"<b>{_text(m)}</b><br>layer %{{x}}<br>mean %{{y:.4g}}"
-                           "<br>median %{customdata[0]:.4g}"
-                           "<br>CI [%{customdata[1]:.4g}, %{customdata[2]:.4g}]<extra></extra>"),
-        ))
-    fig.update_layout(barmode="group", bargap=0.15, bargroupgap=0.05)
+        common = dict(name=_text(m), x=d["layer"].tolist(), y=mean.tolist(),
+                      error_y=dict(type="data", symmetric=False, array=_err(hi, mean), arrayminus=_err(mean, lo),
+                                   thickness=1.2, width=3 if log_scale else 2, color=colours[m] if log_scale else None),
+                      customdata=_custom(d["layer"].map(layer_label), _floats(d["median"]), lo, hi),
+                      hovertemplate=_stat_hover(m))
+        if log_scale:
+            fig.add_trace(go.Scatter(mode="markers", marker=dict(size=9, color=colours[m]), offsetgroup=str(m), **common))
+        else:
+            fig.add_trace(go.Bar(marker_color=colours[m], **common))
+    if log_scale:
+        fig.update_layout(scattermode="group", scattergap=0.5)
+    else:
+        fig.update_layout(barmode="group", bargap=0.15, bargroupgap=0.05)
     scale = "log scale" if log_scale else "linear scale"
-    how = ("Each bar is the lens probability of the needle (answer) token at the last prompt "
-           "position, averaged over examples; whiskers are the confidence interval. Higher bars "
-           "at a layer mean that model has already surfaced the answer there"
+    mark = "point" if log_scale else "bar"
+    how = (f"Each {mark} is the lens probability of the needle (answer) token at the last prompt position, "
+           f"averaged over examples; whiskers are the confidence interval. A higher {mark} at a layer means "
+           "that model has already surfaced the answer there"
            + (" — the log axis spreads out the near-zero early layers." if log_scale else "."))
     _finish(fig, title=f"Needle probability per layer ({scale})", how=how,
             xlabel=LAYER_AXIS, ylabel="mean needle probability")
     if log_scale:
-        fig.update_yaxes(type="log")
+        tickvals, ticktext = log_ticks(np.r_[_floats(sub["mean"]), _floats(sub["ci_low"]), _floats(sub["ci_high"])])
+        fig.update_yaxes(type="log", tickmode="array", tickvals=tickvals, ticktext=ticktext)
     fig.update_xaxes(dtick=_layer_dtick(sub["layer"]))
     return fig
-
-
-def _layer_dtick(layers) -> int:
-    n = int(pd.Series(layers).nunique())
-    return max(1, math.ceil(n / 25))
 
 
 def measure_curves_figure(summary: pd.DataFrame, measure: str) -> go.Figure:
@@ -213,10 +279,8 @@ def measure_curves_figure(summary: pd.DataFrame, measure: str) -> go.Figure:
         fig.add_trace(go.Scatter(
             x=x.tolist(), y=mean.tolist(), mode="lines+markers", name=_text(m),
             legendgroup=str(m), line=dict(color=colours[m], width=2), marker=dict(size=5),
-            customdata=np.stack([_floats(d["median"]), lo, hi], axis=-1),
-            hovertemplate=(f"<b>{_text(m)}</b><br>layer %{{x}}<br>mean %{{y:.4g}}"
-                           "<br>median %{customdata[0]:.4g}"
-                           "<br>CI [%{customdata[1]:.4g}, %{customdata[2]:.4g}]<extra></extra>"),
+            customdata=_custom(d["layer"].map(layer_label), _floats(d["median"]), lo, hi),
+            hovertemplate=_stat_hover(m),
         ))
     direction = _MEASURE_HOW.get(measure, "compare the models layer by layer")
     how = (f"Lines are the per-layer mean {label} for each model and shaded bands the confidence "
@@ -229,21 +293,38 @@ def measure_curves_figure(summary: pd.DataFrame, measure: str) -> go.Figure:
         if np.isfinite(lows).any() and np.nanmin(lows) > 0:  # a ratio: log axis when possible
             fig.update_yaxes(type="log")
             fig.layout.meta = {"how_to_read": how + " The y axis is logarithmic (dotted line = 1)."}
+    if measure == "distractor_log_ratio":
+        fig.add_hline(y=0.0, line=dict(color="#888", dash="dot", width=1))
     fig.update_xaxes(dtick=_layer_dtick(sub["layer"]))
     return fig
 
 
-def _rgba(hex_colour: str, alpha: float) -> str:
-    h = hex_colour.lstrip("#")
-    r, g, b = (int(h[i:i + 2], 16) for i in (0, 2, 4))
-    return f"rgba({r},{g},{b},{alpha})"
+def _significant(d: pd.DataFrame, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """The rows' `significant` column when there is one (it also asks for enough stories), else: the
+    interval excludes 0 and has positive width. A zero-width interval is never significant."""
+    width = hi > lo
+    if "significant" in d.columns:
+        flag = d["significant"].astype("boolean").fillna(False).to_numpy(dtype=bool)
+        return flag & width
+    return ((lo > 0) | (hi < 0)) & width
+
+
+def paired_direction(measure: str, a: str, b: str) -> str:
+    """What a point above the zero line means for `measure` (b − a), in words."""
+    if measure in LOWER_IS_BETTER:
+        return (f"above the zero line {b} gives the needle a larger {_measure_label(measure)} than {a}, "
+                "i.e. reads it worse (lower is better)")
+    if measure in _MEASURE_HOW:
+        return f"above the zero line {b} is higher than {a}, i.e. reads the needle better"
+    return f"above the zero line {b} is higher than {a}"
 
 
 def paired_figure(paired: pd.DataFrame, measure: str = "prob") -> go.Figure:
     """Per-layer paired difference (model_b − model_a) with CI whiskers and a zero line.
 
-    One trace per (model_a, model_b) pair. Filled markers: the CI excludes 0; open markers: it
-    does not.
+    Per (model_a, model_b) pair: a line with the whiskers (named "b − a", in the legend) and its
+    markers (filled: significant, i.e. the `significant` column, or an interval of positive width
+    that excludes 0 when there is none; open: not), in the same legend group.
     """
     check_columns(paired, REPORT_PAIRED_COLUMNS, "paired")
     sub = _select_measure(paired, measure, "paired")
@@ -252,40 +333,53 @@ def paired_figure(paired: pd.DataFrame, measure: str = "prob") -> go.Figure:
     fig = go.Figure()
     for k, (a, b) in enumerate(pairs):
         d = sub[(sub["model_a"] == a) & (sub["model_b"] == b)]
-        diff, lo, hi = _floats(d["diff_mean"]), _floats(d["ci_low"]), _floats(d["ci_high"])
-        significant = (lo > 0) | (hi < 0)
-        colour = _MODEL_COLOURS[(k + 2) % len(_MODEL_COLOURS)]
-        fig.add_trace(go.Scatter(
-            x=d["layer"].tolist(), y=diff.tolist(), mode="lines+markers",
-            name=f"{_text(b)} − {_text(a)}",
-            line=dict(color=colour, width=1.5),
-            marker=dict(size=8, color=colour,
-                        symbol=["circle" if s else "circle-open" for s in significant]),
-            error_y=dict(type="data", symmetric=False, array=_err(hi, diff),
-                         arrayminus=_err(diff, lo), thickness=1.2, width=3, color=colour),
-            customdata=np.stack([lo, hi], axis=-1),
-            hovertemplate=(f"<b>{_text(b)} − {_text(a)}</b><br>layer %{{x}}"
-                           "<br>difference %{y:.4g}"
-                           "<br>CI [%{customdata[0]:.4g}, %{customdata[1]:.4g}]<extra></extra>"),
-        ))
+        _paired_traces(fig, d, f"{_text(b)} − {_text(a)}", _MODEL_COLOURS[(k + 2) % len(_MODEL_COLOURS)])
     fig.add_hline(y=0.0, line=dict(color="#333", width=1))
     fig.update_layout(showlegend=True)
     names = "; ".join(f"{b} − {a}" for a, b in pairs)
-    how = (f"Each point is the mean per-example difference in {label} ({names}) at that layer, "
-           "with its confidence interval; above the zero line the second model is higher, and "
-           "filled markers mark layers whose interval excludes zero.")
+    a, b = pairs[0]
+    how = (f"Each point is the mean per-example difference in {label} ({names}) at that layer, with its "
+           f"confidence interval; {paired_direction(measure, a, b)}. Filled markers: significant (the interval "
+           "excludes zero, has positive width and rests on enough stories); open markers: not.")
+    if measure == "distractor_ratio":
+        how += (" Differences of raw ratios are dominated by a few huge values: read the log-ratio's "
+                "difference (distractor_log_ratio) instead.")
     _finish(fig, title=f"Paired difference in {label} per layer", how=how,
             xlabel=LAYER_AXIS, ylabel=f"Δ {label} (b − a)")
     fig.update_xaxes(dtick=_layer_dtick(sub["layer"]))
     return fig
 
 
+def _paired_traces(fig: go.Figure, d: pd.DataFrame, name: str, colour: str) -> None:
+    """The line with whiskers (in the legend) and the significance markers (not) of one pair."""
+    diff, lo, hi = _floats(d["diff_mean"]), _floats(d["ci_low"]), _floats(d["ci_high"])
+    significant = _significant(d, lo, hi)
+    x = d["layer"].tolist()
+    fig.add_trace(go.Scatter(
+        x=x, y=diff.tolist(), mode="lines", name=name, legendgroup=name, line=dict(color=colour, width=1.5),
+        error_y=dict(type="data", symmetric=False, array=_err(hi, diff), arrayminus=_err(diff, lo),
+                     thickness=1.2, width=3, color=colour),
+        hoverinfo="skip"))
+    fig.add_trace(go.Scatter(
+        x=x, y=diff.tolist(), mode="markers", name=f"{name} (significance)", legendgroup=name, showlegend=False,
+        marker=dict(size=9, color=colour, line=dict(color=colour, width=1.5),
+                    symbol=["circle" if s else "circle-open" for s in significant]),
+        customdata=_custom(d["layer"].map(layer_label), lo, hi, np.where(significant, "significant", "not significant")),
+        hovertemplate=(f"<b>{name}</b><br>%{{customdata[0]}}<br>difference %{{y:.4g}}"
+                       "<br>CI [%{customdata[1]:.4g}, %{customdata[2]:.4g}] (%{customdata[3]})<extra></extra>")))
+
+
+def _branch_components(df: pd.DataFrame) -> list:
+    present = _unique(df["component"])
+    return [c for c in BRANCH_COMPONENTS if c in present] + [c for c in present if c not in BRANCH_COMPONENTS]
+
+
 def branch_figure(branch: pd.DataFrame) -> go.Figure:
     """Per differential layer, grouped bars of the direct logit contribution of each component.
 
-    One subplot row per model (shared x axis); within a row one bar trace per component
-    ("mixer_1", "-λ·mixer_2", "block", then any others), so there are n_models × n_components
-    traces and the legend lists each component once.
+    One subplot row per model (shared x axis); within a row one bar trace per component the model
+    has ("mixer_1", "-λ·mixer_2", "block", then any others). A component's first trace carries its
+    legend entry (whichever row it first appears in), so the legend names every component once.
     """
     check_columns(branch, BRANCH_COLUMNS, "branch")
     if branch.empty:
@@ -294,48 +388,50 @@ def branch_figure(branch: pd.DataFrame) -> go.Figure:
     df["layer"] = pd.to_numeric(df["layer"], errors="raise").astype(int)
     df = df.sort_values("layer", kind="stable")
     models = _unique(df["model"])
-    present = _unique(df["component"])
-    components = [c for c in BRANCH_COMPONENTS if c in present] + \
-                 [c for c in present if c not in BRANCH_COMPONENTS]
+    components = _branch_components(df)
     extra = iter(_EXTRA_COMPONENT_COLOURS * 4)
     colours = {c: _COMPONENT_COLOURS.get(c) or next(extra, "#999999") for c in components}
     rows = len(models)
     fig = make_subplots(rows=rows, cols=1, shared_xaxes=True, vertical_spacing=0.08 if rows > 1 else 0,
                         subplot_titles=[_text(m) for m in models])
+    named: set = set()
     for r, m in enumerate(models, start=1):
         dm = df[df["model"] == m]
         for c in components:
             d = dm[dm["component"] == c]
+            if d.empty:
+                continue
             fig.add_trace(go.Bar(
                 name=_text(c), x=d["layer"].tolist(), y=_floats(d["value"]).tolist(),
-                marker_color=colours[c], legendgroup=str(c), showlegend=(r == 1),
-                hovertemplate=(f"<b>{_text(m)}</b> · {_text(c)}<br>block %{{x}}"
+                marker_color=colours[c], legendgroup=str(c), showlegend=c not in named,
+                customdata=_custom(d["layer"].map(block_label)),
+                hovertemplate=(f"<b>{_text(m)}</b> · {_text(c)}<br>%{{customdata[0]}}"
                                "<br>direct logit %{y:.4g}<extra></extra>"),
             ), row=r, col=1)
+            named.add(c)
         fig.update_yaxes(title_text="direct logit to target", row=r, col=1)
     fig.update_layout(barmode="group", bargap=0.2)
     fig.update_xaxes(title_text=BLOCK_AXIS, row=rows, col=1)
     how = ("For each differential block, the bars split its direct contribution to the target "
            "token's logit into the first branch (mixer_1), the subtracted second branch "
-           "(−λ·mixer_2) and the whole block output; a large negative −λ·mixer_2 bar means the "
-           "second branch cancels signal the first one wrote.")
-    _finish(fig, title="Branch decomposition: direct logit contribution per differential block",
+           "(−λ·mixer_2) and the whole block output (a plain block has only the last); a large negative "
+           "−λ·mixer_2 bar means the second branch cancels signal the first one wrote.")
+    _finish(fig, title="Branch decomposition: direct logit contribution per block",
             how=how, xlabel=None, ylabel=None, height=max(380, 300 * rows + 100))
     return fig
 
 
-def _token_label(tok) -> str:
+def _token_label(tok, limit: int | None = None) -> str:
+    """A token as an axis label: whitespace made visible, cut to `limit` characters (then "…"), escaped."""
     s = str(tok).replace("\r", "\\r").replace("\n", "↵").replace("\t", "⇥")
-    return _text(s) if s.strip() else (_text(s.replace(" ", "␣")) or "∅")
+    s = s if s.strip() else (s.replace(" ", "␣") or "∅")
+    if limit is not None and len(s) > limit:
+        s = s[:limit - 1] + "…"
+    return _text(s)
 
 
-def attention_figure(entry: Mapping) -> go.Figure:
-    """Heatmaps side by side, one per map in ``entry["maps"]``, token labels on both axes.
-
-    Rows are the query (target) position t, columns the source position s. Maps whose name
-    contains "diff" (the differential map), or that hold negative values, use a diverging colour
-    scale centred at 0 (symmetric zmin/zmax); the others use a sequential scale.
-    """
+def _attention_arrays(entry) -> tuple[dict, list]:
+    """The entry's maps as float arrays [n, n] (checked against its n tokens) and its tokens."""
     if not isinstance(entry, Mapping):
         raise DiffMambaError(f"attention entry must be a dict, got {type(entry).__name__}")
     missing = [k for k in ("title", "maps", "tokens") if k not in entry]
@@ -353,54 +449,82 @@ def attention_figure(entry: Mapping) -> go.Figure:
                 f"attention map {name!r} has shape {arr.shape}, expected ({n}, {n}) "
                 f"to match {n} tokens")
         arrays[str(name)] = arr
+    return arrays, tokens
+
+
+def attention_range(maps: Iterable) -> tuple[float, float]:
+    """One colour range (zmin, zmax) for maps to be compared: ±max|value| (symmetric around 0) when
+    any value is negative, else 0..max."""
+    finite = [z[np.isfinite(z)] for z in (np.asarray(m, dtype=float) for m in maps)]
+    finite = np.concatenate(finite) if finite else np.zeros(0)
+    if not finite.size:
+        return -1.0, 1.0
+    if finite.min() < 0:
+        m = float(np.abs(finite).max())
+        return -m, m
+    top = float(finite.max())
+    return 0.0, top if top > 0 else 1.0
+
+
+def attention_figure(entry: Mapping, zrange: tuple[float, float] | None = None) -> go.Figure:
+    """Heatmaps side by side, one per map in ``entry["maps"]``, token labels on both axes.
+
+    Rows are the query (target) position t, columns the source position s. Every panel shares one
+    colour axis (one colour bar): `zrange` (zmin, zmax), by default `attention_range` of the entry's
+    maps — diverging and symmetric around 0 when a map holds negative values, sequential otherwise.
+    Give several figures one `zrange` to compare them by eye. x tick labels stand upright and are
+    thinned per panel so that neighbouring panels' labels never overlap.
+    """
+    arrays, tokens = _attention_arrays(entry)
     names = list(arrays)
-    ncols = len(names)
-    labels = [_token_label(t) for t in tokens]
-    step = max(1, math.ceil(n / 40))
-    tickvals = list(range(0, n, step))
-    ticktext = [labels[i] for i in tickvals]
-    hover_tokens = n <= 256
-    cb_space = 0.07
-    fig = make_subplots(rows=1, cols=ncols, shared_yaxes=True, horizontal_spacing=cb_space + 0.02,
+    zmin, zmax = zrange if zrange is not None else attention_range(arrays.values())
+    diverging = zmin < 0
+    n, ncols = len(tokens), len(names)
+    cats = _position_categories(tokens)
+    xticks = list(range(0, n, max(1, math.ceil(n / max(8, 72 // ncols)))))
+    longest = max((min(len(str(tokens[i])), 12) for i in xticks), default=1)
+    height, bottom = int(min(900, max(420, 260 + 8 * min(n, 60) + 7 * longest))), 60 + 7 * longest
+    rows_fit = max(8, (height - 90 - bottom) // 13)  # a y label needs ~13 px
+    yticks = list(range(0, n, max(1, math.ceil(n / rows_fit))))
+    fig = make_subplots(rows=1, cols=ncols, shared_yaxes=True, horizontal_spacing=0.03,
                         subplot_titles=[_text(nm) for nm in names])
     for j, nm in enumerate(names, start=1):
-        z = arrays[nm]
-        finite = z[np.isfinite(z)]
-        diverging = "diff" in nm.lower() or (finite.size > 0 and finite.min() < 0)
-        xdomain = fig.layout[f"xaxis{'' if j == 1 else j}"].domain
-        kw = dict(colorbar=dict(x=xdomain[1] + 0.005, xanchor="left", thickness=10, len=0.85,
-                                y=0.46, yanchor="middle", tickfont=dict(size=10)))
-        if diverging:
-            m = float(np.abs(finite).max()) if finite.size else 1.0
-            m = m if m > 0 else 1.0
-            kw.update(colorscale=_DIVERGING, zmin=-m, zmax=m)
-        else:
-            kw.update(colorscale=_SEQUENTIAL)
-        if hover_tokens:
-            tok = np.array(labels, dtype=object)
-            custom = np.stack(np.broadcast_arrays(tok[:, None], tok[None, :]), axis=-1)
-            kw.update(customdata=custom,
-                      hovertemplate=("query %{y} %{customdata[0]}<br>source %{x} "
-                                     "%{customdata[1]}<br>value %{z:.4g}<extra>"
-                                     + _text(nm) + "</extra>"))
-        else:
-            kw.update(hovertemplate="query %{y}<br>source %{x}<br>value %{z:.4g}<extra></extra>")
-        fig.add_trace(go.Heatmap(z=z.tolist(), x=list(range(n)), y=list(range(n)), name=_text(nm),
-                                 xgap=0, ygap=0, **kw), row=1, col=j)
-        fig.update_xaxes(tickmode="array", tickvals=tickvals, ticktext=ticktext, tickangle=-60,
+        fig.add_trace(go.Heatmap(z=arrays[nm].tolist(), x=cats, y=cats, name=_text(nm), coloraxis="coloraxis",
+                                 xgap=0, ygap=0, hovertemplate=("query %{y}<br>source %{x}<br>value %{z:.4g}<extra>"
+                                                                + _text(nm) + "</extra>")), row=1, col=j)
+        fig.update_xaxes(type="category", tickmode="array", tickvals=[cats[i] for i in xticks],
+                         ticktext=[_token_label(tokens[i], 12) for i in xticks], tickangle=-90, tickfont=dict(size=10),
                          title_text="source position s", showgrid=False, row=1, col=j)
-    fig.update_yaxes(tickmode="array", tickvals=tickvals, ticktext=ticktext,
-                     autorange="reversed", showgrid=False)
+    fig.update_yaxes(type="category", tickmode="array", tickvals=[cats[i] for i in yticks], tickfont=dict(size=10),
+                     ticktext=[_token_label(tokens[i], 16) for i in yticks], autorange="reversed", showgrid=False)
     fig.update_yaxes(title_text="query position t", row=1, col=1)
-    how = ("Row t, column s is how much position s feeds position t (implicit attention, causal: "
-           "only s ≤ t); the differential map is branch 1 − λ·branch 2 on a colour scale centred "
-           "at 0 — red adds to the output, blue is cancelled — so noise shared by both branches "
-           "should fade there.")
-    longest = max((len(t) for t in ticktext), default=1)
-    _finish(fig, title=_text(entry["title"]), how=how, xlabel=None, ylabel=None,
-            height=int(min(900, max(420, 300 + 8 * min(n, 60) + 6 * longest))))
-    fig.update_layout(margin=dict(l=70 + 5 * min(longest, 20), r=60, t=90, b=60 + 6 * min(longest, 20)))
+    fig.update_layout(coloraxis=dict(colorscale=_DIVERGING if diverging else _SEQUENTIAL, cmin=zmin, cmax=zmax,
+                                     colorbar=dict(thickness=12, len=0.85, tickfont=dict(size=10))))
+    _finish(fig, title=_text(entry["title"]), how=_attention_how(names, diverging), xlabel=None, ylabel=None,
+            height=height)
+    fig.update_layout(margin=dict(l=70 + 6 * min(longest, 16), r=40, t=90, b=bottom))
     return fig
+
+
+def _position_categories(tokens: Sequence) -> list[str]:
+    """One distinct axis category per position, which the hover shows: the labels themselves when they
+    are distinct (e.g. the position ranges of averaged maps), else "position: token". Categories keep
+    token text out of every cell (a text per cell would grow the page with the square of the length)."""
+    labels = [_token_label(t) for t in tokens]
+    if len(set(labels)) == len(labels):
+        return labels
+    return [f"{i}: {label}" for i, label in enumerate(labels)]
+
+
+def _attention_how(names: Sequence[str], diverging: bool) -> str:
+    """The reading guide of an attention figure: the differential sentence only when it has that map."""
+    how = ("Row t, column s is how much position s feeds position t (implicit attention, causal: only s ≤ t). "
+           + ("All panels share one colour scale centred at 0: red adds to the output, blue takes away."
+              if diverging else "All panels share one colour scale from 0 (dark purple) to the largest value (yellow)."))
+    if any("diff" in n.lower() for n in names):
+        how += (" The differential map is branch 1 − λ·branch 2, so noise shared by both branches "
+                "should fade there.")
+    return how
 
 
 def patching_effects(result) -> np.ndarray:
@@ -408,6 +532,14 @@ def patching_effects(result) -> np.ndarray:
     use_norm = bool(np.isfinite(result.frame["normalized"]).any())
     z = result.grid("normalized" if use_norm else "value").to_numpy(dtype=float)
     return z if use_norm else z - result.corrupt_metric
+
+
+def _paper_block(row_label) -> str:
+    """" (the paper's layer i)" for a patching row "block i · …" (block i is the paper's layer i), else ""."""
+    import re
+
+    found = re.match(r"block (\d+)\b", str(row_label))
+    return f" (the paper's layer {found.group(1)})" if found else ""
 
 
 def patching_figure(result, zmax: float | None = None) -> go.Figure:
@@ -430,11 +562,13 @@ def patching_figure(result, zmax: float | None = None) -> go.Figure:
     m = m if m > 0 else 1.0
     step = max(1, math.ceil(len(positions) / 60))
     raw = result.grid("value").to_numpy(dtype=float)
+    rows = np.array([_paper_block(r) for r in grid.index], dtype=object)[:, None]
+    custom = np.stack([raw, *np.broadcast_arrays(np.array(labels, dtype=object)[None, :], rows)], -1)
     fig = go.Figure(go.Heatmap(
         z=z.tolist(), x=list(range(len(positions))), y=list(grid.index), colorscale=_DIVERGING, zmin=-m, zmax=m,
-        name=f"{result.method} patching", customdata=np.stack([raw, np.broadcast_to(np.array(labels, dtype=object), raw.shape)], -1),
+        name=f"{result.method} patching", customdata=custom,
         colorbar=dict(title=dict(text="normalized effect" if use_norm else "metric − corrupted", side="right")),
-        hovertemplate="%{y}<br>position %{customdata[1]}<br>" + ("effect %{z:.3f}" if use_norm else "Δ %{z:.4g}")
+        hovertemplate="%{y}%{customdata[2]}<br>position %{customdata[1]}<br>" + ("effect %{z:.3f}" if use_norm else "Δ %{z:.4g}")
                       + "<br>" + _text(result.metric) + " %{customdata[0]:.4g}<extra></extra>"))
     fig.update_xaxes(tickmode="array", tickvals=list(range(0, len(positions), step)),
                      ticktext=labels[::step], tickangle=-60, showgrid=False)

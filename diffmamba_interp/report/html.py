@@ -14,10 +14,10 @@ import plotly.graph_objects as go
 
 from ..errors import DiffMambaError
 from ..files import write_atomic
-from ..schemas import REPORT_PAIRED_COLUMNS, REPORT_SUMMARY_COLUMNS
+from ..schemas import (ACCURACY_COLUMNS, LAMBDA_COLUMNS, REPORT_PAIRED_COLUMNS, REPORT_SUMMARY_COLUMNS,
+                       few_clusters_warning)
 from .figures import (
     BRANCH_COLUMNS,
-    attention_figure,
     patching_effects,
     patching_figure,
     branch_figure,
@@ -27,13 +27,15 @@ from .figures import (
     needle_prob_figure,
     paired_figure,
 )
+from .attention import attention_figures
+from .model_figures import accuracy_figure, lambda_figure
 
 __all__ = ["write_report", "FIGURE_DIV_CLASS"]
 
 #: class on the wrapper <div> of every figure in the report (one per figure).
 FIGURE_DIV_CLASS = "dm-figure"
 
-_MEASURE_ORDER = ("prob", "snr_db", "distractor_ratio", "logprob", "rank")
+_MEASURE_ORDER = ("prob", "snr_db", "distractor_log_ratio", "distractor_ratio", "logprob", "rank")
 _PLOTLY_CONFIG = {"responsive": True, "displaylogo": False,
                   "toImageButtonOptions": {"format": "png", "scale": 2}}
 
@@ -54,12 +56,15 @@ nav ul { margin: .2rem 0; padding-left: 1.2rem; }
 p.how { margin: 0 0 1.4rem; font-size: .92rem; color: #444; background: #f6f8fa;
         border-left: 3px solid #0072B2; padding: .4rem .7rem; }
 table.dm-table { border-collapse: collapse; font-size: .85rem; margin: .3rem 0 1.2rem; }
-table.dm-table th, table.dm-table td { border: 1px solid #ddd; padding: .2rem .5rem; }
+table.dm-table th, table.dm-table td { border: 1px solid #ddd; padding: .2rem .5rem; white-space: nowrap; }
 table.dm-table th { background: #f3f3f3; }
 table.dm-table td { text-align: right; font-variant-numeric: tabular-nums; }
 .dm-scroll { overflow-x: auto; }
 code, pre { font-family: ui-monospace, "DejaVu Sans Mono", monospace; font-size: .85rem; }
 footer { margin-top: 3rem; color: #777; font-size: .8rem; }
+.dm-warning { margin: .6rem 0 1rem; padding: .6rem .9rem; background: #fff4e5; color: #5a3700;
+              border: 1px solid #f0b429; border-left: 6px solid #d97706; border-radius: 3px; }
+p.dm-note { font-size: .92rem; color: #444; margin: .3rem 0 .8rem; }
 """
 
 
@@ -116,6 +121,9 @@ class _Page:
             "</body>",
             "</html>",
         ])
+
+    def note(self, text: str) -> None:
+        self.parts.append(f'<p class="dm-note">{_html.escape(text)}</p>')
 
     def heading(self, title: str) -> None:
         self.parts.append(f"<h3>{_html.escape(title)}</h3>")
@@ -183,6 +191,15 @@ def _ordered_measures(measures) -> list[str]:
         m for m in present if m not in _MEASURE_ORDER)
 
 
+def _plotted_measures(measures) -> list[str]:
+    """The measures to draw, in order; the raw distractor ratio gives way to its log when both are there
+    (a few huge ratios dominate its mean and its differences; the tables keep it)."""
+    ordered = _ordered_measures(measures)
+    if "distractor_log_ratio" in ordered:
+        ordered = [m for m in ordered if m != "distractor_ratio"]
+    return ordered
+
+
 def _attention_entries(attention) -> list:
     if attention is None:
         return []
@@ -193,35 +210,20 @@ def _attention_entries(attention) -> list:
     raise DiffMambaError(f"attention must be a list of dicts, got {type(attention).__name__}")
 
 
-def write_report(path, *, title: str, summary: pd.DataFrame | None = None, paired: pd.DataFrame | None = None,
-                 branch: pd.DataFrame | None = None, attention=None, patching=None,
-                 tables: Mapping[str, pd.DataFrame] | None = None,
-                 meta: Mapping | None = None) -> Path:
-    """Write one self-contained HTML report to ``path`` and return it as a Path.
+def _warning_boxes(warnings: Sequence[str]) -> str:
+    """One visible box per warning (before the contents), or nothing."""
+    return "".join(f'<div class="dm-warning" role="alert"><b>Warning:</b> {_html.escape(w)}</div>'
+                   for w in dict.fromkeys(warnings))
 
-    Sections: meta block, needle probability (linear and log, if ``summary`` has "prob" rows),
-    every other summary measure as curves with CI bands, paired differences (one figure per
-    measure in ``paired``), branch decomposition, one attention figure per entry, one heat-map per
-    ``patching`` result (`analysis.patching.PatchingResult`, titled by its ``.model`` if set), and the
-    ``tables``. Optional inputs that are None or empty are omitted. plotly.js is embedded inline
-    once (with the first figure); nothing is fetched from the network. Missing required columns
-    raise DiffMambaError naming them; parent directories of ``path`` are created.
-    """
-    if summary is not None:
-        check_columns(summary, REPORT_SUMMARY_COLUMNS, "summary")
-        if summary.empty:
-            raise DiffMambaError("summary has no rows")
-    if paired is not None:
-        check_columns(paired, REPORT_PAIRED_COLUMNS, "paired")
-    if branch is not None:
-        check_columns(branch, BRANCH_COLUMNS, "branch")
-    entries = _attention_entries(attention)
-    if tables is not None and not isinstance(tables, Mapping):
-        raise DiffMambaError(f"tables must be a dict name -> DataFrame, got {type(tables).__name__}")
 
-    # Build every figure before writing anything, so bad input leaves no half-written file.
-    page = _Page()
-    measures = _ordered_measures(summary["measure"]) if summary is not None else []
+def _sample_warnings(summary, paired, extra: Sequence[str], unit: str) -> list[str]:
+    """The caller's warnings, then the too-few-stories warning of the summary (or the paired frame)."""
+    found = [w for w in (few_clusters_warning(summary, unit), few_clusters_warning(paired, unit)) if w]
+    return [str(w) for w in extra] + found[:1]
+
+
+def _summary_sections(page: _Page, summary: pd.DataFrame) -> None:
+    measures = _plotted_measures(summary["measure"])
     if "prob" in measures:
         page.section("Needle probability per layer")
         page.figure(needle_prob_figure(summary, log_scale=False), "needle-prob-linear")
@@ -231,34 +233,106 @@ def write_report(path, *, title: str, summary: pd.DataFrame | None = None, paire
         page.section("Signal-to-noise and other lens measures")
         for m in others:
             page.figure(measure_curves_figure(summary, m), f"curves-{m}")
-    if paired is not None and not paired.empty:
-        page.section("Paired differences between models")
-        for m in _ordered_measures(paired["measure"]):
-            page.figure(paired_figure(paired, m), f"paired-{m}")
-    if branch is not None and not branch.empty:
+
+
+def _paired_section(page: _Page, paired: pd.DataFrame) -> None:
+    page.section("Paired differences between models")
+    measures = _plotted_measures(paired["measure"])
+    if "distractor_log_ratio" in measures and "distractor_ratio" in set(paired["measure"]):
+        page.note("The distractor ratio is compared on its log (distractor_log_ratio): differences of raw ratios "
+                  "are dominated by a few huge values (--json and --per-example keep the raw ratio).")
+    for m in measures:
+        page.figure(paired_figure(paired, m), f"paired-{m}")
+
+
+def _attention_section(page: _Page, entries: list) -> None:
+    """Full maps on one colour scale shared by every figure of the section; answer rows as line panels."""
+    page.section("Implicit attention maps")
+    figures = attention_figures(entries)
+    if sum(f.data[0].type == "heatmap" for f in figures) > 1:
+        page.note("Every attention map below shares one colour scale, so models and branches can be compared by eye.")
+    for k, fig in enumerate(figures):
+        page.figure(fig, f"attention-{k}")
+
+
+def _patching_section(page: _Page, patching) -> None:
+    page.section("Patching")
+    effects = [np.abs(e[np.isfinite(e)]) for e in map(patching_effects, patching)]
+    zmax = max((float(e.max()) for e in effects if e.size), default=1.0)  # one colour scale for every model
+    for k, result in enumerate(patching):
+        label = getattr(result, "model", None)
+        if label:
+            page.heading(str(label))
+        page.figure(patching_figure(result, zmax=zmax), f"patching-{k}")
+
+
+def _check_inputs(summary, paired, branch, accuracy, lambdas, tables) -> None:
+    if summary is not None:
+        check_columns(summary, REPORT_SUMMARY_COLUMNS, "summary")
+        if summary.empty:
+            raise DiffMambaError("summary has no rows")
+    for frame, columns, name in ((paired, REPORT_PAIRED_COLUMNS, "paired"), (branch, BRANCH_COLUMNS, "branch"),
+                                 (accuracy, ACCURACY_COLUMNS, "accuracy"), (lambdas, LAMBDA_COLUMNS, "lambdas")):
+        if frame is not None:
+            check_columns(frame, columns, name)
+    if tables is not None and not isinstance(tables, Mapping):
+        raise DiffMambaError(f"tables must be a dict name -> DataFrame, got {type(tables).__name__}")
+
+
+def _given(frame) -> bool:
+    return frame is not None and not frame.empty
+
+
+def write_report(path, *, title: str, summary: pd.DataFrame | None = None, paired: pd.DataFrame | None = None,
+                 branch: pd.DataFrame | None = None, attention=None, patching=None,
+                 accuracy: pd.DataFrame | None = None, lambdas: pd.DataFrame | None = None,
+                 tables: Mapping[str, pd.DataFrame] | None = None,
+                 meta: Mapping | None = None, warnings: Sequence[str] = (), unit: str = "stories") -> Path:
+    """Write one self-contained HTML report to ``path`` and return it as a Path.
+
+    Sections: meta block and warning boxes (``warnings``, and one when the summary's ``n_clusters`` —
+    ``unit``, stories by default — fall below `schemas.MIN_CLUSTERS`), task accuracy (``accuracy``),
+    needle probability (linear bars and log-axis points, if ``summary`` has "prob" rows), every other
+    summary measure as curves with CI bands (the log distractor ratio in place of the raw one when both
+    are there), paired differences (one figure per measure in ``paired``, same rule), λ per differential
+    block (``lambdas``), branch decomposition, one attention figure per entry (full maps on one shared
+    colour scale, or answer rows), one heat-map per ``patching`` result (`analysis.patching.PatchingResult`,
+    titled by its ``.model`` if set), and the ``tables``. Optional inputs that are None or empty are
+    omitted. plotly.js is embedded inline once (with the first figure); nothing is fetched from the
+    network. Missing required columns raise DiffMambaError naming them; parent directories of ``path``
+    are created.
+    """
+    _check_inputs(summary, paired, branch, accuracy, lambdas, tables)
+    entries = _attention_entries(attention)
+
+    # Build every figure before writing anything, so bad input leaves no half-written file.
+    page = _Page()
+    if _given(accuracy):
+        page.section("Task accuracy")
+        page.figure(accuracy_figure(accuracy), "accuracy")
+    if summary is not None:
+        _summary_sections(page, summary)
+    if _given(paired):
+        _paired_section(page, paired)
+    if _given(lambdas):
+        page.section("λ per differential block")
+        page.figure(lambda_figure(lambdas), "lambda")
+    if _given(branch):
         page.section("Branch decomposition of differential blocks")
         page.figure(branch_figure(branch), "branch")
     if entries:
-        page.section("Implicit attention maps")
-        for k, entry in enumerate(entries):
-            fig = attention_figure(entry)
-            page.figure(fig, f"attention-{k}")
+        _attention_section(page, entries)
     if patching:
-        page.section("Patching")
-        effects = [np.abs(e[np.isfinite(e)]) for e in map(patching_effects, patching)]
-        zmax = max((float(e.max()) for e in effects if e.size), default=1.0)  # one colour scale for every model
-        for k, result in enumerate(patching):
-            label = getattr(result, "model", None)
-            if label:
-                page.heading(str(label))
-            page.figure(patching_figure(result, zmax=zmax), f"patching-{k}")
+        _patching_section(page, patching)
     if tables:
         page.section("Tables")
         for name, df in tables.items():
             page.table(str(name), df)
 
     if page.n_figures == 0 and not tables:
-        raise DiffMambaError("nothing to report: give a summary, paired, branch, attention, patching or tables")
-    doc = page.document(title, _meta_block(meta, summary), contents=True,
-                        note="Layer 0 = embeddings, layer k = residual stream after block k. ")
+        raise DiffMambaError("nothing to report: give a summary, paired, branch, attention, patching, accuracy, "
+                             "lambdas or tables")
+    boxes = _warning_boxes(_sample_warnings(summary, paired, warnings, unit))
+    doc = page.document(title, _meta_block(meta, summary) + boxes, contents=True,
+                        note="Layer 0 = embeddings, layer k = residual stream after block k = the paper's layer k − 1. ")
     return write_atomic(path, doc)  # temp file + rename: never a half-written report
