@@ -54,6 +54,8 @@ benchmarks: install
 	$(BIN)/python benchmarks/ssd.py
 	$(BIN)/python benchmarks/long_context.py
 	$(BIN)/python benchmarks/long_context.py --decode
+	$(BIN)/python benchmarks/patching.py
+	$(BIN)/python benchmarks/batching.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
