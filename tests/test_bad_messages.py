@@ -150,7 +150,8 @@ def test_load_data_n_not_a_whole_number():
     ("/proc/version", "/proc/version"),
 ])
 def test_unwritable_json_target_is_named(ckpt, target, needle):
-    line = cli_error("snr", "--ckpt", ckpt, "--n", 2, "--json", target, "-q")
+    # enough stories (60 questions) that no minimum-sample warning precedes the error line
+    line = cli_error("snr", "--ckpt", ckpt, "--n", 60, "--json", target, "-q")
     assert needle in line
 
 

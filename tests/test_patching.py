@@ -54,8 +54,9 @@ def test_exact_patching_equals_the_hand_written_loop(tiny_model, arch):
                                        err_msg=f"{what} {hook}")
         assert res.frame["value"].std() > 0
     # the baselines are the unpatched runs
-    assert res.clean_metric == pytest.approx(float(metric(model(clean)[:, -1])[0]), abs=1e-10)
-    assert res.corrupt_metric == pytest.approx(float(metric(model(corrupt)[:, -1])[0]), abs=1e-10)
+    with torch.no_grad():
+        assert res.clean_metric == pytest.approx(float(metric(model(clean)[:, -1])[0]), abs=1e-10)
+        assert res.corrupt_metric == pytest.approx(float(metric(model(corrupt)[:, -1])[0]), abs=1e-10)
 
 
 def test_resid_patching_equals_transformer_lens(tiny_model):
