@@ -117,6 +117,16 @@ def tokenizer():
     return build_babi_tokenizer()
 
 
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_model, tokenizer, tmp_path_factory):
+    """A saved tiny mamba2 checkpoint with the bAbI tokenizer (read-only: damage copies of it)."""
+    model = tiny_model("mamba2", vocab_size=len(tokenizer))
+    model.tokenizer = tokenizer
+    path = tmp_path_factory.mktemp("checkpoint") / "mamba2"
+    model.save_pretrained(path)
+    return path
+
+
 @pytest.fixture
 def rng():
     return torch.Generator().manual_seed(0)

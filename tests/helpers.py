@@ -30,3 +30,21 @@ def assert_identity(got, want, rel=1e-12):
     err = (got.detach() - want.detach()).abs().max().item()
     assert scale > 1e-5, f"degenerate identity: scale {scale:.3g}"
     assert err <= rel * scale, f"max abs err {err:.3g} (scale {scale:.3g})"
+
+
+def hand_patch_loop(model, clean, corrupt, name, metric):
+    """Activation patching the TransformerLens way: one full corrupted forward per position with hook
+    `name`'s value there replaced by the clean run's -> metric(last position's logits [1, V]) per
+    position, as a numpy array."""
+    import numpy as np
+
+    _, cache = model.run_with_cache(clean, names_filter=[name])
+    out = []
+    for p in range(corrupt.shape[1]):
+        def put(t, hook, p=p):
+            t = t.clone()
+            t[:, p] = cache[name][:, p]
+            return t
+        with torch.no_grad():
+            out.append(float(metric(model.run_with_hooks(corrupt, fwd_hooks=[(name, put)])[:, -1])[0]))
+    return np.array(out)

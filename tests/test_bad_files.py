@@ -37,12 +37,8 @@ def umask():
 
 
 @pytest.fixture(scope="module")
-def ckpt(tiny_model, tokenizer, tmp_path_factory):
-    model = tiny_model("mamba2", vocab_size=len(tokenizer))
-    model.tokenizer = tokenizer
-    path = tmp_path_factory.mktemp("files") / "mamba2"
-    model.save_pretrained(path)
-    return path
+def ckpt(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 @pytest.mark.parametrize("mask", [0o022, 0o027, 0o002])

@@ -20,12 +20,8 @@ def run(*args):
 
 
 @pytest.fixture(scope="module")
-def ckpt(tiny_model, tokenizer, tmp_path_factory):
-    model = tiny_model("mamba2", vocab_size=len(tokenizer))
-    model.tokenizer = tokenizer
-    path = tmp_path_factory.mktemp("resources") / "mamba2"
-    model.save_pretrained(path)
-    return path
+def ckpt(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 @pytest.mark.parametrize("fields", [

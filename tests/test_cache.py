@@ -8,6 +8,7 @@ from transformer_lens import ActivationCache, patching
 
 from diffmamba_interp import load_model
 from diffmamba_interp.errors import DiffMambaError
+from helpers import hand_patch_loop
 
 ARCHS = ["mamba1", "mamba2", "diffmamba1", "diffmamba2", "diffs6"]
 
@@ -81,14 +82,8 @@ def test_transformer_lens_patching_runs_unchanged_and_matches_a_hand_written_loo
     _, clean_cache = model.run_with_cache(clean)
     metric = lambda logits: logits[0, -1, 3] - logits[0, -1, 4]  # noqa: E731
     got = patching.get_act_patch_resid_pre(model, corrupt, clean_cache, metric)
-    want = torch.zeros(2, 6, dtype=torch.float64)
-    for layer in range(2):
-        for p in range(6):
-            def put(t, hook, p=p, layer=layer):
-                t = t.clone()
-                t[:, p] = clean_cache["resid_pre", layer][:, p]
-                return t
-            want[layer, p] = metric(model.run_with_hooks(corrupt, fwd_hooks=[(f"blocks.{layer}.hook_resid_pre", put)]))
+    want = torch.tensor(np.stack([hand_patch_loop(model, clean, corrupt, f"blocks.{layer}.hook_resid_pre",
+                                                  lambda last: last[:, 3] - last[:, 4]) for layer in range(2)]))
     torch.testing.assert_close(got.to(want.dtype), want)
     assert want.std() > 0
 

@@ -10,6 +10,8 @@ import torch
 from transformer_lens import patching as tl_patching
 from typer.testing import CliRunner
 
+from helpers import hand_patch_loop
+
 from diffmamba_interp import load_model, patch_state
 from diffmamba_interp.cli import app
 from diffmamba_interp.analysis.patching import answer_prob, logit_diff, patch
@@ -26,20 +28,6 @@ def _pair(seed=0):
     return torch.randint(0, 40, (1, L), generator=g), torch.randint(0, 40, (1, L), generator=g)
 
 
-def _hand_loop(model, clean, corrupt, name, metric):
-    """TransformerLens's way: one full corrupted forward per position, the hook's value replaced."""
-    _, cache = model.run_with_cache(clean, names_filter=[name])
-    out = []
-    for p in range(L):
-        def put(t, hook, p=p):
-            t = t.clone()
-            t[:, p] = cache[name][:, p]
-            return t
-        with torch.no_grad():
-            out.append(float(metric(model.run_with_hooks(corrupt, fwd_hooks=[(name, put)])[:, -1])[0]))
-    return np.array(out)
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_exact_patching_equals_the_hand_written_loop(tiny_model, arch):
     model = tiny_model(arch, diff_layers="all", n_layers=3, dtype=torch.float64, shared=True)
@@ -49,7 +37,7 @@ def test_exact_patching_equals_the_hand_written_loop(tiny_model, arch):
     for what in whats:
         res = patch(model, clean, corrupt, metric, what=what, batch_size=3, chunk_size=4, progress=False)
         for hook, df in res.frame.groupby("hook", sort=False):
-            want = _hand_loop(model, clean, corrupt, hook, metric)
+            want = hand_patch_loop(model, clean, corrupt, hook, metric)
             np.testing.assert_allclose(df.sort_values("position")["value"].to_numpy(), want, rtol=0, atol=1e-10,
                                        err_msg=f"{what} {hook}")
         assert res.frame["value"].std() > 0
