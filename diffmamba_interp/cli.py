@@ -24,9 +24,12 @@ from typer.core import TyperGroup
 
 from . import __version__
 from .analysis.lens import LENSES
+from .analysis.patching import METHODS
+from .analysis.snr import BOOTSTRAPS
 from .config import ARCHS
 from .errors import DiffMambaError, one_line
 from .files import check_writable, write_atomic
+from .jobs import PRESETS
 
 _GLOBAL_FLAGS = ("--debug",)  # options of the app's callback that may also come after the subcommand
 _GLOBAL_VALUES = ("--device", "--dtype")
@@ -73,8 +76,9 @@ _OUTPUT_FILES = {"json_out": "--json", "out": "--out", "per_example": "--per-exa
 
 
 LensKind = Enum("LensKind", {name: name for name in LENSES}, type=str)  # the lens registry's names
-Preset = Enum("Preset", {"paper": "paper"}, type=str)
-Bootstrap = Enum("Bootstrap", {"story": "story", "question": "question"}, type=str)
+Preset = Enum("Preset", {name: name for name in PRESETS}, type=str)  # jobs.PRESETS
+Bootstrap = Enum("Bootstrap", {name: name for name in BOOTSTRAPS}, type=str)  # what the bootstrap resamples
+PatchMethod = Enum("PatchMethod", {name: name for name in METHODS}, type=str)  # analysis.patching.METHODS
 
 
 def _value(option):
@@ -453,11 +457,6 @@ def report(
     _warn(run.sample_warning())
     typer.echo(f"wrote {path}", err=True)
     _write_per_example(per_example, run.per_example_table())
-
-
-class PatchMethod(str, Enum):
-    exact = "exact"
-    attribution = "attribution"
 
 
 @app.command()
