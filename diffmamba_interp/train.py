@@ -1,9 +1,16 @@
 """The small trainer behind the shipped models: Mamba-2 vs Diff-Mamba-2 on bAbI qa1–qa5, on CPU.
 
-Each training example is one BABILong-0k prompt (`data.training_stream`), and the loss is the
-cross-entropy of the answer token at the last prompt position (answer-only loss: the quantity the
-SNR analysis reads, and the fastest signal for a small model). Prompts are right-padded into
-length-bucketed batches; a causal model never sees the padding to the right of its last token.
+Each training example is one BABILong prompt built on the fly (`PromptStream`) from a bAbI training
+question (en-10k where shipped) with public-domain book filler: the first `curriculum` share of the
+steps reads 0k prompts only, after which a `filler_share` of the batches get filler up to a length
+drawn from `lengths` (BABILong's budget: length − 300 tokens for facts and filler). Each batch has
+one length, so right-padding costs little; a causal model never sees the padding to the right of a
+row's last token.
+
+Loss (`loss`): ``"answer"``: the cross-entropy of the answer token at each row's last prompt position
+(the quantity the SNR analysis reads; only those rows are unembedded); ``"lm"``: that plus
+`lm_weight` × the mean next-token cross-entropy over every prompt token (the book filler included,
+so the model also models general text, which is what its tuned lens is fitted on).
 """
 
 from __future__ import annotations
@@ -31,6 +38,9 @@ from .files import check_writable, path_problem, write_atomic
 from .model import HookedMamba, ModelShapes, load_model
 
 
+LOSSES = ("answer", "lm")
+
+
 @dataclass
 class TrainConfig:
     """Everything that determines a training run (written into the model card)."""
@@ -47,10 +57,18 @@ class TrainConfig:
     lr: float = 3e-3
     warmup: int = 100
     weight_decay: float = 0.1
-    max_len: int = 256  # prompts longer than this (some qa3 stories) are skipped
+    max_len: int = 2048  # prompts longer than this are left out of their batch
     seed: int = 0
     tasks: tuple[str, ...] = TASKS
     init: str | None = None  # continue from this checkpoint's weights (a new schedule of `steps`)
+    lengths: tuple[int, ...] = (512, 1024)  # BABILong lengths (tokens) of the filler batches
+    filler_share: float = 0.3  # share of the batches with filler, once the curriculum is over
+    curriculum: float = 0.3  # share of the steps (from the start) that read 0k prompts only
+    loss: str = "answer"  # "answer" or "lm" (answer + lm_weight x next-token loss over the prompt)
+    lm_weight: float = 0.1
+    batch_tokens: int = 8192  # filler batches have batch_tokens // length rows (at most batch_size, at least 4)
+    story_share: float = 0.7  # share of the 0k batches that are whole stories with every question answered
+    vocab_size: int = 3072  # the subword tokenizer's size (`data.subword`)
 
     def check(self) -> None:
         """Raise a one-line DiffMambaError for the first option out of range (before any training)."""
@@ -70,6 +88,15 @@ class TrainConfig:
                     or (name == "lr" and value == 0):
                 raise DiffMambaError(f"{_option(name)} must be a {'positive' if name == 'lr' else 'non-negative'} "
                                      f"finite number, got {value!r}")
+        for name in ("filler_share", "curriculum", "lm_weight", "story_share"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                raise DiffMambaError(f"{_option(name)} must be a number from 0 to 1, got {value!r}")
+        if self.loss not in LOSSES:
+            raise DiffMambaError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if not self.lengths or not all(isinstance(n, int) and not isinstance(n, bool) and 0 < n <= self.max_len
+                                       for n in self.lengths):
+            raise DiffMambaError(f"--lengths must be token lengths from 1 to --max-len {self.max_len}, got {self.lengths!r}")
         tasks = (self.tasks,) if isinstance(self.tasks, str) else self.tasks
         if not tasks or not all(t in TASKS for t in tasks):
             raise DiffMambaError(f"tasks must be a non-empty selection of {', '.join(TASKS)}, got {self.tasks!r}")
@@ -124,6 +151,7 @@ class TrainResult:
     final_loss: float
     accuracy: pd.DataFrame = field(repr=False)  # task, n, accuracy
     earlier: list = field(default_factory=list)  # training.json of the stages this run continued
+    curve: list = field(default_factory=list)  # learning curve: {step, minutes, loss, "qa1@0": accuracy, ...}
 
 
 def encode_examples(tokenizer, pairs, max_len: int) -> list[tuple[list[int], int]]:
@@ -141,19 +169,121 @@ def encode_examples(tokenizer, pairs, max_len: int) -> list[tuple[list[int], int
     return out
 
 
-def batches(examples, batch_size: int, rng: random.Random, pad_id: int):
-    """Endless length-bucketed batches: shuffle, sort within pools of 50 batches, shuffle batches."""
-    while True:
-        order = list(range(len(examples)))
-        rng.shuffle(order)
-        pool = 50 * batch_size
-        chunks = []
-        for s in range(0, len(order), pool):
-            part = sorted(order[s:s + pool], key=lambda i: len(examples[i][0]))
-            chunks += [part[j:j + batch_size] for j in range(0, len(part), batch_size)]
-        rng.shuffle(chunks)
-        for idx in chunks:
-            yield collate([examples[i] for i in idx], pad_id)
+class PromptStream:
+    """Endless training batches built on the fly (see the module docstring).
+
+    ``batch(step)`` -> (ids [batch, pos] right-padded, targets [batch, pos]: the answer token id at
+    each position whose next token is an answer, -100 elsewhere; length). Three kinds of batch:
+
+    * BABILong 0k prompts, one question each (the answer at the last prompt token);
+    * whole stories (a `story_share` of the 0k batches): each question of a bAbI story in its own
+      BABILong block, the blocks in story order, each followed by its answer::
+
+          <context> \n{facts before q1}\n</context>\n\nQuestion: {q1} Answer: {a1}\n<context> \n{facts
+          between q1 and q2}\n</context>\n\nQuestion: {q2} Answer: {a2}\n...
+
+      so one row answers every question of its story (five per qa1 story) from facts spread over
+      the earlier blocks: five times the supervision of a prompt for half the tokens;
+    * BABILong prompts with book filler, one question each, after the curriculum.
+
+    Each row draws a task uniformly, then a question (story) of it; `POOL` batches are drawn at a time
+    per kind and sorted by size within the pool so that a batch pads little (a qa3 story is ten times
+    a qa1 story).
+    """
+
+    POOL = 16
+    STORY = -1  # the `length` of a story batch
+
+    def __init__(self, cfg: TrainConfig, tokenizer):
+        from .data import babi
+
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.samples = {task: babi(task, "train") for task in cfg.tasks}
+        self.questions = [(task, i) for task, samples in self.samples.items() for i in range(len(samples))]
+        self.size = {q: sum(len(f) for f in self.samples[q[0]][q[1]].facts) for q in self.questions}
+        stories: dict[tuple[str, int], list[int]] = {}
+        for task, i in self.questions:
+            stories.setdefault((task, self.samples[task][i].story_id), []).append(i)
+        self.stories = list(stories.items())  # ((task, story id), question indices in order)
+        self.story_size = {key: self.size[(key[0], qs[-1])] + 50 * len(qs) for key, qs in self.stories}
+        self.task_questions = {task: [q for q in self.questions if q[0] == task] for task in self.samples}
+        self.task_stories = {task: [s for s in self.stories if s[0][0] == task] for task in self.samples}
+        self.rng = random.Random(f"train:{cfg.seed}")
+        self.queues: dict[int, list[list]] = {}
+        self.token_counts: dict[str, int] = {}  # book sentences are counted once
+
+    def length(self, step: int) -> int:
+        """The kind of batch at `step`: a BABILong length (0: no filler) or `STORY`."""
+        cfg = self.cfg
+        if step >= cfg.curriculum * cfg.steps and self.rng.random() < cfg.filler_share:
+            return self.rng.choice(cfg.lengths)
+        return self.STORY if self.rng.random() < cfg.story_share else 0
+
+    def rows(self, length: int) -> int:
+        """Batch rows: `batch_size` at 0k and for stories, fewer for long prompts (at most about
+        `batch_tokens` tokens per batch, at least 4 rows)."""
+        if length <= 0:
+            return self.cfg.batch_size
+        return max(4, min(self.cfg.batch_size, self.cfg.batch_tokens // length))
+
+    def draw(self, length: int) -> list:
+        """The next batch of questions ((task, index)) or stories ((task, story id), indices): tasks
+        drawn uniformly (qa3 has a tenth of qa1's questions, qa4 a story per question), then an item."""
+        queue = self.queues.setdefault(length, [])
+        if not queue:
+            b = self.rows(length)
+            if length == self.STORY:
+                items, size = self.task_stories, lambda item: self.story_size[item[0]]
+            else:
+                items, size = self.task_questions, self.size.__getitem__
+            tasks = list(items)
+            pool = sorted((self.rng.choice(items[self.rng.choice(tasks)]) for _ in range(self.POOL * b)), key=size)
+            queue.extend(pool[k:k + b] for k in range(0, len(pool), b))
+            self.rng.shuffle(queue)
+        return queue.pop()
+
+    def story_ids(self, task: str, indices: list[int]) -> tuple[list[int], list[tuple[int, int]]]:
+        """One story's token ids and its (position, answer id) pairs (the layout in the class docstring)."""
+        from .data import format_prompt
+
+        ids: list[int] = []
+        answers: list[tuple[int, int]] = []
+        seen = 0
+        for i in indices:
+            s = self.samples[task][i]
+            block = ("\n" if ids else "") + format_prompt(s.facts[seen:], s.question)
+            ids += self.tokenizer(block, add_special_tokens=False)["input_ids"]
+            answer = self.tokenizer(" " + s.answer, add_special_tokens=False)["input_ids"]
+            answers.append((len(ids) - 1, answer[0]))
+            ids += answer
+            seen = len(s.facts)
+        return ids, answers
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        from .data import babilong
+
+        cfg = self.cfg
+        length = self.length(step)
+        if length == self.STORY:
+            rows = [self.story_ids(task, indices) for (task, _), indices in self.draw(length)]
+            rows = [r for r in rows if len(r[0]) <= cfg.max_len]
+        else:
+            by_task: dict[str, list[int]] = {}
+            for task, index in self.draw(length):
+                by_task.setdefault(task, []).append(index)
+            prompts = [p for task, indices in by_task.items()
+                       for p in babilong(task, length, split="train", seed=cfg.seed * 1_000_003 + step, indices=indices,
+                                         tokenizer=self.tokenizer if length else None, token_counts=self.token_counts)]
+            rows = [(p, [(len(p) - 1, a)]) for p, a in
+                    encode_examples(self.tokenizer, [(p.prompt, p.answer) for p in prompts], cfg.max_len)]
+        L = max(len(r[0]) for r in rows)
+        ids = torch.full((len(rows), L), self.tokenizer.pad_token_id, dtype=torch.long)
+        targets = torch.full((len(rows), L), -100, dtype=torch.long)
+        for r, (row_ids, answers) in enumerate(rows):
+            ids[r, : len(row_ids)] = torch.tensor(row_ids)
+            for pos, answer in answers:
+                targets[r, pos] = answer
+        return ids, targets, max(length, 0) if length != self.STORY else -1
 
 
 def collate(examples, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -167,107 +297,160 @@ def collate(examples, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return ids, last, answers
 
 
+def final_resid(model: HookedMamba, ids: torch.Tensor) -> torch.Tensor:
+    """The residual stream after the last block, [batch, pos, d_model] (no unembedding)."""
+    kept = {}
+
+    def keep(resid, hook):  # [batch, pos, d_model]
+        kept["resid"] = resid
+
+    model.run_with_hooks(ids.to(model.device), return_type=None,
+                         fwd_hooks=[(f"blocks.{model.cfg.n_layers - 1}.hook_resid_post", keep)])
+    return kept["resid"]
+
+
 def answer_logits(model: HookedMamba, ids: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-    """Logits at each row's last prompt token: [batch, vocab]."""
-    logits = model(ids.to(model.device))
-    return logits[torch.arange(ids.shape[0], device=logits.device), last.to(logits.device)]
+    """Logits at each row's last prompt token: [batch, vocab] (only those rows are unembedded)."""
+    resid = final_resid(model, ids)
+    return model.unembed(resid[torch.arange(ids.shape[0], device=resid.device), last.to(resid.device)])
 
 
-def train(cfg: TrainConfig, tokenizer, progress: bool = True, eval_n: int | None = None) -> tuple[HookedMamba, TrainResult]:
-    """Train one model from scratch; returns it (eval mode) and the run's numbers."""
-    from .data import training_stream
+def training_loss(model: HookedMamba, cfg: TrainConfig, ids: torch.Tensor, targets: torch.Tensor,
+                  pad_id: int) -> torch.Tensor:
+    """The loss `cfg.loss` names (module docstring) for one batch: the mean cross-entropy of the
+    answers (`targets` != -100: the answer token id at the position before it), plus, for "lm",
+    `lm_weight` x the mean next-token cross-entropy over every non-padding token."""
+    resid = final_resid(model, ids)
+    targets = targets.to(resid.device)
+    at = targets != -100
+    loss = F.cross_entropy(model.unembed(resid[at]), targets[at])
+    if cfg.loss == "lm":
+        logits = model.unembed(resid[:, :-1])
+        following = ids[:, 1:].to(resid.device)
+        following = following.masked_fill(following == pad_id, -100)  # padding is not a target
+        loss = loss + cfg.lm_weight * F.cross_entropy(logits.flatten(0, 1), following.flatten(), ignore_index=-100)
+    return loss
 
+
+def train(cfg: TrainConfig, tokenizer, progress: bool = True, eval_n: int | None = None,
+          eval_every: int = 0, curve_lengths=(0, 1024)) -> tuple[HookedMamba, TrainResult]:
+    """Train one model (from scratch, or from `cfg.init`); returns it (eval mode) and the run's numbers.
+
+    With `eval_every` > 0 the learning curve (qa accuracy on 200 test questions per task at 0k, and
+    qa1 at 1k) is measured every that many steps and kept in the result."""
     model_cfg = check_options(cfg, tokenizer, eval_n=eval_n)
     torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
     model = HookedMamba(model_cfg)
     if cfg.init:
         model.load_state_dict(load_model(cfg.init).state_dict())
     model.tokenizer = tokenizer
-    pairs = [pair for task in cfg.tasks for pair in training_stream(tasks=(task,))]
-    examples = encode_examples(tokenizer, pairs, cfg.max_len)
+    stream = PromptStream(cfg, tokenizer)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     other = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95)
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
-    stream = batches(examples, cfg.batch_size, rng, tokenizer.pad_token_id)
     model.train()
     start = time.time()
     ema = None
+    curve = []
     bar = tqdm(range(cfg.steps), desc=f"train {cfg.arch}", disable=not progress)
-    for _ in bar:
-        ids, last, answers = next(stream)
-        loss = F.cross_entropy(answer_logits(model, ids, last), answers.to(model.device))
+    for step in bar:
+        ids, targets, length = stream.batch(step)
+        loss = training_loss(model, cfg, ids, targets, tokenizer.pad_token_id)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
-        bar.set_postfix(loss=f"{ema:.3f}")
+        bar.set_postfix(loss=f"{ema:.3f}", length="story" if length < 0 else length)
+        if eval_every and ((step + 1) % eval_every == 0 or step + 1 == cfg.steps):
+            model.eval()
+            acc = evaluate(model, tokenizer, cfg.tasks, n=200, lengths=curve_lengths, progress=False)
+            model.train()
+            point = {"step": step + 1, "minutes": round((time.time() - start) / 60, 2), "loss": round(ema, 4),
+                     **{f"{r.task}@{r.length}": round(r.accuracy, 3) for r in acc.itertuples()}}
+            curve.append(point)
+            if progress:
+                tqdm.write(json.dumps(point))
     wall = time.time() - start
     model.eval()
-    acc = evaluate(model, tokenizer, cfg.tasks, n=eval_n, progress=progress)
+    acc = evaluate(model, tokenizer, cfg.tasks, n=eval_n, progress=progress, lengths=(0, 1024))
     n_params = sum(p.numel() for p in model.parameters())
     earlier = []
     if cfg.init and (Path(cfg.init) / "training.json").exists():
         before = json.loads((Path(cfg.init) / "training.json").read_text())
         earlier = before.pop("earlier", []) + [before]
-    return model, TrainResult(cfg, n_params, len(examples), wall, float(ema or float("nan")), acc, earlier)
+    return model, TrainResult(cfg, n_params, len(stream.questions), wall, float(ema or float("nan")), acc, earlier, curve)
 
 
 @torch.no_grad()
 def evaluate(model: HookedMamba, tokenizer, tasks=TASKS, split: str = "test", n: int | None = None,
-             batch_size: int = 64, progress: bool = True) -> pd.DataFrame:
-    """Answer accuracy (argmax at the last prompt token == first answer token) per task, on the
-    first n test questions of each task (all when n is None)."""
+             batch_size: int = 32, progress: bool = True, lengths=(0,)) -> pd.DataFrame:
+    """Answer accuracy (argmax at the last prompt token == first answer token) per task at each
+    BABILong length (book filler; 0 = none), on the first n test questions of each task (all when
+    None). Lengths above 0 read qa1 only (the long-context target). -> task, length, n, accuracy."""
     from .data import babilong
 
     rows = []
-    for task in tasks:
-        prompts = babilong(task, "0k", split=split, n=n)
-        examples = encode_examples(tokenizer, [(p.prompt, p.answer) for p in prompts], max_len=10**9)
-        examples.sort(key=lambda e: len(e[0]))
-        correct = 0
-        for s in tqdm(range(0, len(examples), batch_size), desc=f"eval {task}", disable=not progress, leave=False):
-            ids, last, answers = collate(examples[s:s + batch_size], tokenizer.pad_token_id)
-            correct += int((answer_logits(model, ids, last).argmax(-1).cpu() == answers.cpu()).sum())  # any device
-        rows.append({"task": task, "n": len(examples), "accuracy": correct / len(examples)})
+    for length in lengths:
+        for task in (tasks if length == 0 else [t for t in tasks if t == "qa1"]):
+            prompts = babilong(task, length, split=split, n=n, tokenizer=tokenizer if length else None)
+            examples = encode_examples(tokenizer, [(p.prompt, p.answer) for p in prompts], max_len=10**9)
+            examples.sort(key=lambda e: len(e[0]))
+            correct = 0
+            for s in tqdm(range(0, len(examples), batch_size), desc=f"eval {task}@{length}", disable=not progress, leave=False):
+                ids, last, answers = collate(examples[s:s + batch_size], tokenizer.pad_token_id)
+                correct += int((answer_logits(model, ids, last).argmax(-1).cpu() == answers.cpu()).sum())  # any device
+            rows.append({"task": task, "length": length, "n": len(examples), "accuracy": correct / len(examples)})
     return pd.DataFrame(rows)
 
 
 def model_card(result: TrainResult, command: str) -> str:
     cfg = result.config
-    table = "\n".join(f"| {r.task} | {r.n} | {r.accuracy:.3f} |" for r in result.accuracy.itertuples())
+    table = "\n".join(f"| {r.task} | {'0k' if r.length == 0 else f'{r.length} tokens'} | {r.n} | {r.accuracy:.3f} |"
+                      for r in result.accuracy.itertuples())
     stages = "".join(
-        f"- earlier stage {k + 1}: `{e.get('command', '?')}` — {e['steps']} steps, lr {e['lr']}, {e['wall_s'] / 60:.1f} min, "
-        f"qa1 accuracy then {next((a['accuracy'] for a in e['accuracy'] if a['task'] == 'qa1'), float('nan')):.3f}\n"
+        f"- earlier stage {k + 1}: `{e.get('command', '?')}` — {e['steps']} steps, lr {e['lr']}, {e['wall_s'] / 60:.1f} min\n"
         for k, e in enumerate(result.earlier)
     )
-    return f"""# {cfg.arch}-babi
+    curve = ""
+    if result.curve:
+        keys = [k for k in result.curve[0] if "@" in k]
+        head = "| step | minutes | loss | " + " | ".join(keys) + " |"
+        rule = "|" + "---|" * (3 + len(keys))
+        lines = [f"| {p['step']} | {p['minutes']} | {p['loss']} | " + " | ".join(f"{p[k]:.3f}" for k in keys) + " |"
+                 for p in result.curve]
+        curve = ("\nLearning curve (accuracy on the first 200 test questions per task; `qa1@1024`: qa1 with "
+                 "1k-token book filler):\n\n" + "\n".join([head, rule, *lines]) + "\n")
+    return f"""# {cfg.arch}-babi (seed {cfg.seed})
 
 A small {cfg.arch} language model trained by `diffmamba-interp train` on the bAbI tasks
-{", ".join(cfg.tasks)} (BABILong 0k prompts, answer-only loss), shipped with diffmamba-interp so every
-command has a real default. Word-level tokenizer over the bAbI vocabulary. bAbI data: CC BY 3.0
-(Facebook AI Research; see `diffmamba_interp/data/babi/LICENSE.txt`).
+{", ".join(cfg.tasks)} in BABILong form: the first {cfg.curriculum:.0%} of the steps at 0k, then {cfg.filler_share:.0%} of the
+batches with public-domain book filler up to {", ".join(map(str, cfg.lengths))} tokens; {cfg.story_share:.0%} of the 0k batches
+are whole stories (each question in its own BABILong block, every answer scored; `train.PromptStream`),
+shipped with diffmamba-interp so every command has a real default. Loss: {cfg.loss}{f" (answer + {cfg.lm_weight} x next-token)" if cfg.loss == "lm" else " (answer token only)"}.
+Byte-level BPE tokenizer of {cfg.vocab_size} entries trained on bAbI and the books (`data/subword.py`).
+bAbI data: CC BY 3.0 (Facebook AI Research; see `diffmamba_interp/data/babi/LICENSE.txt`); books:
+Project Gutenberg, public domain in the USA (`diffmamba_interp/data/filler/`).
 
 {stages}- command: `{command}`
-- seed: {cfg.seed}; steps: {cfg.steps}{f" (continuing from {cfg.init})" if cfg.init else ""}; batch size: {cfg.batch_size}; lr: {cfg.lr} (warm-up {cfg.warmup}, cosine)
-- training examples: {result.n_examples} (prompts up to {cfg.max_len} tokens)
+- seed: {cfg.seed}; steps: {cfg.steps}{f" (continuing from {cfg.init})" if cfg.init else ""}; batch size: {cfg.batch_size}; lr: {cfg.lr} (warm-up {cfg.warmup}, cosine), AdamW (0.9, 0.95), weight decay {cfg.weight_decay}, clipping 1.0
+- training questions: {result.n_examples} (bAbI en-10k train where shipped, en for qa3)
 - parameters: {result.n_params:,}; d_model {cfg.d_model}, {cfg.n_layers} layers, d_state {cfg.d_state}, head_dim {cfg.head_dim}{", differential layers: " + cfg.diff_layers if cfg.arch.startswith("diff") else ""}
 - wall time: {result.wall_s / 60:.1f} min on CPU ({torch.get_num_threads()} threads)
 - final training loss (EMA): {result.final_loss:.3f}
 
-Answer accuracy on the bAbI test split (argmax at the last prompt token):
+Answer accuracy on the bAbI test split (argmax at the last prompt token; filler: the shipped books):
 
-| task | n | accuracy |
-|---|---|---|
+| task | length | n | accuracy |
+|---|---|---|---|
 {table}
 
 Chance is about 1/6 for qa1–qa3 (locations), lower for qa4/qa5.
-"""
+{curve}"""
 
 
 def save_run(model: HookedMamba, result: TrainResult, out: str | Path, command: str) -> Path:
@@ -277,7 +460,7 @@ def save_run(model: HookedMamba, result: TrainResult, out: str | Path, command: 
     write_atomic(out / "README.md", model_card(result, command))
     summary = {**asdict(result.config), "command": command, "earlier": result.earlier, "n_params": result.n_params, "n_examples": result.n_examples,
                "wall_s": round(result.wall_s, 1), "final_loss": result.final_loss,
-               "accuracy": result.accuracy.to_dict(orient="records")}
+               "accuracy": result.accuracy.to_dict(orient="records"), "curve": result.curve}
     write_atomic(out / "training.json", json.dumps(summary, indent=2) + "\n")
     return out
 
@@ -346,30 +529,32 @@ def write_run(model: HookedMamba, result: TrainResult, out: str | Path, command:
     return out
 
 
-def train_tuned_lens(model: HookedMamba, out: str | Path, steps: int = 300, seed: int = 0, progress: bool = True):
-    """Train the tuned lens on bAbI training stories (prompt + answer texts) and save it next to the
-    checkpoint (tuned_lens.safetensors / tuned_lens.json); appends its held-out KL to the model card."""
-    from .analysis.lens import LogitLens
-    from .analysis.lens_training import train_tuned_lens
-    from .data import training_stream
+def train_tuned_lens(model: HookedMamba, out: str | Path, steps: int = 250, seed: int = 0, progress: bool = True):
+    """Fit the tuned lens as `lens-train` does (Belrose et al.'s recipe on the shipped public-domain
+    books), save it next to the checkpoint (tuned_lens.safetensors / tuned_lens.json) and append its
+    held-out KL against the logit lens (all positions of held-out book text; answer positions of 100
+    bAbI qa1 test prompts) to the model card."""
+    from .analysis.lens_training import fit_lens
+    from .data import babilong
 
-    texts = [f"{p} {a}" for p, a in training_stream(shuffle=True, seed=seed)]
-    held_out, train_texts = texts[:64], texts[64:]
-    lens = train_tuned_lens(model, train_texts, steps=steps, seed=seed, optimizer="adam", progress=progress,
-                            tokenizer=model.tokenizer)
+    lens = fit_lens(model, steps=steps, seed=seed, eval_prompts=babilong("qa1", 0, n=100), progress=progress)
     lens.save(out)
-    ids = [model.to_tokens(t) for t in held_out]
-    kl = lambda ln: torch.stack([ln.kl_to_final(model, i) for i in ids]).mean(0)  # noqa: E731
-    tuned, logit = kl(lens), kl(LogitLens(model))
     card = Path(out) / "README.md"
     if card.exists():
-        rows = "\n".join(f"| {k} | {a:.3f} | {b:.3f} |" for k, (a, b) in enumerate(zip(logit.tolist(), tuned.tolist())))
+        rows = "\n".join(f"| {r['layer']} | {r['paper_layer'] if r['paper_layer'] is not None else '—'} | "
+                         f"{r['kl_logit_all']:.3f} | {r['kl_tuned_all']:.3f} | {r['kl_logit_answer']:.3f} | "
+                         f"{r['kl_tuned_answer']:.3f} |" for r in lens.evaluation)
         write_atomic(card, card.read_text() + f"""
-Tuned lens (`tuned_lens.safetensors`): {steps} steps on bAbI training stories, seed {seed}. Mean
-KL(final ‖ lens) per layer on 64 held-out stories (layer 0 = embeddings):
+## Tuned lens
 
-| layer | logit lens | tuned lens |
-|---|---|---|
+`tuned_lens.safetensors`: {steps} steps of Belrose et al.'s recipe (SGD Nesterov, weight decay 1e-3,
+linear decay, clipping 1.0) on the shipped public-domain books (general text), seed {seed}; the same
+as `diffmamba-interp lens-train --ckpt DIR --steps {steps}`. Mean KL(final ‖ lens) in nats per layer
+(layer 0 = embeddings; paper layer = the paper's Figure 6 index): on held-out book text at every
+position, and at the answer position of 100 bAbI qa1 test prompts:
+
+| layer | paper layer | logit lens, text | tuned lens, text | logit lens, answer | tuned lens, answer |
+|---|---|---|---|---|---|
 {rows}
 """)
     return lens

@@ -44,7 +44,8 @@ def test_every_checkpoint_has_tokenizer_lens_and_card(models):
         training = json.loads((path / "training.json").read_text())
         assert f"steps: {training['steps']}" in card and f"seed: {training['seed']}" in card
         for row in training["accuracy"]:
-            assert f"| {row['task']} | {row['n']} | {row['accuracy']:.3f} |" in card
+            length = "0k" if row["length"] == 0 else f"{row['length']} tokens"
+            assert f"| {row['task']} | {length} | {row['n']} | {row['accuracy']:.3f} |" in card
 
 
 def test_reported_qa1_accuracy_is_real_and_above_half(models):

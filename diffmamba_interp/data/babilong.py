@@ -215,9 +215,10 @@ def _check_filler(filler: str | Path | None) -> None:
 class _Builder:
     """Builds the prompts of one `babilong` call; caches each sentence's token count."""
 
-    def __init__(self, task: str, split: str, seed: int, tokenizer: Any, pool: _Pool | None):
+    def __init__(self, task: str, split: str, seed: int, tokenizer: Any, pool: _Pool | None,
+                 costs: dict[str, int] | None = None):
         self.task, self.split, self.seed, self.tokenizer, self.pool = task, split, seed, tokenizer, pool
-        self.costs: dict[str, int] = {}
+        self.costs: dict[str, int] = {} if costs is None else costs
 
     def cost(self, sentence: str) -> int:
         c = self.costs.get(sentence)
@@ -298,7 +299,7 @@ def check_n(n: Any, what: str = "n", allow_zero: bool = False) -> None:
 def babilong(task: str | int, length: str | int = "0k", split: str = "test", seed: int = 0,
              tokenizer: Any = None, n: int | None = None, filler: str | Path | None = "books", *,
              indices: Sequence[int] | None = None, size: str | None = None,
-             data_dir: str | Path | None = None) -> list[Prompt]:
+             data_dir: str | Path | None = None, token_counts: dict[str, int] | None = None) -> list[Prompt]:
     """BABILong prompts, one per bAbI question (see the module docstring).
 
     Args:
@@ -311,6 +312,9 @@ def babilong(task: str | int, length: str | int = "0k", split: str = "test", see
         filler: ``'books'`` (default; ``None`` means the same), ``'babi'`` or a text file's path.
         indices: instead of ``n``, these questions (0-based, file order), in this order.
         size, data_dir: passed to `babi`.
+        token_counts: a dict kept by the caller across calls with the same ``tokenizer``: each
+            sentence's token count is stored in it and never counted again (a training stream
+            builds thousands of prompts from the same book sentences).
 
     Every meta has ``story_id`` (int, per file) and ``story`` (``'qa1:test:12'``: questions of one
     story share it), ``index`` (question number in the file), ``length`` (tokens asked for) and
@@ -334,7 +338,7 @@ def babilong(task: str | int, length: str | int = "0k", split: str = "test", see
             raise DiffMambaError(f"question index {bad[0]!r} out of range for bAbI {name} {split} "
                                  f"({len(samples)} questions)")
     pool = _filler_pool(name, filler) if target > 0 else None
-    builder = _Builder(name, split, seed, tokenizer, pool)
+    builder = _Builder(name, split, seed, tokenizer, pool, token_counts)
     return [builder.build(samples[i], i, target) for i in chosen]
 
 

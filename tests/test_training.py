@@ -1,0 +1,144 @@
+"""The shipped models' recipe: the subword tokenizer, the BABILong training stream and the losses."""
+
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffmamba_interp import HookedMamba
+from diffmamba_interp.data import babi, babilong
+from diffmamba_interp.data.subword import TAGS, VOCAB_SIZE, babi_words, build_subword_tokenizer
+from diffmamba_interp.errors import DiffMambaError
+from diffmamba_interp.train import PromptStream, TrainConfig, answer_logits, training_loss
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_subword_tokenizer()
+
+
+def test_tokenizer_size_words_tags_and_round_trip(tok):
+    assert len(tok) == VOCAB_SIZE and tok.unk_token_id is None  # byte-level: nothing is unknown
+    words = babi_words()
+    assert len(words) > 150 and {"kitchen", "Daniel", "football", "maybe"} <= set(words)
+    ids = tok([" " + w for w in words], add_special_tokens=False)["input_ids"]
+    assert all(len(i) == 1 for i in ids)  # every bAbI word (after a space) is one token: answers are one id
+    for tag in TAGS:
+        assert len(tok(tag, add_special_tokens=False)["input_ids"]) == 1
+    for prompt in babilong("qa1", "0k", n=2) + babilong("qa2", "1k", n=1, tokenizer=tok):
+        ids = tok(prompt.prompt, add_special_tokens=False)["input_ids"]
+        assert tok.decode(ids) == prompt.prompt  # decoding gives the text back (generation is scored on text)
+    book = "“Now, it is a fact, gentlemen,” said Mr. Wilson — naïve café."
+    assert tok.decode(tok(book)["input_ids"]) == book
+
+
+def test_tokenizer_is_deterministic_and_size_checked(tok):
+    from diffmamba_interp.data import subword
+
+    fresh = subword._trained.__wrapped__(VOCAB_SIZE)  # a second training, not the cached one
+    assert fresh == subword._trained(VOCAB_SIZE)
+    with pytest.raises(DiffMambaError, match="vocab_size"):
+        build_subword_tokenizer(100)
+
+
+def cfg(**kw):
+    base = dict(arch="mamba2", d_model=16, n_layers=2, steps=10, batch_size=8, tasks=("qa1", "qa3"),
+                lengths=(512, 1024), curriculum=0.5, filler_share=1.0, batch_tokens=4096, story_share=0.0)
+    return TrainConfig(**{**base, **kw})
+
+
+def rows_of(tok, ids, targets):
+    """Each row as (text up to its last answer, [answers as words])."""
+    out = []
+    for r in range(ids.shape[0]):
+        at = (targets[r] != -100).nonzero().flatten()
+        out.append((ids[r], at, [tok.decode([a]).strip() for a in targets[r, at].tolist()]))
+    return out
+
+
+def test_stream_curriculum_lengths_rows_and_padding(tok):
+    c = cfg()
+    stream = PromptStream(c, tok)
+    assert len(stream.questions) == len(babi("qa1", "train")) + len(babi("qa3", "train"))
+    for step in range(c.steps):
+        ids, targets, length = stream.batch(step)
+        if step < 5:
+            assert length == 0 and ids.shape[0] == 8  # the curriculum: 0k first
+        else:
+            assert length in (512, 1024) and ids.shape[0] == max(4, min(8, 4096 // length))
+            assert ids.shape[1] > 0.5 * length  # filler reached most of the BABILong budget
+        assert ((targets != -100).sum(1) == 1).all()  # one question per prompt
+        for row, at, answers in rows_of(tok, ids, targets):
+            last = int(at[0])
+            assert row[last] != tok.pad_token_id and (row[last + 1:] == tok.pad_token_id).all()
+            text = tok.decode(row[: last + 1])
+            assert text.startswith("<context>") and text.endswith("Answer:")
+            assert set(answers) <= set(babi_words())  # one-token answers
+
+
+def test_story_batches_answer_every_question_of_a_story(tok):
+    stream = PromptStream(cfg(curriculum=1.0, story_share=1.0, tasks=("qa1",)), tok)
+    ids, targets, length = stream.batch(0)
+    assert length == PromptStream.STORY and ids.shape[0] == 8
+    samples = babi("qa1", "train")
+    for row, at, answers in rows_of(tok, ids, targets):
+        text = tok.decode(row[: int(at[-1]) + 2])  # up to and with the last answer
+        blocks = text.split("\n<context>")
+        assert len(blocks) == len(at) == 5  # qa1 stories have five questions
+        questions = re.findall(r"Question: (.*?) Answer:", text)
+        contexts = re.findall(r"<context> \n(.*?)\n</context>", text, re.S)
+        facts = " ".join(c for c in contexts if c)  # every fact once, in order
+        ends = {s.story_id for s in samples if " ".join(s.facts) == facts and s.question == questions[-1]}
+        assert len(ends) >= 1
+        mine = [s for s in samples if s.story_id == min(ends)]
+        assert [s.question for s in mine] == questions and [s.answer for s in mine] == answers
+        for b, s in zip(blocks, mine):
+            assert b.rstrip().endswith(f"Answer: {s.answer}")
+        for pos, answer in zip(at.tolist(), answers):
+            assert tok.decode(row[: pos + 1]).endswith("Answer:") and tok.decode([int(row[pos + 1])]).strip() == answer
+
+
+def test_stream_sorts_batches_by_story_size(tok):
+    stream = PromptStream(cfg(curriculum=1.0), tok)
+    widths = [stream.batch(s)[0].shape[1] for s in range(PromptStream.POOL)]  # one pool of 0k batches
+    assert max(widths) > 3 * min(widths)  # qa3 stories batch together, qa1 stories together
+
+
+def test_bad_training_options_are_refused():
+    for kw, word in ((dict(loss="mse"), "--loss"), (dict(filler_share=2.0), "--filler-share"),
+                     (dict(curriculum=-0.1), "--curriculum"), (dict(lengths=(0,)), "--lengths"),
+                     (dict(lengths=(10**6,)), "--lengths"), (dict(story_share=1.5), "--story-share")):
+        with pytest.raises(DiffMambaError, match=word):
+            cfg(**kw).check()
+
+
+@pytest.fixture
+def tiny(tok):
+    torch.manual_seed(0)
+    return HookedMamba(cfg(vocab_size=len(tok)).model_config(len(tok))).double()
+
+
+def test_answer_logits_equal_the_full_forward(tok, tiny):
+    ids, targets, _ = PromptStream(cfg(), tok).batch(0)
+    last = (targets != -100).int().argmax(1)
+    full = tiny(ids)
+    assert torch.allclose(answer_logits(tiny, ids, last), full[torch.arange(len(last)), last], atol=1e-12)
+
+
+@pytest.mark.parametrize("story", [False, True])
+def test_loss_is_answer_loss_plus_weighted_next_token_loss_without_padding(tok, tiny, story):
+    ids, targets, _ = PromptStream(cfg(story_share=float(story), curriculum=1.0), tok).batch(1)
+    lengths = [(row != tok.pad_token_id).sum() for row in ids]
+    assert min(lengths) < ids.shape[1]  # some rows are padded
+    ce_answer, terms = [], []
+    for r in range(ids.shape[0]):  # each row alone, unpadded
+        row = ids[r, : lengths[r]][None]
+        logits = tiny(row)[0]
+        at = (targets[r, : lengths[r]] != -100).nonzero().flatten()
+        ce_answer.append(F.cross_entropy(logits[at], targets[r, at], reduction="none"))
+        terms.append(F.cross_entropy(logits[:-1], row[0, 1:], reduction="none"))
+    answer_only = torch.cat(ce_answer).mean()
+    got = training_loss(tiny, cfg(loss="lm", lm_weight=0.25), ids, targets, tok.pad_token_id)
+    assert torch.allclose(got, answer_only + 0.25 * torch.cat(terms).mean(), atol=1e-10)
+    assert torch.allclose(training_loss(tiny, cfg(), ids, targets, tok.pad_token_id), answer_only, atol=1e-10)
