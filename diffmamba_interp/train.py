@@ -66,7 +66,9 @@ class TrainConfig:
     curriculum: float = 0.3  # share of the steps (from the start) that read 0k prompts only
     loss: str = "answer"  # "answer" or "lm" (answer + lm_weight x next-token loss over the prompt)
     lm_weight: float = 0.1
-    batch_tokens: int = 8192  # filler batches have batch_tokens // length rows (at most batch_size, at least 4)
+    batch_tokens: int = 4096  # a batch holds at most batch_size rows and about batch_tokens tokens (at least 4 rows)
+    task_curriculum: float = 0.3  # share of the steps (from the start) that read the first task (qa1) only
+    first_task_share: float = 0.4  # after that, the share of rows from the first task (the others: equal shares)
     story_share: float = 0.7  # share of the 0k batches that are whole stories with every question answered
     vocab_size: int = 3072  # the subword tokenizer's size (`data.subword`)
 
@@ -88,7 +90,7 @@ class TrainConfig:
                     or (name == "lr" and value == 0):
                 raise DiffMambaError(f"{_option(name)} must be a {'positive' if name == 'lr' else 'non-negative'} "
                                      f"finite number, got {value!r}")
-        for name in ("filler_share", "curriculum", "lm_weight", "story_share"):
+        for name in ("filler_share", "curriculum", "lm_weight", "story_share", "task_curriculum", "first_task_share"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
                 raise DiffMambaError(f"{_option(name)} must be a number from 0 to 1, got {value!r}")
@@ -186,9 +188,11 @@ class PromptStream:
       the earlier blocks: five times the supervision of a prompt for half the tokens;
     * BABILong prompts with book filler, one question each, after the curriculum.
 
-    Each row draws a task uniformly, then a question (story) of it; `POOL` batches are drawn at a time
-    per kind and sorted by size within the pool so that a batch pads little (a qa3 story is ten times
-    a qa1 story).
+    Each row draws a task (`task_weights`: the first task alone for the first `task_curriculum` of the
+    steps, then `first_task_share` of the rows for it), then a question (story) of it; `POOL` × `batch_size` items are
+    drawn at a time per kind and sorted by size, and cut into batches of at most `batch_size` rows and
+    about `batch_tokens` tokens, so that a batch pads little and costs about the same (a qa3 story is
+    ten times a qa1 story: its batches have fewer rows).
     """
 
     POOL = 16
@@ -200,16 +204,16 @@ class PromptStream:
         self.cfg, self.tokenizer = cfg, tokenizer
         self.samples = {task: babi(task, "train") for task in cfg.tasks}
         self.questions = [(task, i) for task, samples in self.samples.items() for i in range(len(samples))]
-        self.size = {q: sum(len(f) for f in self.samples[q[0]][q[1]].facts) for q in self.questions}
+        self.size = {q: sum(len(f) + 1 for f in self.samples[q[0]][q[1]].facts) for q in self.questions}  # characters
         stories: dict[tuple[str, int], list[int]] = {}
         for task, i in self.questions:
             stories.setdefault((task, self.samples[task][i].story_id), []).append(i)
         self.stories = list(stories.items())  # ((task, story id), question indices in order)
-        self.story_size = {key: self.size[(key[0], qs[-1])] + 50 * len(qs) for key, qs in self.stories}
+        self.story_size = {key: self.size[(key[0], qs[-1])] + 100 * len(qs) for key, qs in self.stories}  # characters
         self.task_questions = {task: [q for q in self.questions if q[0] == task] for task in self.samples}
         self.task_stories = {task: [s for s in self.stories if s[0][0] == task] for task in self.samples}
         self.rng = random.Random(f"train:{cfg.seed}")
-        self.queues: dict[int, list[list]] = {}
+        self.queues: dict[tuple, list[list]] = {}  # (length, task weights) -> batches to come
         self.token_counts: dict[str, int] = {}  # book sentences are counted once
 
     def length(self, step: int) -> int:
@@ -219,26 +223,43 @@ class PromptStream:
             return self.rng.choice(cfg.lengths)
         return self.STORY if self.rng.random() < cfg.story_share else 0
 
-    def rows(self, length: int) -> int:
-        """Batch rows: `batch_size` at 0k and for stories, fewer for long prompts (at most about
-        `batch_tokens` tokens per batch, at least 4 rows)."""
-        if length <= 0:
-            return self.cfg.batch_size
-        return max(4, min(self.cfg.batch_size, self.cfg.batch_tokens // length))
+    def tokens(self, item, length: int) -> int:
+        """A rough token count of a question (story) at `length`, for batching (about 4 characters a token)."""
+        if length > 0:  # filler fills up to `length` (a qa3 story longer than that makes a bigger batch)
+            return length
+        if length == self.STORY:
+            return self.story_size[item[0]] // 4
+        return self.size[item] // 4 + 30
 
-    def draw(self, length: int) -> list:
-        """The next batch of questions ((task, index)) or stories ((task, story id), indices): tasks
-        drawn uniformly (qa3 has a tenth of qa1's questions, qa4 a story per question), then an item."""
-        queue = self.queues.setdefault(length, [])
+    def task_weights(self, step: int) -> list[float]:
+        """Sampling weights of `cfg.tasks` at `step`: the first task alone during the task curriculum,
+        then `first_task_share` for it and equal shares of the rest."""
+        cfg, n = self.cfg, len(self.cfg.tasks)
+        if step < cfg.task_curriculum * cfg.steps or n == 1:
+            return [1.0] + [0.0] * (n - 1)
+        return [cfg.first_task_share] + [(1 - cfg.first_task_share) / (n - 1)] * (n - 1)
+
+    def draw(self, length: int, step: int = 0) -> list:
+        """The next batch of questions ((task, index)) or stories ((task, story id), indices): a task
+        drawn by `task_weights` (not by its number of questions: qa3 has a tenth of qa1's, qa4 a story
+        per question), then an item of it. A batch holds at most `batch_size` rows and about
+        `batch_tokens` tokens (at least 4 rows)."""
+        weights = self.task_weights(step)
+        queue = self.queues.setdefault((length, tuple(weights)), [])
         if not queue:
-            b = self.rows(length)
-            if length == self.STORY:
-                items, size = self.task_stories, lambda item: self.story_size[item[0]]
-            else:
-                items, size = self.task_questions, self.size.__getitem__
+            cfg = self.cfg
+            items = self.task_stories if length == self.STORY else self.task_questions
             tasks = list(items)
-            pool = sorted((self.rng.choice(items[self.rng.choice(tasks)]) for _ in range(self.POOL * b)), key=size)
-            queue.extend(pool[k:k + b] for k in range(0, len(pool), b))
+            drawn = self.rng.choices(tasks, weights=weights, k=self.POOL * cfg.batch_size)
+            pool = sorted((self.rng.choice(items[t]) for t in drawn), key=lambda item: self.tokens(item, length))
+            batch: list = []
+            for item in pool:
+                if batch and (len(batch) == cfg.batch_size or
+                              (len(batch) >= 4 and (len(batch) + 1) * self.tokens(item, length) > cfg.batch_tokens)):
+                    queue.append(batch)
+                    batch = []
+                batch.append(item)
+            queue.append(batch)
             self.rng.shuffle(queue)
         return queue.pop()
 
@@ -265,11 +286,11 @@ class PromptStream:
         cfg = self.cfg
         length = self.length(step)
         if length == self.STORY:
-            rows = [self.story_ids(task, indices) for (task, _), indices in self.draw(length)]
+            rows = [self.story_ids(task, indices) for (task, _), indices in self.draw(length, step)]
             rows = [r for r in rows if len(r[0]) <= cfg.max_len]
         else:
             by_task: dict[str, list[int]] = {}
-            for task, index in self.draw(length):
+            for task, index in self.draw(length, step):
                 by_task.setdefault(task, []).append(index)
             prompts = [p for task, indices in by_task.items()
                        for p in babilong(task, length, split="train", seed=cfg.seed * 1_000_003 + step, indices=indices,
@@ -430,8 +451,9 @@ def model_card(result: TrainResult, command: str) -> str:
 A small {cfg.arch} language model trained by `diffmamba-interp train` on the bAbI tasks
 {", ".join(cfg.tasks)} in BABILong form: the first {cfg.curriculum:.0%} of the steps at 0k, then {cfg.filler_share:.0%} of the
 batches with public-domain book filler up to {", ".join(map(str, cfg.lengths))} tokens; {cfg.story_share:.0%} of the 0k batches
-are whole stories (each question in its own BABILong block, every answer scored; `train.PromptStream`),
-shipped with diffmamba-interp so every command has a real default. Loss: {cfg.loss}{f" (answer + {cfg.lm_weight} x next-token)" if cfg.loss == "lm" else " (answer token only)"}.
+are whole stories (each question in its own BABILong block, every answer scored; `train.PromptStream`);
+the first {cfg.task_curriculum:.0%} of the steps read {cfg.tasks[0]} only, then {cfg.first_task_share:.0%} of the rows are {cfg.tasks[0]} and the
+other tasks share the rest equally; shipped with diffmamba-interp so every command has a real default. Loss: {cfg.loss}{f" (answer + {cfg.lm_weight} x next-token)" if cfg.loss == "lm" else " (answer token only)"}.
 Byte-level BPE tokenizer of {cfg.vocab_size} entries trained on bAbI and the books (`data/subword.py`).
 bAbI data: CC BY 3.0 (Facebook AI Research; see `diffmamba_interp/data/babi/LICENSE.txt`); books:
 Project Gutenberg, public domain in the USA (`diffmamba_interp/data/filler/`).

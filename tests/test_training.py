@@ -44,7 +44,8 @@ def test_tokenizer_is_deterministic_and_size_checked(tok):
 
 def cfg(**kw):
     base = dict(arch="mamba2", d_model=16, n_layers=2, steps=10, batch_size=8, tasks=("qa1", "qa3"),
-                lengths=(512, 1024), curriculum=0.5, filler_share=1.0, batch_tokens=4096, story_share=0.0)
+                lengths=(512, 1024), curriculum=0.5, filler_share=1.0, batch_tokens=4096, story_share=0.0,
+                task_curriculum=0.0, first_task_share=0.5)
     return TrainConfig(**{**base, **kw})
 
 
@@ -64,9 +65,10 @@ def test_stream_curriculum_lengths_rows_and_padding(tok):
     for step in range(c.steps):
         ids, targets, length = stream.batch(step)
         if step < 5:
-            assert length == 0 and ids.shape[0] == 8  # the curriculum: 0k first
+            assert length == 0 and ids.shape[0] <= 8  # the curriculum: 0k first
+            assert ids.shape[0] >= 4 or ids.shape[0] * ids.shape[1] <= 4096  # few rows only for long prompts
         else:
-            assert length in (512, 1024) and ids.shape[0] == max(4, min(8, 4096 // length))
+            assert length in (512, 1024) and ids.shape[0] <= max(4, min(8, 4096 // length))
             assert ids.shape[1] > 0.5 * length  # filler reached most of the BABILong budget
         assert ((targets != -100).sum(1) == 1).all()  # one question per prompt
         for row, at, answers in rows_of(tok, ids, targets):
@@ -80,7 +82,7 @@ def test_stream_curriculum_lengths_rows_and_padding(tok):
 def test_story_batches_answer_every_question_of_a_story(tok):
     stream = PromptStream(cfg(curriculum=1.0, story_share=1.0, tasks=("qa1",)), tok)
     ids, targets, length = stream.batch(0)
-    assert length == PromptStream.STORY and ids.shape[0] == 8
+    assert length == PromptStream.STORY and 1 <= ids.shape[0] <= 8
     samples = babi("qa1", "train")
     for row, at, answers in rows_of(tok, ids, targets):
         text = tok.decode(row[: int(at[-1]) + 2])  # up to and with the last answer
@@ -99,16 +101,37 @@ def test_story_batches_answer_every_question_of_a_story(tok):
             assert tok.decode(row[: pos + 1]).endswith("Answer:") and tok.decode([int(row[pos + 1])]).strip() == answer
 
 
-def test_stream_sorts_batches_by_story_size(tok):
-    stream = PromptStream(cfg(curriculum=1.0), tok)
-    widths = [stream.batch(s)[0].shape[1] for s in range(PromptStream.POOL)]  # one pool of 0k batches
+def test_stream_sorts_batches_by_size_within_a_token_budget_and_draws_tasks_uniformly(tok):
+    stream = PromptStream(cfg(curriculum=1.0, steps=100), tok)
+    shapes, tasks = [], []
+    for s in range(2 * PromptStream.POOL):
+        ids, targets, _ = stream.batch(s)
+        shapes.append(tuple(ids.shape))
+        for row in ids:
+            tasks.append("qa3" if tok.decode(row).count(". ") > 12 else "qa1")  # qa1 prompts have at most 10 facts
+    widths = [w for _, w in shapes]
     assert max(widths) > 3 * min(widths)  # qa3 stories batch together, qa1 stories together
+    assert all(r <= 8 and (r * w <= 1.5 * 4096 or r <= 4) for r, w in shapes)  # long batches have few rows (0k)
+    assert 0.2 < tasks.count("qa3") / len(tasks) < 0.8  # tasks drawn by weight, 1/2 here (qa3 is 1/11 of the questions)
+
+
+def test_task_curriculum_then_first_task_share(tok):
+    c = cfg(tasks=("qa1", "qa2", "qa4"), task_curriculum=0.3, first_task_share=0.4, steps=100, curriculum=1.0)
+    stream = PromptStream(c, tok)
+    assert stream.task_weights(0) == stream.task_weights(29) == [1.0, 0.0, 0.0]
+    assert stream.task_weights(30) == pytest.approx([0.4, 0.3, 0.3])
+    early = [q for s in range(3) for q in stream.draw(0, s)]
+    assert {task for task, _ in early} == {"qa1"}
+    late = [q for s in range(30, 60) for q in stream.draw(0, s)]
+    share = {t: sum(task == t for task, _ in late) / len(late) for t in c.tasks}
+    assert share["qa1"] == pytest.approx(0.4, abs=0.1) and share["qa4"] == pytest.approx(0.3, abs=0.1)
 
 
 def test_bad_training_options_are_refused():
     for kw, word in ((dict(loss="mse"), "--loss"), (dict(filler_share=2.0), "--filler-share"),
                      (dict(curriculum=-0.1), "--curriculum"), (dict(lengths=(0,)), "--lengths"),
-                     (dict(lengths=(10**6,)), "--lengths"), (dict(story_share=1.5), "--story-share")):
+                     (dict(lengths=(10**6,)), "--lengths"), (dict(story_share=1.5), "--story-share"),
+                     (dict(task_curriculum=2), "--task-curriculum"), (dict(first_task_share=-1), "--first-task-share")):
         with pytest.raises(DiffMambaError, match=word):
             cfg(**kw).check()
 
