@@ -42,7 +42,7 @@ test: install-test chromium triton-ssd
 # The shipped models: Mamba-2 and Diff-Mamba-2, three training seeds each, from scratch (see each
 # model card for its command, steps, wall time and learning curve). The two architectures of a seed
 # train side by side, one thread each; seed 0 is the default pair (models/<arch>-babi).
-MODEL_STEPS ?= 1500
+MODEL_STEPS ?= 1200
 models: install
 	for s in 0 1 2; do \
 	  suffix=$$( [ $$s = 0 ] || echo -seed$$s ); \

@@ -35,6 +35,7 @@ _EXPORTS = {
     "answer_row": "analysis.answer_row",
     "needle_attention": "analysis.needle_attention",
     "compare": "analysis.compare",
+    "accuracy_by_length": "analysis.accuracy",
     "patch": "analysis.patching",
     "logit_diff": "analysis.patching",
     "answer_prob": "analysis.patching",

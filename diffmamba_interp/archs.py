@@ -10,7 +10,8 @@ entry in `ARCHS`; nothing in the analysis code names architectures.
 | mamba2 | Mamba2Mixer | — | — | transformers-mamba2 |
 | diffmamba1 | Mamba1Mixer | DiffBlock of two Mamba1Mixers, expand halved | qk | diffmamba-interp |
 | diffmamba2 | Mamba2Mixer | DiffBlock of two Mamba2Mixers, expand 1, head_dim / 2 | q1 | diffmamba2 |
-| diffs6 | Mamba1Mixer | Block with a DiffS6Mixer | qk | diffmamba-interp |
+| diffs6 | Mamba1Mixer | Block with a DiffS6Mixer (upstream's Mamba-1 form) | none | diffmamba-interp |
+| diffs6mamba2 | Mamba2Mixer | Block with a DiffS6Mamba2Mixer (upstream's Mamba-2 form) | q1, one scalar | diffmamba-interp |
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from torch import nn
 
 from .blocks import Block, DiffBlock
 from .errors import DiffMambaError
-from .mixers import DiffS6Mixer, Mamba1Mixer, Mamba2Mixer, MixerDims
+from .mixers import DiffS6Mamba2Mixer, DiffS6Mixer, Mamba1Mixer, Mamba2Mixer, MixerDims
 
 if TYPE_CHECKING:
     from .config import MambaConfig
@@ -55,7 +56,8 @@ class ArchSpec:
         `DiffBlock` of two `mixer`s sized by `branch_dims`) or "mixer" (a `Block` whose mixer is
         `diff_mixer`).
     branch_dims: the sizes of each branch's mixer, from the base mixer's sizes.
-    lambda_form: "q1" or "qk" (differential.LAMBDA_FORMS); lambda_size: its vectors' size from the config.
+    lambda_form: "q1" or "qk" (differential.LAMBDA_FORMS); lambda_size: its vectors' size from the config
+        (a `DiffBlock`'s; a differential mixer, diff "mixer", defines its own λ).
     save_format: the checkpoint format `save_pretrained` writes (a key of loading.FORMATS).
     diff_variant: the differential architecture `convert.mamba_to_diffmamba` turns this one into.
     """
@@ -99,8 +101,9 @@ ARCHS: dict[str, ArchSpec] = {
                            branch_dims=_halve_expand, lambda_form="qk"),
     "diffmamba2": ArchSpec("diffmamba2", Mamba2Mixer, "mamba2", "diffmamba2", diff="block",
                            branch_dims=_expand1_half_heads, lambda_form="q1", lambda_size=lambda cfg: cfg.d_model),
-    "diffs6": ArchSpec("diffs6", Mamba1Mixer, "mamba1", "diffmamba-interp", diff="mixer", diff_mixer=DiffS6Mixer,
-                       lambda_form="qk"),
+    "diffs6": ArchSpec("diffs6", Mamba1Mixer, "mamba1", "diffmamba-interp", diff="mixer", diff_mixer=DiffS6Mixer),
+    "diffs6mamba2": ArchSpec("diffs6mamba2", Mamba2Mixer, "mamba2", "diffmamba-interp", diff="mixer",
+                             diff_mixer=DiffS6Mamba2Mixer),
 }
 
 

@@ -1,7 +1,7 @@
 """Residual blocks (docs/conventions.md, "Blocks"). Every block is pre-norm:
 resid_post = resid_pre + mixer_out(RMSNorm(resid_pre)).
 
-- `Block(d_model, mixer)`: one mixer, whatever its class (Mamba-1, Mamba-2, Diff-S6); the
+- `Block(d_model, mixer)`: one mixer, whatever its class (Mamba-1, Mamba-2, either Diff-S6); the
   architecture registry (`archs.py`) decides which mixer a layer gets, as mamba-ssm's `create_block`.
 - `DiffBlock`: Diff-Mamba-1/2, two mixers of reduced size and the differential combination
   mixer_out = (1 − λ_init)·subln(mixer_1(h) − λ·mixer_2(h)) (`differential.Differential`).

@@ -287,14 +287,38 @@ FILLER = typer.Option("books", "--filler", help="babilong filler: books (public-
                       "tasks: distractors) or a text file.")
 
 
+CKPT_A = typer.Option(None, "--ckpt-a", help="Seeds of architecture a (repeat, or a glob): seed-level statistics.")
+CKPT_B = typer.Option(None, "--ckpt-b", help="Seeds of architecture b (repeat, or a glob).")
+ALL_SEEDS = typer.Option(False, "--all-seeds", help="Every shipped training seed: models/<name> and models/<name>-seed<k> "
+                         "of both shipped models, as --ckpt-a/--ckpt-b.")
+
+
+def _seed_groups(ckpt, ckpt_a, ckpt_b, all_seeds: bool) -> tuple[list, list] | None:
+    """The checkpoints of the two architectures of a seed-level run (--ckpt-a/--ckpt-b, or --all-seeds:
+    `jobs.shipped_seed_checkpoints`, named on stderr), or None for a run over --ckpt."""
+    if all_seeds:
+        if ckpt or ckpt_a or ckpt_b:
+            raise DiffMambaError("--all-seeds picks the checkpoints itself: drop --ckpt, --ckpt-a and --ckpt-b")
+        from .jobs import SHIPPED, display_path, shipped_seed_checkpoints
+
+        found = shipped_seed_checkpoints()
+        for name, paths in found.items():
+            typer.echo(f"note: --all-seeds: {name}: {len(paths)} checkpoint(s): {', '.join(map(display_path, paths))}", err=True)
+        return found[SHIPPED[0]], found[SHIPPED[1]]
+    if not (ckpt_a or ckpt_b):
+        return None
+    if ckpt:
+        raise DiffMambaError("give either --ckpt or --ckpt-a/--ckpt-b, not both")
+    return list(ckpt_a or []), list(ckpt_b or [])
+
+
 @app.command()
 @_errors
 def snr(
     ckpt: Optional[List[str]] = CKPT, data: Optional[str] = DATA, n: Optional[int] = N, lens: Optional[LensKind] = LENS,
     seed: int = SEED, preset: Optional[Preset] = PRESET, bootstrap: Bootstrap = BOOTSTRAP, filler: str = FILLER,
     chunk_size: Optional[int] = CHUNK,
-    ckpt_a: Optional[List[str]] = typer.Option(None, "--ckpt-a", help="Seeds of architecture a (repeat, or a glob): seed-level statistics."),
-    ckpt_b: Optional[List[str]] = typer.Option(None, "--ckpt-b", help="Seeds of architecture b (repeat, or a glob)."),
+    ckpt_a: Optional[List[str]] = CKPT_A, ckpt_b: Optional[List[str]] = CKPT_B, all_seeds: bool = ALL_SEEDS,
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON (schema in the README)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write an HTML report (plotly, works offline)."),
     per_example: Optional[Path] = PER_EXAMPLE,
@@ -302,16 +326,12 @@ def snr(
 ) -> None:
     """Per-layer needle probability, SNR (dB), rank and distractor ratio with 95% CIs, per model, plus
     paired differences (the paper's Figure 6 analysis; paper_layer is the figure's layer index).
-    With --ckpt-a/--ckpt-b: across training seeds, per architecture and paired."""
+    With --ckpt-a/--ckpt-b (or --all-seeds): across training seeds, per architecture and paired."""
     from .jobs import run_seed_snr, run_snr
-    from .schemas import few_clusters_warning
 
-    if ckpt_a or ckpt_b:
-        if ckpt:
-            raise DiffMambaError("give either --ckpt or --ckpt-a/--ckpt-b, not both")
-        if out:
-            raise DiffMambaError("--out is not available with --ckpt-a/--ckpt-b yet; use --json")
-        seeds = run_seed_snr(ckpt_a or [], ckpt_b or [], data, n, _value(lens), seed=seed, progress=not quiet,
+    groups = _seed_groups(ckpt, ckpt_a, ckpt_b, all_seeds)
+    if groups is not None:
+        seeds = run_seed_snr(*groups, data, n, _value(lens), seed=seed, progress=not quiet,
                              preset=_value(preset), bootstrap=_value(bootstrap), filler=filler, chunk_size=chunk_size)
         typer.echo(seeds.title)
         _print_table(seeds.summary_table())
@@ -319,9 +339,11 @@ def snr(
         _print_table(seeds.paired_table())
         for note in seeds.result.notes:
             typer.echo(f"note: {note}", err=True)
-        _warn(few_clusters_warning(seeds.result.summary, "questions" if _value(bootstrap) == "question" else "stories"))
+        _warn(seeds.sample_warning())
         if json_out:
             _write_json(json_out, seeds.to_json())
+        if out:
+            typer.echo(f"wrote {seeds.write_report(out)}", err=True)
         _write_per_example(per_example, seeds.result.per_example)
         return
 
@@ -443,20 +465,74 @@ def report(
     out: Path = typer.Option(Path("reports/report.html"), "--out", help="The HTML report."),
     example: int = typer.Option(0, "--example", help="Which example's attention maps to show."),
     layer: Optional[int] = typer.Option(None, "--layer", help="Layer for the attention maps (default: first differential)."),
+    ckpt_a: Optional[List[str]] = CKPT_A, ckpt_b: Optional[List[str]] = CKPT_B, all_seeds: bool = ALL_SEEDS,
     per_example: Optional[Path] = PER_EXAMPLE,
     quiet: bool = QUIET,
 ) -> None:
     """Everything in one self-contained HTML report: accuracy, SNR, paired differences, λ, branch lens, attention,
-    patching, tables."""
-    from .jobs import full_report
+    attention to the needle, patching, tables. With --ckpt-a/--ckpt-b (or --all-seeds): the report of the first
+    checkpoint of each architecture plus the seed-level sections over all of them."""
+    from .jobs import full_report, run_seed_snr
 
+    seeds, groups = None, _seed_groups(ckpt, ckpt_a, ckpt_b, all_seeds)
+    if groups is not None:
+        seeds = run_seed_snr(*groups, data, n, _value(lens), seed=seed, progress=not quiet, preset=_value(preset),
+                             bootstrap=_value(bootstrap), filler=filler, chunk_size=chunk_size)
+        ckpt = [paths[0] for paths in seeds.ckpts.values()]  # the first of each architecture: seed 0 with --all-seeds
     run, path = full_report(ckpt, data, n, _value(lens), out, example=example, layer=layer, seed=seed, progress=not quiet,
-                            preset=_value(preset), bootstrap=_value(bootstrap), filler=filler, chunk_size=chunk_size)
+                            preset=_value(preset), bootstrap=_value(bootstrap), filler=filler, chunk_size=chunk_size,
+                            seeds=seeds)
     typer.echo(run.title)
     _print_table(run.summary_table())
     _warn(run.sample_warning())
     typer.echo(f"wrote {path}", err=True)
     _write_per_example(per_example, run.per_example_table())
+
+
+@app.command("eval")
+@_errors
+def eval_(
+    ckpt: Optional[List[str]] = CKPT,
+    data: Optional[List[str]] = typer.Option(None, "--data", help="Data spec(s), repeatable: several lengths in one "
+                                             "(babilong:qa1:0k,1k,2k,4k, the default), several tasks as "
+                                             "babilong:qa1,qa2:0k,1k or one --data each."),
+    n: Optional[int] = typer.Option(None, "--n", "-n", help="Questions per task (default 100, as upstream), the same "
+                                    "questions at every length."),
+    seed: int = SEED, filler: str = FILLER, chunk_size: Optional[int] = CHUNK,
+    batch_size: int = typer.Option(8, "--batch-size", help="Prompts per forward pass (right-padded)."),
+    max_new_tokens: int = typer.Option(20, "--max-new-tokens", help="Greedy generation: at most this many new tokens "
+                                       "(upstream's 20; it stops at the first sentence's end). 0: argmax only."),
+    out: Optional[Path] = typer.Option(None, "--out", help="HTML page: accuracy heat-maps by task × length per model "
+                                       "and the ratio of each model to the first (plotly, offline)."),
+    csv: Optional[Path] = typer.Option(None, "--csv", help="The accuracy table as .csv (or .parquet)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Table, ratios and every example's output as JSON."),
+    quiet: bool = QUIET,
+) -> None:
+    """Accuracy by task and context length (the paper's BABILong result): argmax at the last prompt
+    position and greedy generation scored as upstream (the target alone in the first sentence)."""
+    from .jobs import check_table_path, eval_specs, run_eval, write_table
+    from .report.accuracy import length_label
+
+    eval_specs(data)  # every spec checked before any model is loaded
+    if csv is not None:
+        check_table_path(csv, "--csv")
+        check_writable(csv, "--csv")
+    run = run_eval(ckpt, data, n, seed=seed, filler=filler, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                   chunk_size=chunk_size, progress=not quiet)
+    typer.echo(run.title)
+    _print_table(run.print_table())
+    ratio = run.ratio_tables()
+    if len(ratio):
+        typer.echo(f"\naccuracy ratio to {run.result.labels[0]} (b / a):")
+        columns = ["model_b", "scorer", "task", "length", "accuracy_a", "accuracy_b", "ratio"]
+        _print_table(ratio[columns].assign(length=[length_label(x) for x in ratio["length"]]))
+    if csv is not None:
+        write_table(csv, run.table, what="--csv")
+        typer.echo(f"wrote {csv}", err=True)
+    if json_out:
+        _write_json(json_out, run.to_json())
+    if out:
+        typer.echo(f"wrote {run.write_report(out)}", err=True)
 
 
 @app.command()
@@ -578,24 +654,48 @@ def train(
     steps: int = typer.Option(2000, "--steps"), seed: int = SEED,
     d_model: int = typer.Option(64, "--d-model"), n_layers: int = typer.Option(4, "--n-layers"),
     batch_size: int = typer.Option(32, "--batch-size"), lr: float = typer.Option(3e-3, "--lr"),
-    lens_steps: int = typer.Option(300, "--lens-steps", help="Tuned-lens training steps (0: none)."),
+    loss: str = typer.Option("answer", "--loss", help="answer (answer token only) or lm (answer + 0.1 x next-token loss)."),
+    lengths: str = typer.Option("512,1024", "--lengths", help="BABILong lengths (tokens) of the filler batches."),
+    filler_share: float = typer.Option(0.3, "--filler-share", help="Share of batches with book filler after the curriculum."),
+    curriculum: float = typer.Option(0.3, "--curriculum", help="Share of the steps (from the start) at 0k only."),
+    task_curriculum: float = typer.Option(0.3, "--task-curriculum", help="Share of the steps (from the start) on qa1 only."),
+    first_task_share: float = typer.Option(0.4, "--first-task-share", help="Share of the rows from qa1 (the first task) after that."),
+    story_share: float = typer.Option(0.7, "--story-share", help="Share of the 0k batches that are whole stories "
+                                      "(every question of a story answered in one row)."),
+    lens_steps: int = typer.Option(250, "--lens-steps", help="Tuned-lens training steps on the shipped books (0: none)."),
     init: Optional[Path] = typer.Option(None, "--init", help="Continue training from this checkpoint's weights."),
     eval_n: Optional[int] = typer.Option(None, "--eval-n", help="Test examples per task for the accuracy (default: all)."),
+    eval_every: int = typer.Option(0, "--eval-every", help="Measure the learning curve every N steps (0: never)."),
+    threads: int = typer.Option(0, "--threads", help="torch threads (0: torch's default)."),
     force: bool = typer.Option(False, "--force", help="Replace the model in a non-empty --out directory (its weights, "
                                "config, card, training.json, tuned lens and tokenizer files are removed first)."),
     quiet: bool = QUIET,
 ) -> None:
-    """Train a small model on bAbI qa1–qa5 (CPU), evaluate it, train its tuned lens, save all."""
-    from .data import build_babi_tokenizer
+    """Train a small model on bAbI qa1–qa5 with book filler (CPU), evaluate it, fit its tuned lens, save all."""
+    from .data.subword import build_subword_tokenizer
     from .train import TrainConfig, check_options, check_output_dir, write_run
     from .train import train as run_training
 
-    cfg = TrainConfig(arch=arch.value, steps=steps, seed=seed, d_model=d_model, n_layers=n_layers,
-                      batch_size=batch_size, lr=lr, init=str(init) if init else None)
-    tokenizer = build_babi_tokenizer()
+    try:
+        length_list = tuple(int(x) for x in lengths.split(","))
+    except ValueError:
+        raise DiffMambaError(f"--lengths must be comma-separated token counts, got {lengths!r}") from None
+    for name, value in (("--eval-every", eval_every), ("--threads", threads)):
+        if value < 0:
+            raise DiffMambaError(f"{name} must be >= 0, got {value}")
+    cfg = TrainConfig(arch=arch.value, steps=steps, seed=seed, d_model=d_model, n_layers=n_layers, batch_size=batch_size,
+                      lr=lr, init=str(init) if init else None, loss=loss, lengths=length_list, filler_share=filler_share,
+                      curriculum=curriculum, story_share=story_share, task_curriculum=task_curriculum,
+                      first_task_share=first_task_share)
+    cfg.check()
     check_output_dir(out_dir, force=force)  # never overwrite a model without --force
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    tokenizer = build_subword_tokenizer(cfg.vocab_size)
     check_options(cfg, tokenizer, eval_n=eval_n, lens_steps=lens_steps)  # every option, before any training
-    model, result = run_training(cfg, tokenizer, progress=not quiet, eval_n=eval_n)
+    model, result = run_training(cfg, tokenizer, progress=not quiet, eval_n=eval_n, eval_every=eval_every)
     command = "diffmamba-interp " + " ".join(sys.argv[1:])
     write_run(model, result, out_dir, command, lens_steps=lens_steps, seed=seed, progress=not quiet)
     _print_table(result.accuracy)

@@ -57,8 +57,9 @@ class MambaConfig:
     """Sizes and architecture of a (Diff-)Mamba language model.
 
     arch: a key of the registry `archs.ARCHS`: "mamba1" (S6), "mamba2" (SSD), "diffmamba1",
-    "diffmamba2" (two mixers per differential layer) or "diffs6" (the paper's ablation: the
-    difference inside one S6 mixer).
+    "diffmamba2" (two mixers per differential layer), "diffs6" or "diffs6mamba2" (the paper's
+    ablation, the difference inside one mixer, in upstream's Mamba-1 form, `diffs6block.py`, and
+    Mamba-2 form, `diffs6mamba2block.py`; mixers/diffs6.py).
     diff_layers: which blocks are differential in a diff arch: "alternate" (even indices), "all",
     "quarter" (the last n_layers // 4) or an explicit list of block indices.
     """

@@ -14,6 +14,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from .analysis.stats import proportion_interval, wilson_interval  # noqa: F401  (wilson_interval: re-exported)
 from .errors import DiffMambaError
 from .schemas import ACCURACY_COLUMNS, LAMBDA_COLUMNS, few_clusters_warning
 
@@ -22,10 +23,17 @@ SHIPPED = ("mamba2-babi", "diffmamba2-babi")
 
 
 def models_dir() -> Path:
-    """`models/` of this checkout ($DIFFMAMBA_MODELS overrides), else ./models."""
+    """Where the shipped models are: $DIFFMAMBA_MODELS if set; the package's own `_models/` in an
+    installed wheel (setup.py copies the checkout's models/ there at build time); `models/` of this
+    checkout (an editable install); else ./models."""
     env = os.environ.get("DIFFMAMBA_MODELS")
     if env:
         return Path(env)
+    from importlib.resources import files
+
+    packaged = files(__package__) / "_models"
+    if packaged.is_dir():
+        return Path(str(packaged))
     repo = Path(__file__).resolve().parent.parent / "models"
     return repo if repo.is_dir() else Path.cwd() / "models"
 
@@ -201,7 +209,9 @@ class SnrRun:
     def accuracy_table(self) -> pd.DataFrame:
         """Task accuracy per model and task (`schemas.ACCURACY_COLUMNS`): the share of examples whose answer
         is rank 1 at the final layer (the model's argmax at the last position, as the final lens layer is
-        the model's output), with a 95% Wilson interval. With several BABILong lengths the task label
+        the model's output), with a 95% Wilson interval at the effective sample size of the story
+        clustering (`stats.proportion_interval`: questions of one story are not independent; `deff` is
+        the design effect, 1 for independent questions). With several BABILong lengths the task label
         carries the length ("qa1 · 1k")."""
         from .data.babilong import format_length
 
@@ -211,18 +221,20 @@ class SnrRun:
         if len(lengths) > 1:
             final["task"] = [f"{t} · {format_length(int(n))}" if n == n else t for t, n in zip(final["task"], final["length"])]
         final["correct"] = final["rank"] == 1
-        grouped = final.groupby(["model", "task"], sort=False)["correct"].agg(["size", "sum"]).reset_index()
-        n, k = grouped["size"].to_numpy(), grouped["sum"].to_numpy()
-        low, high = wilson_interval(k, n)
-        out = pd.DataFrame({"model": grouped["model"], "task": grouped["task"], "n": n, "correct": k,
-                            "accuracy": k / n, "ci_low": low, "ci_high": high}, columns=list(ACCURACY_COLUMNS))
+        rows = []
+        for (model, task), g in final.groupby(["model", "task"], sort=False):
+            stories = g["story"] if g["story"].notna().all() else None
+            low, high, deff = proportion_interval(g["correct"].to_numpy(), None if stories is None else stories.to_numpy())
+            rows.append({"model": model, "task": task, "n": len(g), "correct": int(g["correct"].sum()),
+                         "accuracy": float(g["correct"].mean()), "ci_low": low, "ci_high": high, "deff": deff})
+        out = pd.DataFrame(rows, columns=list(ACCURACY_COLUMNS))
         order = {label: i for i, label in enumerate(self.result.labels)}
         return out.sort_values(["model", "task"], key=lambda c: c.map(order) if c.name == "model" else c.map(_natural),
                                kind="stable").reset_index(drop=True)
 
     def report_tables(self, accuracy: pd.DataFrame, lambdas: pd.DataFrame) -> dict:
         """The tables at the end of the report: per-layer summary, accuracy, λ, the tuned lens's KL."""
-        tables = {"per-layer summary": self.layer_table().round(4), "task accuracy (Wilson 95% interval)": accuracy.round(4)}
+        tables = {"per-layer summary": self.layer_table().round(4), "task accuracy (95% Wilson interval, story-clustered)": accuracy.round(4)}
         if len(lambdas):
             tables["λ per differential block"] = lambdas.round(4)
         kl = self.lens_evaluation()
@@ -231,21 +243,30 @@ class SnrRun:
         return tables
 
     def write_report(self, path, *, branch: pd.DataFrame | None = None, attention=None, patching=None,
-                     title: str | None = None) -> Path:
+                     title: str | None = None, needle: pd.DataFrame | None = None, seeds: "SeedRun | None" = None) -> Path:
         """The HTML report of this run (`report.write_report`): accuracy, the per-layer measures, paired
-        differences, λ, and whatever `branch` / `attention` / `patching` are given; a warning box when
-        the statistics rest on too few stories."""
+        differences, λ, and whatever `branch` / `attention` / `needle` (`needle_summary`) / `patching` /
+        `seeds` (a `SeedRun`: the seed-level sections) are given; a warning box when the statistics
+        rest on too few stories."""
         from .report import write_report
 
         accuracy, lambdas = self.accuracy_table(), lambda_table(self.models)
+        tables = self.report_tables(accuracy, lambdas)
+        if needle is not None and len(needle):
+            tables[NEEDLE_TABLE] = needle_report_table(needle)
+        meta = {"data": self.data["spec"], "lens": self.lens_label, "examples": self.n_examples,
+                "bootstrap": self.data.get("bootstrap", "story"),
+                "checkpoints": [display_path(m.checkpoint_path) if m.checkpoint_path else m.label for m in self.models]}
+        if seeds is not None:
+            tables.update(seeds.report_tables())
+            meta["seed groups"] = {g: [display_path(c) for c in cs] for g, cs in seeds.ckpts.items()}
         return write_report(
             path, title=title or self.title,
             summary=self.result.summary, paired=self.result.paired if len(self.result.paired) else None,
             branch=branch, attention=attention, patching=patching, accuracy=accuracy, lambdas=lambdas,
-            tables=self.report_tables(accuracy, lambdas), unit=self.unit,
-            meta={"data": self.data["spec"], "lens": self.lens_label, "examples": self.n_examples,
-                  "bootstrap": self.data.get("bootstrap", "story"),
-                  "checkpoints": [display_path(m.checkpoint_path) if m.checkpoint_path else m.label for m in self.models]},
+            needle=needle, seeds=seeds.result if seeds is not None else None,
+            warnings=[w for w in (seeds.sample_warning(),) if w] if seeds is not None else (),
+            tables=tables, unit=self.unit, meta=meta,
         )
 
 
@@ -256,21 +277,10 @@ def _natural(text) -> tuple:
     return tuple(int(t) if t.isdigit() else t for t in re.findall(r"\d+|\D+", str(text)))
 
 
-def wilson_interval(correct, n, z: float = 1.959963984540054) -> tuple[np.ndarray, np.ndarray]:
-    """The Wilson score interval (95% by default) of a proportion `correct` / `n` (arrays): sane at 0%
-    and 100% and for small n, unlike the normal approximation."""
-    k, n = np.asarray(correct, dtype=np.float64), np.asarray(n, dtype=np.float64)
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    low = np.where(k == 0, 0.0, np.clip(centre - half, 0.0, 1.0))  # exact ends, not 1e-17 off
-    high = np.where(k == n, 1.0, np.clip(centre + half, 0.0, 1.0))
-    return low, high
-
-
 def lambda_table(models) -> pd.DataFrame:
     """λ of every differential block of each model (`schemas.LAMBDA_COLUMNS`): block index i (the paper's
-    layer i), λ (`Differential.lam()`, what `hook_lambda` sees) and λ_init. Plain models add no rows."""
+    layer i), λ (`Differential.lam()`, what `hook_lambda` sees) and λ_init. Plain models, and Diff-S6
+    layers of the Mamba-1 form (no λ: a plain difference), add no rows."""
     import torch
 
     from .analysis.attention import differential_of
@@ -279,7 +289,7 @@ def lambda_table(models) -> pd.DataFrame:
     for m in models:
         for i, block in enumerate(m.blocks):
             found = differential_of(block, i)
-            if found is not None:
+            if found is not None and found[1].lambda_form is not None:
                 with torch.no_grad():
                     lam = float(found[1].lam())
                 rows.append((m.label, i, lam, float(found[1].lambda_init)))
@@ -362,6 +372,9 @@ def run_snr(ckpts: Sequence[str] | None = None, data: str | None = None, n: int 
 def lens_table(model, prompt: str, answer: str, lens: str = "auto", top_k: int = 5, chunk_size: int | None = None) -> pd.DataFrame:
     """Per layer: target probability and rank, and the lens's top tokens at the last position
     (`.attrs["lens"]` names the lens used)."""
+    import warnings
+
+    from .analysis.inputs import UnknownTokenWarning
     from .analysis.lens import lens_name, resolve_lens
     from .analysis.snr import target_probs
 
@@ -371,7 +384,9 @@ def lens_table(model, prompt: str, answer: str, lens: str = "auto", top_k: int =
         raise DiffMambaError(f"answer {answer!r} is {n_tokens} tokens for this tokenizer; the lens reads one token, give one word")
     lens_obj = resolve_lens(model, lens)
     rows = target_probs(model, [prompt], [answer], lens=lens_obj, progress=False, chunk_size=chunk_size)
-    ids = model.to_tokens(prompt)
+    with warnings.catch_warnings():  # target_probs has warned of unknown tokens in the prompt: once is enough
+        warnings.simplefilter("ignore", UnknownTokenWarning)
+        ids = model.to_tokens(prompt)
     logp = lens_obj.log_probs(model, ids, positions=[-1], chunk_size=chunk_size)[:, 0, 0]  # [layers, vocab]
     top = logp.topk(top_k, dim=-1)
     rows["top_tokens"] = [
@@ -409,17 +424,61 @@ def branch_table(models, prompts, n: int = 50, progress: bool = True, chunk_size
 
 
 REPORT_ATTENTION_SIDE = 96  # cells a side of the report's attention maps (longer prompts are averaged over blocks)
+NEEDLE_EXAMPLES = 50  # examples behind the report's attention-to-the-needle section (the first ones)
+NEEDLE_TABLE = "attention to the needle: share of each block's answer row on the supporting facts"
 
 
+def needle_summary(models, prompts, n: int = NEEDLE_EXAMPLES, seed: int = 0, progress: bool = True) -> pd.DataFrame | None:
+    """The report's attention to the needle: `analysis.needle_attention.needle_attention` of each model
+    over the first `n` prompts (block maps, mean over channels, CIs over stories), its summary rows of
+    the maps the report draws (`report.needle.NEEDLE_MAPS`: a plain block's map, a differential block's
+    branches and differential map). None, with a warning, when the prompts do not mark their
+    supporting facts (e.g. jsonl data)."""
+    import warnings
+
+    from .analysis.needle_attention import needle_attention
+    from .report.needle import NEEDLE_MAPS
+
+    try:
+        res = needle_attention(models, list(prompts)[:n], seed=seed, labels=[m.label for m in models], progress=progress)
+    except DiffMambaError as e:
+        warnings.warn(f"no attention-to-the-needle section ({e})", stacklevel=2)
+        return None
+    s = res.summary
+    return s[s["map"].isin(NEEDLE_MAPS)].reset_index(drop=True)
+
+
+def needle_report_table(needle: pd.DataFrame) -> pd.DataFrame:
+    """`needle_summary` as the report's table: block index i (= the paper's layer i) in place of layer."""
+    return needle.rename(columns={"layer": "block", "mean": "share", "ratio": "share / baseline"})
+
+
+def _unknown_tokens_once(fn):
+    """A job that runs several analyses over the same prompts: one warning of their unknown tokens
+    (`analysis.inputs.unknown_tokens_once`), not one per analysis and model."""
+    import functools
+
+    @functools.wraps(fn)
+    def job(*args, **kwargs):
+        from .analysis.inputs import unknown_tokens_once
+
+        with unknown_tokens_once():
+            return fn(*args, **kwargs)
+
+    return job
+
+
+@_unknown_tokens_once
 def full_report(ckpts: Sequence[str] | None = None, data: str | None = None, n: int | None = None,
                 lens: str | None = None, out: str | Path = "reports/report.html", example: int = 0,
                 layer: int | None = None, kind: str = "s6", seed: int = 0, progress: bool = True,
                 preset: str | None = None, bootstrap: str = "story", filler: str = "books",
-                chunk_size: int | None = None) -> tuple[SnrRun, Path]:
+                chunk_size: int | None = None, seeds: "SeedRun | None" = None) -> tuple[SnrRun, Path]:
     """Everything in one HTML report: task accuracy, SNR per layer, paired differences, λ, branch lens,
     implicit attention of one example (the first differential layer by default; the bounded full view
-    of `attention_entry`, at most `REPORT_ATTENTION_SIDE` cells a side) for each model, residual
-    patching of that example into its swap corruption (`swap_patching`), tables."""
+    of `attention_entry`, at most `REPORT_ATTENTION_SIDE` cells a side) for each model, the attention
+    to the needle (`needle_summary`), residual patching of that example into its swap corruption
+    (`swap_patching`), with `seeds` (a `run_seed_snr` result) the seed-level sections, tables."""
     run = run_snr(ckpts, data, n, lens, seed=seed, progress=progress, preset=preset, bootstrap=bootstrap, filler=filler,
                   chunk_size=chunk_size)
     if isinstance(example, bool) or not isinstance(example, int) or not 0 <= example < len(run.prompts):
@@ -430,8 +489,10 @@ def full_report(ckpts: Sequence[str] | None = None, data: str | None = None, n: 
     for m in run.models:
         k = layer if layer is not None else (m.cfg.diff_layer_indices[0] if m.cfg.diff_layer_indices else 0)
         entries.append(attention_entry(m, prompt, k, kind=kind, max_side=REPORT_ATTENTION_SIDE))
+    needle = needle_summary(run.models, run.prompts, seed=seed, progress=progress)
     patching = swap_patching(run.models, run.prompts[example], chunk_size=chunk_size)
-    return run, run.write_report(out, branch=branch, attention=entries, patching=patching, title="diffmamba-interp report")
+    return run, run.write_report(out, branch=branch, attention=entries, patching=patching, needle=needle, seeds=seeds,
+                                 title="diffmamba-interp report")
 
 
 SWAP_EXACT_MAX = 512  # tokens up to which the report's patching is exact over every position (else attribution)
@@ -529,6 +590,26 @@ def expand_checkpoints(patterns: Sequence[str], option: str) -> list[str]:
     return out
 
 
+def shipped_seed_checkpoints() -> dict[str, list[str]]:
+    """`--all-seeds`: for each name of SHIPPED, every shipped training seed in `models_dir()`: `<name>`
+    (seed 0) and each `<name>-seed<k>` directory with a config.json, in the order of k."""
+    import glob
+    import re
+
+    root, out = models_dir(), {}
+    for name in SHIPPED:
+        found = [(0, root / name)] if (root / name / "config.json").is_file() else []
+        for path in glob.glob(os.path.join(glob.escape(str(root)), glob.escape(name) + "-seed*")):
+            m = re.fullmatch(rf"{re.escape(name)}-seed(\d+)", Path(path).name)
+            if m and (Path(path) / "config.json").is_file():
+                found.append((int(m.group(1)), Path(path)))
+        if not found:
+            raise DiffMambaError(f"--all-seeds: no {name} nor {name}-seed<k> checkpoint in {root} (run `make models`, "
+                                 "or pass --ckpt-a/--ckpt-b)")
+        out[name] = [str(p) for _, p in sorted(found)]
+    return out
+
+
 @dataclass
 class SeedRun:
     """Seed-level per-layer statistics of two architectures (groups a and b), each with several checkpoints."""
@@ -541,7 +622,7 @@ class SeedRun:
 
     @property
     def title(self) -> str:
-        sizes = ", ".join(f"{g}: {len(c)} seeds" for g, c in self.ckpts.items())
+        sizes = ", ".join(f"{g}: {len(c)} seed{'s' if len(c) != 1 else ''}" for g, c in self.ckpts.items())
         return f"Needle probability per layer across training seeds ({sizes}): {self.lens} lens, {self.data['spec']}, n = {len(self.prompts)}"
 
     def summary_table(self, measure: str = "prob") -> pd.DataFrame:
@@ -551,6 +632,45 @@ class SeedRun:
     def paired_table(self, measure: str = "prob") -> pd.DataFrame:
         p = self.result.paired
         return p[p.measure == measure].drop(columns="measure").reset_index(drop=True)
+
+    @property
+    def unit(self) -> str:
+        return "questions" if self.data.get("bootstrap") == "question" else "stories"
+
+    def sample_warning(self) -> str | None:
+        """A one-line warning when the statistics rest on fewer than `schemas.MIN_CLUSTERS` stories."""
+        return few_clusters_warning(self.result.summary, self.unit)
+
+    def per_seed_table(self, measure: str = "prob") -> pd.DataFrame:
+        """Each checkpoint's mean of `measure` per layer (rows: layer and paper_layer; columns: checkpoints)."""
+        p = self.result.per_seed
+        p = p[p.measure == measure]
+        wide = p.pivot(index="layer", columns="model", values="mean")[list(dict.fromkeys(p["model"]))]
+        short = [str(c).split("/", 1)[-1] for c in wide.columns]  # "group/directory" -> "directory" when unique
+        if len(set(short)) == len(short):
+            wide.columns = short
+        wide.insert(0, "paper_layer", p.drop_duplicates("layer").set_index("layer")["paper_layer"])
+        wide.columns.name = None
+        return wide.reset_index()
+
+    def report_tables(self) -> dict:
+        """The seed-level tables of the report (needle probability; --json has every measure), unrounded:
+        the page prints 4 significant digits, so a tiny non-zero interval does not read as 0."""
+        return {"across seeds: needle probability per architecture (seed-level mean and 95% interval)": self.summary_table(),
+                "across seeds: needle probability per checkpoint": self.per_seed_table(),
+                "across seeds: difference in needle probability (b − a)": self.paired_table()}
+
+    def write_report(self, path, title: str | None = None) -> Path:
+        """`snr --ckpt-a ... --ckpt-b ... --out`: the seed-level sections (`report.seeds`) and tables on
+        one self-contained page, a warning box when the statistics rest on too few stories."""
+        from .report import write_report
+
+        return write_report(
+            path, title=title or self.title, seeds=self.result, tables=self.report_tables(), unit=self.unit,
+            warnings=[w for w in (self.sample_warning(),) if w],
+            meta={"data": self.data["spec"], "lens": self.lens, "examples": len(self.prompts),
+                  "bootstrap": self.data.get("bootstrap", "story"),
+                  "seed groups": {g: [display_path(c) for c in cs] for g, cs in self.ckpts.items()}})
 
     def to_json(self) -> dict:
         groups = [{"name": g, "ckpts": [display_path(c) for c in self.ckpts[g]],
@@ -585,3 +705,103 @@ def run_seed_snr(ckpts_a: Sequence[str], ckpts_b: Sequence[str], data: str | Non
     info = {"spec": protocol["data"], "n": protocol["n"], "seed": seed, "preset": protocol["preset"],
             "bootstrap": bootstrap, "filler": filler}
     return SeedRun(info, protocol["lens"], prompts, result, {names[g]: paths[g] for g in ("a", "b")})
+
+
+# -- accuracy by context length (`eval`) ------------------------------------------------------------
+EVAL_DEFAULTS = {"data": ("babilong:qa1:0k,1k,2k,4k",), "n": 100}  # upstream scores 100 questions per task and length
+EVAL_SCHEMA_VERSION = 1
+
+
+def eval_specs(data: str | Sequence[str] | None) -> list[str]:
+    """The data specs of an `eval` run, each checked (`data.parse_data_spec`) before any work: a spec, or
+    several; a task list such as ``babilong:qa1,qa2:0k,1k`` becomes one spec per task."""
+    from .analysis.accuracy import expand_task_lists
+    from .data import parse_data_spec
+
+    given = [data] if isinstance(data, str) else list(data or EVAL_DEFAULTS["data"])
+    specs = [s for spec in given for s in expand_task_lists(spec)]
+    for s in specs:
+        parse_data_spec(s)
+    return list(dict.fromkeys(specs))
+
+
+@dataclass
+class EvalRun:
+    """Accuracy by task and context length of several models (`analysis.accuracy.accuracy_by_length`)."""
+
+    data: dict
+    models: list = field(repr=False)
+    prompts: list = field(repr=False)
+    result: object = field(repr=False)  # analysis.accuracy.AccuracyResult
+
+    @property
+    def table(self) -> pd.DataFrame:
+        return self.result.table
+
+    @property
+    def title(self) -> str:
+        return (f"Accuracy by context length: {', '.join(self.data['specs'])}, n = {self.data['n']} questions per "
+                f"task and length ({len(self.prompts)} prompts)")
+
+    def print_table(self) -> pd.DataFrame:
+        """The table as the CLI prints it: lengths as labels ("4k")."""
+        from .report.accuracy import length_label
+
+        return self.table.assign(length=[length_label(x) for x in self.table["length"]])
+
+    def ratio_tables(self) -> pd.DataFrame:
+        """Every other model over the first, per scorer that was run (`analysis.accuracy.accuracy_ratio`)."""
+        from .analysis.accuracy import SCORERS, accuracy_ratio
+
+        labels = self.result.labels
+        frames = [accuracy_ratio(self.table, labels[0], b, s).assign(scorer=s) for s in SCORERS
+                  if self.table[f"accuracy_{s}"].notna().any() for b in labels[1:]]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+    def to_json(self) -> dict:
+        models = [{"ckpt": display_path(m.checkpoint_path) if m.checkpoint_path else label, "label": label,
+                   "arch": m.cfg.arch} for m, label in zip(self.models, self.result.labels)]
+        return {"schema_version": EVAL_SCHEMA_VERSION, "data": self.data, "models": models,
+                "accuracy": _records(self.table), "ratio": _records(self.ratio_tables()),
+                "examples": _records(self.result.per_example)}
+
+    def write_report(self, path) -> Path:
+        from .report.accuracy import write_accuracy_report
+
+        ratio = self.ratio_tables()
+        tables = {"ratio to the first model": ratio.round(4)} if len(ratio) else None
+        meta = {"data": self.data["specs"], "questions per task and length": self.data["n"], "seed": self.data["seed"],
+                "filler": self.data["filler"], "max new tokens": self.data["max_new_tokens"],
+                "checkpoints": [display_path(m.checkpoint_path) if m.checkpoint_path else label
+                                for m, label in zip(self.models, self.result.labels)]}
+        return write_accuracy_report(path, self.table, title=self.title, meta=meta, tables=tables)
+
+
+def run_eval(ckpts: Sequence[str] | None = None, data: str | Sequence[str] | None = None, n: int | None = None,
+             seed: int = 0, filler: str = "books", batch_size: int = 8, max_new_tokens: int | None = None,
+             chunk_size: int | None = None, models: list | None = None, progress: bool = True) -> EvalRun:
+    """`eval`: each model's accuracy by task and context length on `data` (default
+    ``babilong:qa1:0k,1k,2k,4k``; several specs, or ``babilong:qa1,qa2:0k,1k``), n questions per task
+    (default 100, the same questions at every length), scored by argmax at the last position and by
+    greedy generation of at most `max_new_tokens` (default 20, upstream's; 0: argmax only). Every
+    input is checked before any model runs."""
+    from .analysis.accuracy import MAX_NEW_TOKENS, _check_words, accuracy_by_length
+    from .recurrent import check_chunk_size
+
+    specs = eval_specs(data)
+    n = EVAL_DEFAULTS["n"] if n is None else n
+    for name, value, low in (("--n", n, 1), ("--batch-size", batch_size, 1),
+                             ("--max-new-tokens", MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise DiffMambaError(f"{name} must be a whole number >= {low}, got {value!r}")
+    max_new_tokens = MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
+    if chunk_size is not None:
+        check_chunk_size(chunk_size)
+    models = models or load_models(ckpts)
+    prompts = [p for s in specs for p in load_prompts(s, n, seed, tokenizer=models[0].tokenizer, filler=filler)]
+    _check_words(models, prompts)  # an answer or candidate outside a vocabulary: one line, before any model runs
+    result = accuracy_by_length(models, prompts, labels=[getattr(m, "label", None) or m.cfg.arch for m in models],
+                                batch_size=batch_size, max_new_tokens=max_new_tokens, chunk_size=chunk_size,
+                                progress=progress)
+    info = {"specs": specs, "n": n, "seed": seed, "filler": filler, "max_new_tokens": max_new_tokens}
+    return EvalRun(info, models, prompts, result)

@@ -57,8 +57,8 @@ class HookedMamba(TokenMethods, HookedRootModule):
         self._sync_cfg()
         for name, unit in self.mixers():
             unit.state_key = unit.conv_group = name  # its entry in a ModelState, and which conv state it reads
-        for name, module in self.named_modules():  # the scan cores of one differential mixer share its conv
-            if isinstance(module, Differential) and all(isinstance(module.branch(k), ScanUnit) for k in (1, 2)):
+        for name, module in self.named_modules():  # the scan cores of a Diff-S6 mixer (Mamba-1 form) share its conv
+            if isinstance(module, Differential) and module.SHARED_CONV:
                 for k in (1, 2):
                     module.branch(k).conv_group = name
 

@@ -171,8 +171,8 @@ def patch_state(model, input_ids: Tensor, mixer: str, pos: int, fn: Callable[[Te
     mixer: a key of the model's state (`dict(model.mixers())`: "blocks.1.mixer", a branch
     "blocks.0.mixer_2", a Diff-S6 core "blocks.0.mixer.ssm_1"); fn: the state h_pos [B, E, N] or
     [B, H, P, N] -> its replacement (same shape); conv_fn likewise for the conv state [B, C, K − 1]
-    (the two cores of Diff-S6 share theirs). Returns the logits [B, L, V] of the patched run:
-    positions 0..pos are the clean run's, later ones follow the patched state.
+    (the two cores of a Mamba-1-form Diff-S6 mixer share theirs). Returns the logits [B, L, V] of the
+    patched run: positions 0..pos are the clean run's, later ones follow the patched state.
     """
     model.check_input_ids(input_ids)
     L = input_ids.shape[1]
@@ -191,7 +191,7 @@ def patch_state(model, input_ids: Tensor, mixer: str, pos: int, fn: Callable[[Te
         if not isinstance(new, Tensor) or new.shape != old.shape:
             raise DiffMambaError(f"the patch function must return a tensor of shape {tuple(old.shape)} for the {what} "
                                  f"of {mixer}, got {tuple(new.shape) if isinstance(new, Tensor) else type(new).__name__}")
-    for key, e in patched.entries.items():  # a shared conv (Diff-S6) is patched for both cores
+    for key, e in patched.entries.items():  # a shared conv (Diff-S6, Mamba-1 form) is patched for both cores
         if e.conv is entry.conv and key != mixer:
             patched.entries[key] = MixerState(new_conv.to(e.conv.dtype), e.ssm)
     patched.entries[mixer] = MixerState(new_conv.to(entry.conv.dtype), new_ssm.to(entry.ssm.dtype))

@@ -61,8 +61,9 @@ def with_paper_layer(rows, columns: tuple) -> pd.DataFrame:
     return out
 
 
-# task accuracy per (model, task[, length]): the final layer's rank 1 (argmax at the last position)
-ACCURACY_COLUMNS = ("model", "task", "n", "correct", "accuracy", "ci_low", "ci_high")
+# task accuracy per (model, task[, length]): the final layer's rank 1 (argmax at the last position); the
+# 95% interval is Wilson's at the story-clustered effective size n / deff (`stats.proportion_interval`)
+ACCURACY_COLUMNS = ("model", "task", "n", "correct", "accuracy", "ci_low", "ci_high", "deff")
 # λ of every differential block: block index i (the paper's layer i), λ and its λ_init
 LAMBDA_COLUMNS = ("model", "block", "lambda", "lambda_init")
 

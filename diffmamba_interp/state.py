@@ -5,7 +5,8 @@ patched in the middle.
 `ModelState` maps scan-unit module paths (`"blocks.3.mixer"`, `"blocks.0.mixer_1"`,
 `"blocks.2.mixer.ssm_1"`) to `MixerState(conv, ssm)`:
 - conv [batch, C, K − 1]: the last K − 1 inputs of the causal conv, oldest first (C = E for
-  Mamba-1, E + 2GN for Mamba-2); the two cores of a Diff-S6 mixer share one conv (the same tensor);
+  Mamba-1, E + 2GN for Mamba-2); the two cores of a Diff-S6 mixer of the Mamba-1 form share one conv
+  (the same tensor), the two branches of the Mamba-2 form convolve their own xBC and have their own;
 - ssm [batch, E, N] (Mamba-1) or [batch, H, P, N] (Mamba-2): h after the last position.
 `seen` counts the tokens the state has consumed. States are produced by
 `model(ids, return_state=True)` or `model.init_state(batch)` and consumed by `model(ids, state=...)`;

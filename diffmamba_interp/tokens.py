@@ -37,7 +37,8 @@ class TokenMethods:
 
     def to_tokens(self, text: str | list[str], return_lengths: bool = False):
         """Tokenize with the checkpoint's tokenizer (no special tokens) -> ids [batch, pos], right-padded
-        with `pad_token_id` when the texts differ in length; with return_lengths, (ids, lengths [batch])."""
+        with `pad_token_id` when the texts differ in length; with return_lengths, (ids, lengths [batch]).
+        Words outside the vocabulary give one `UnknownTokenWarning` with their count (`analysis.inputs.warn_unknown`)."""
         tok = self._need_tokenizer()
         if isinstance(text, str):
             texts = [text]
@@ -49,6 +50,9 @@ class TokenMethods:
         empty = next((i for i, row in enumerate(ids) if not row), None)
         if empty is not None:
             raise DiffMambaError(f"text {empty} ({texts[empty][:40]!r}) produces no tokens")
+        from .analysis.inputs import warn_unknown
+
+        warn_unknown(texts, ids, tok)  # one warning when the texts hold words outside the vocabulary
         lengths = torch.tensor([len(row) for row in ids], dtype=torch.long, device=self.device)
         L = int(lengths.max())
         out = torch.full((len(ids), L), self.pad_token_id, dtype=torch.long)

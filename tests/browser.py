@@ -8,6 +8,10 @@ limit passes), lists any resource the page fetched that is not file:/data:/blob:
 result as JSON into ``<pre id="dm-probe-result">``. Chromium runs with ``--dump-dom`` and a
 virtual time budget, so timers run to completion and the final DOM (with the JSON) is printed to
 stdout, where we parse it.
+
+Also, without a browser: `figures_of` (every figure's data and layout, read from the page's
+``Plotly.newPlot`` calls) and `legend_problems` (a legend entry without a name, or a legend group with
+no entry).
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-__all__ = ["find_chromium", "check_page_in_chromium", "screenshot_page", "CHROMIUM_FLAGS"]
+__all__ = ["find_chromium", "check_page_in_chromium", "screenshot_page", "figures_of", "legend_problems",
+           "CHROMIUM_FLAGS"]
 
 CHROMIUM_FLAGS = (
     "--headless",
@@ -174,3 +179,33 @@ def screenshot_page(html_path, png_path, *, window_size=(1200, 2000), chromium: 
     if not png.exists():
         raise RuntimeError(f"no screenshot written (rc={proc.returncode}): {proc.stderr[-2000:]}")
     return png
+
+
+def figures_of(page: str) -> dict[str, tuple[list, dict]]:
+    """Every `Plotly.newPlot(id, data, layout, config)` of the page -> {id: (data, layout)}."""
+    decoder = json.JSONDecoder()
+    out = {}
+    for m in re.finditer(r'Plotly\.newPlot\(\s*"([^"]+)",\s*', page):
+        data, end = decoder.raw_decode(page, m.end())
+        rest = re.match(r"\s*,\s*", page[end:])
+        layout, _ = decoder.raw_decode(page, end + rest.end())
+        out[m.group(1)] = (data, layout)
+    return out
+
+
+def legend_problems(data: list, layout: dict) -> list[str]:
+    """What is wrong with a figure's legend: a trace shown in it without a name, or a legend group (or
+    name) of line / bar traces none of whose traces is shown with its data."""
+    problems, shown = [], {}
+    if layout.get("showlegend") is False:
+        return problems
+    for t in data:
+        if t.get("type", "scatter") not in ("scatter", "bar"):
+            continue
+        group = t.get("legendgroup") or t.get("name") or ""
+        visible = t.get("showlegend", True) is not False and len(t.get("x") or t.get("y") or []) > 0
+        if visible and not str(t.get("name") or "").strip():
+            problems.append(f"a trace in the legend has no name: {t.get('type')}")
+        shown[group] = shown.get(group, False) or visible
+    problems += [f"legend group {g!r} has no entry" for g, ok in shown.items() if not ok]
+    return problems

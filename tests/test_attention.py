@@ -50,7 +50,11 @@ TARGETS = [
     ("diffs6", 1, 0, 1, "blocks.0.mixer", "blocks.0.mixer.ssm_1"),
     ("diffs6", 1, 0, 2, "blocks.0.mixer", "blocks.0.mixer.ssm_2"),
     ("diffs6", 1, 1, None, "blocks.1.mixer", "blocks.1.mixer"),  # diffs6's plain (odd) layer
+    ("diffs6mamba2", 2, 0, 1, "blocks.0.mixer.ssm_1", "blocks.0.mixer.ssm_1"),  # each branch its own in_proj
+    ("diffs6mamba2", 2, 0, 2, "blocks.0.mixer.ssm_2", "blocks.0.mixer.ssm_2"),
+    ("diffs6mamba2", 1, 1, None, "blocks.1.mixer", "blocks.1.mixer"),  # its plain (odd) layer: Mamba-2
 ]
+DIFFS6 = ("diffs6", "diffs6mamba2")  # a differential mixer in a plain block: tested with diff_layers "alternate"
 TARGET_IDS = [f"{a}-g{g}-L{lay}-b{br}" for a, g, lay, br, *_ in TARGETS]
 
 
@@ -74,7 +78,7 @@ def scan_identity(model, cache, front, core, alpha):
 
 @pytest.mark.parametrize("arch,G,layer,branch,front,core", TARGETS, ids=TARGET_IDS)
 def test_scan_identity(make, arch, G, layer, branch, front, core):
-    model, ids = make(arch, G, diff_layers="all" if arch != "diffs6" else "alternate"), ids_()
+    model, ids = make(arch, G, diff_layers="all" if arch not in DIFFS6 else "alternate"), ids_()
     _, cache = model.run_with_cache(ids)
     alpha = implicit_attention(model, ids, layer, branch)
     mixer = model.get_submodule(front)
@@ -86,11 +90,11 @@ def test_scan_identity(make, arch, G, layer, branch, front, core):
     assert (alpha.triu(1) == 0).all()
 
 
-@pytest.mark.parametrize("arch,G,layer,branch,front", [t[:5] for t in TARGETS if not (t[0] == "diffs6" and t[3])],
-                         ids=[i for i, t in zip(TARGET_IDS, TARGETS) if not (t[0] == "diffs6" and t[3])])
+@pytest.mark.parametrize("arch,G,layer,branch,front", [t[:5] for t in TARGETS if not (t[0] in DIFFS6 and t[3])],
+                         ids=[i for i, t in zip(TARGET_IDS, TARGETS) if not (t[0] in DIFFS6 and t[3])])
 def test_block_reconstruction(make, arch, G, layer, branch, front):
     """Mamba-1: reconstruct(hook_x) == hook_gated; Mamba-2: reconstruct(x of hook_xBC) == norm.hook_normalized."""
-    model, ids = make(arch, G, diff_layers="all" if arch != "diffs6" else "alternate"), ids_()
+    model, ids = make(arch, G, diff_layers="all" if arch not in DIFFS6 else "alternate"), ids_()
     _, cache = model.run_with_cache(ids)
     res = implicit_attention(model, ids, layer, branch, kind="block")
     assert isinstance(res, ImplicitAttention)
@@ -107,7 +111,8 @@ def test_block_reconstruction(make, arch, G, layer, branch, front):
 
 
 def test_diffs6_block_difference_reconstructs_gated(make):
-    """Diff-S6: the subln scale is a row scaling, so (𝒜₁ − λ𝒜₂)x + (b₁ − λb₂) == hook_gated exactly."""
+    """Diff-S6, Mamba-1 form: the cores share x and the gate, so (𝒜₁ − λ𝒜₂)x + (b₁ − λb₂) == hook_gated
+    exactly (λ = hook_lambda = 1: upstream subtracts without a λ)."""
     model, ids = make("diffs6"), ids_()
     _, cache = model.run_with_cache(ids)
     diff = differential_attention(model, ids, 0, kind="block", reduce=None)
@@ -115,9 +120,31 @@ def test_diffs6_block_difference_reconstructs_gated(make):
     b1 = implicit_attention(model, ids, 0, 1, kind="block")
     b2 = implicit_attention(model, ids, 0, 2, kind="block")
     lam = cache["blocks.0.mixer.hook_lambda"]
+    assert float(lam) == 1.0
     torch.testing.assert_close(diff.matrix, b1.matrix - lam * b2.matrix, atol=1e-12, rtol=0)
     # one branch alone does not reconstruct the output (the other branch matters)
     assert (b1.reconstruct(cache["blocks.0.mixer.hook_x"]) - cache["blocks.0.mixer.hook_gated"]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("G", [1, 2])
+def test_diffs6mamba2_block_branches_reconstruct_out_proj_input(make, G):
+    """Diff-S6, Mamba-2 form: branch k's block map (rows: its gated-norm scaling and the subln's, frozen)
+    reconstructs its term from the x part of its own xBC, and term₁ − λ·term₂ is out_proj's input,
+    (1 − λ_init)·subln.hook_normalized, exactly."""
+    model, ids = make("diffs6mamba2", G), ids_()
+    _, cache = model.run_with_cache(ids)
+    mixer, p = model.blocks[0].mixer, "blocks.0.mixer"
+    E = mixer.d_inner
+    terms = []
+    for k in (1, 2):
+        res = implicit_attention(model, ids, 0, k, kind="block")
+        assert res.matrix.shape == (2, E, 9, 9) and (res.matrix.triu(1) == 0).all()
+        terms.append(res.reconstruct(cache[f"{p}.ssm_{k}.hook_xBC"][..., :E]))
+    lam = cache[f"{p}.hook_lambda"]
+    want = (1 - mixer.lambda_init) * cache[f"{p}.subln.hook_normalized"]
+    assert_identity(terms[0] - lam * terms[1], want)
+    assert_identity(mixer.out_proj(terms[0] - lam * terms[1]), cache[f"{p}.hook_out"])
+    assert (terms[0] - want).abs().max() > 1e-3  # the other branch matters
 
 
 # -- naive O(L³) references, written from the recurrence (products of per-step decays) -----------
@@ -199,7 +226,8 @@ def test_matches_naive_triple_loop(make, arch, G):
 
 
 # -- reduce and chunk ----------------------------------------------------------------------------
-@pytest.mark.parametrize("arch,layer,branch", [("mamba1", 0, None), ("mamba2", 0, None), ("diffs6", 0, 2)])
+@pytest.mark.parametrize("arch,layer,branch", [("mamba1", 0, None), ("mamba2", 0, None), ("diffs6", 0, 2),
+                                               ("diffs6mamba2", 0, 1)])
 def test_reduce_and_chunk(make, arch, layer, branch):
     """reduce = mean / mean of |·| of the full tensor; chunking (sizes that do not divide the
     channel/head count, and for Mamba-2 "block" sizes below, equal to and above head_dim 8) changes nothing."""
@@ -266,12 +294,12 @@ def test_no_overflow_with_large_delta_times_A(make, arch, dtype):
 
 
 # -- differential ------------------------------------------------------------------------------
-@pytest.mark.parametrize("arch", ["diffmamba1", "diffmamba2", "diffs6"])
+@pytest.mark.parametrize("arch", ["diffmamba1", "diffmamba2", *DIFFS6])
 @pytest.mark.parametrize("kind", ["s6", "block"])
 @pytest.mark.parametrize("reduce", ["mean", "absmean"])
 def test_differential_is_map1_minus_lambda_map2(make, arch, kind, reduce):
     model, ids = make(arch, 1), ids_(L=7)
-    lam = model.blocks[0].lam() if arch != "diffs6" else model.run_with_cache(ids)[1]["blocks.0.mixer.hook_lambda"]
+    lam = model.blocks[0].lam() if arch not in DIFFS6 else model.run_with_cache(ids)[1]["blocks.0.mixer.hook_lambda"]
     got = differential_attention(model, ids, 0, kind=kind, reduce=reduce)
     m1 = implicit_attention(model, ids, 0, 1, kind=kind, reduce=reduce)
     m2 = implicit_attention(model, ids, 0, 2, kind=kind, reduce=reduce)
@@ -350,6 +378,8 @@ def test_errors(make):
         differential_attention(m2, ids, 0)
     with pytest.raises(DiffMambaError, match="do not share"):
         differential_attention(d2, ids, 0, reduce=None)
+    with pytest.raises(DiffMambaError, match="do not share"):  # Diff-S6's Mamba-2 form: in_proj1, in_proj2
+        differential_attention(make("diffs6mamba2"), ids, 0, reduce=None)
     # the result dataclass validates shapes and refuses to reconstruct from a reduced map
     with pytest.raises(DiffMambaError, match="bias"):
         ImplicitAttention(torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 5))

@@ -34,6 +34,8 @@ def parts(model, ids, layer, branch):
     mixer = block.branch(branch) if hasattr(block, "mixer_1") else block.mixer
     p = f"blocks.{layer}." + (f"mixer_{branch}" if hasattr(block, "mixer_1") else "mixer")
     core, cp = (mixer.branch(branch), f"{p}.ssm_{branch}") if hasattr(mixer, "ssm_1") else (mixer, p)
+    if hasattr(mixer, "in_proj1"):  # Diff-S6, Mamba-2 form: branch k's whole path is hooked under ssm_k
+        p = cp
     E = mixer.d_inner
     alpha = implicit_attention(model, ids, layer, branch, kind="s6")  # checked against loops in test_attention.py
     v = cache[f"{p}.hook_conv"][..., :E]
@@ -43,18 +45,20 @@ def parts(model, ids, layer, branch):
     if hasattr(mixer, "head_dim"):  # Mamba-2: per-head α and D shared by the head's channels
         P = mixer.head_dim
         alpha, D = alpha.repeat_interleave(P, dim=1), core.D.repeat_interleave(P)
-        G = mixer.n_groups
-        rows = mixer.norm.weight * cache[f"{p}.norm.hook_scale"].repeat_interleave(E // G, -1) * cache[f"{p}.hook_gate"]
+        scale = cache[f"{p}.norm.hook_scale"]  # [b, L, G] (ungrouped, [b, L, 1], in Diff-S6's Mamba-2 form)
+        rows = mixer.norm.weight * scale.repeat_interleave(E // scale.shape[-1], -1) * cache[f"{p}.hook_gate"]
+        if hasattr(mixer, "in_proj1"):  # and the subln's row scaling, (1 − λ_init)·w·1/rms
+            m = f"blocks.{layer}.mixer"
+            rows = rows * (1 - mixer.lambda_init) * mixer.subln.weight * cache[f"{m}.subln.hook_scale"]
     else:
         D = core.D
-        rows = cache[f"{p}.hook_gate"]
-        if hasattr(mixer, "ssm_1"):
-            rows = rows * (1 - mixer.lambda_init) * mixer.subln.weight * cache[f"{p}.subln.hook_scale"]
+        rows = cache[f"{p}.hook_gate"]  # (Diff-S6's Mamba-1 form: no subln)
     x = cache[f"{p}.hook_xBC"][..., :E] if hasattr(mixer, "head_dim") else cache[f"{p}.hook_x"]
     return dict(rows=rows, y=y, u=u, D=D, sb=torch.sigmoid(v) * b, alpha=alpha, x=x)
 
 
-FORMS = [("mamba1", 1, 0, None), ("mamba2", 2, 0, None), ("diffs6", 1, 0, 2), ("diffmamba2", 1, 0, 1)]
+FORMS = [("mamba1", 1, 0, None), ("mamba2", 2, 0, None), ("diffs6", 1, 0, 2), ("diffmamba2", 1, 0, 1),
+         ("diffs6mamba2", 2, 0, 2)]
 FORM_IDS = [f"{a}-b{br}" for a, _, _, br in FORMS]
 
 
@@ -101,7 +105,7 @@ def test_minmax_abs_is_the_papers_normalisation():
     assert torch.allclose(y.amin((-2, -1)), torch.zeros(3, 4)) and torch.allclose(y.amax((-2, -1)), torch.ones(3, 4))
 
 
-WINDOWED = [("mamba1", None), ("mamba2", None), ("diffmamba2", 2), ("diffs6", 1)]
+WINDOWED = [("mamba1", None), ("mamba2", None), ("diffmamba2", 2), ("diffs6", 1), ("diffs6mamba2", 2)]
 
 
 @pytest.mark.parametrize("arch,branch", WINDOWED, ids=[a for a, _ in WINDOWED])

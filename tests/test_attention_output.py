@@ -33,7 +33,8 @@ def ids_(b=2, L=9, seed=1):
 
 # (arch, layer, n_groups): every architecture's differential layer and a plain layer
 LAYERS = [("mamba1", 0, 1), ("mamba2", 1, 2), ("diffmamba1", 0, 1), ("diffmamba1", 1, 1), ("diffmamba2", 0, 2),
-          ("diffmamba2", 1, 1), ("diffs6", 0, 1), ("diffs6", 1, 1)]
+          ("diffmamba2", 1, 1), ("diffs6", 0, 1), ("diffs6", 1, 1), ("diffs6mamba2", 0, 2),
+          ("diffs6mamba2", 1, 1)]
 LAYER_IDS = [f"{a}-L{lay}-g{g}" for a, lay, g in LAYERS]
 
 
@@ -73,8 +74,14 @@ def _formula(model, ids, cache, layer):
         return terms
     mixer = block.mixer
     E = mixer.d_inner
+    if hasattr(mixer, "in_proj1"):  # Diff-S6, Mamba-2 form: W_out·(diag(𝒜₁)·W_in,1 − λ·diag(𝒜₂)·W_in,2)
+        lam = cache[f"blocks.{layer}.mixer.hook_lambda"]
+        return [coef * torch.einsum("de,bets,ef->btsdf", mixer.out_proj.weight,
+                                    implicit_attention(model, ids, layer, branch=k, kind="block").matrix,
+                                    getattr(mixer, f"in_proj{k}").weight[E : 2 * E])
+                for k, coef in ((1, 1.0), (2, -lam))]
     w_in = mixer.in_proj.weight[E : 2 * E] if hasattr(mixer, "head_dim") else mixer.in_proj.weight[:E]
-    if hasattr(mixer, "ssm_1"):  # Diff-S6: shared projections, W_out·diag(𝒜₁ − λ𝒜₂)·W_in
+    if hasattr(mixer, "ssm_1"):  # Diff-S6, Mamba-1 form: shared projections, W_out·diag(𝒜₁ − λ𝒜₂)·W_in
         lam = cache[f"blocks.{layer}.mixer.hook_lambda"]
         return [coef * torch.einsum("de,bets,ef->btsdf", mixer.out_proj.weight,
                                     implicit_attention(model, ids, layer, branch=k, kind="block").matrix, w_in)
@@ -86,7 +93,8 @@ def _formula(model, ids, cache, layer):
 @pytest.mark.parametrize("arch,layer,G", LAYERS, ids=LAYER_IDS)
 def test_dense_operator_is_the_formula_and_branches_add_up(make, arch, layer, G):
     """dense() == ρ_t·(1 − λ_init)·diag(w_subln)·(W_out,1·𝒜₁·W_in,1 − λ·W_out,2·𝒜₂·W_in,2) for a
-    differential block (W_out·diag(𝒜₁ − λ𝒜₂)·W_in for Diff-S6, W_out·diag(𝒜)·W_in for a plain
+    differential block (W_out·diag(𝒜₁ − λ𝒜₂)·W_in for Diff-S6's Mamba-1 form, W_out·(𝒜₁·W_in,1 −
+    λ·𝒜₂·W_in,2) for its Mamba-2 form, W_out·diag(𝒜)·W_in for a plain
     block); branch(k) is term k; the terms and the shared bias add up to the whole."""
     model, ids = make(arch, True, G), ids_(L=7)
     _, cache = model.run_with_cache(ids)
@@ -109,7 +117,7 @@ def test_dense_operator_is_the_formula_and_branches_add_up(make, arch, layer, G)
         assert (op.branch(1).reconstruct(h) - want).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("arch,layer,G", [LAYERS[1], LAYERS[2], LAYERS[4], LAYERS[6]], ids=[LAYER_IDS[i] for i in (1, 2, 4, 6)])
+@pytest.mark.parametrize("arch,layer,G", [LAYERS[i] for i in (1, 2, 4, 6, 8)], ids=[LAYER_IDS[i] for i in (1, 2, 4, 6, 8)])
 def test_frobenius_and_projection_match_the_dense_operator(make, arch, layer, G):
     model, ids = make(arch, True, G), ids_(L=7)
     _, cache = model.run_with_cache(ids)
@@ -132,7 +140,7 @@ def test_frobenius_and_projection_match_the_dense_operator(make, arch, layer, G)
     torch.testing.assert_close(s.contrib_bias, op.project_bias(u), atol=1e-14, rtol=0)
 
 
-@pytest.mark.parametrize("arch,layer", [("diffmamba2", 0), ("mamba1", 1), ("diffs6", 0)])
+@pytest.mark.parametrize("arch,layer", [("diffmamba2", 0), ("mamba1", 1), ("diffs6", 0), ("diffs6mamba2", 0)])
 def test_rows_and_chunks_change_nothing(make, arch, layer):
     """A window of target rows, the answer row (rows=-1) and any rows-per-step give the same numbers."""
     model, ids = make(arch, True), ids_(L=10)

@@ -31,7 +31,8 @@ def ids_(L=12, seed=1, V=40):
     return torch.randint(3, V, (2, L), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("arch,layer", [("diffmamba2", 0), ("diffmamba2", 1), ("diffs6", 0), ("diffmamba1", 0)])
+@pytest.mark.parametrize("arch,layer", [("diffmamba2", 0), ("diffmamba2", 1), ("diffs6", 0), ("diffmamba1", 0),
+                                        ("diffs6mamba2", 0)])
 def test_answer_row_holds_each_maps_last_row(make, arch, layer):
     model, ids = make(arch), ids_()
     answer = torch.tensor([5, 9])

@@ -10,7 +10,7 @@ from diffmamba_interp import load_model
 from diffmamba_interp.errors import DiffMambaError
 from helpers import hand_patch_loop
 
-ARCHS = ["mamba1", "mamba2", "diffmamba1", "diffmamba2", "diffs6"]
+ARCHS = ["mamba1", "mamba2", "diffmamba1", "diffmamba2", "diffs6", "diffs6mamba2"]
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -160,13 +160,15 @@ def test_train_a_few_steps(tmp_path):
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tuned_lens.safetensors", "README.md", "training.json"):
         assert (out / name).exists(), name
     card = (out / "README.md").read_text()
-    assert "seed: 0; steps: 3" in card and "| qa1 | 20 |" in card
+    assert "seed: 0; steps: 3" in card and "| qa1 | 0k | 20 |" in card and "| qa1 | 1024 tokens | 20 |" in card
+    assert "## Tuned lens" in card and "Belrose" in card
     from diffmamba_interp import load_model
 
     model = load_model(out)
     assert model.cfg.arch == "diffmamba2" and model.tokenizer is not None
     training = json.loads((out / "training.json").read_text())
-    assert [r["task"] for r in training["accuracy"]] == ["qa1", "qa2", "qa3", "qa4", "qa5"]
+    assert [(r["task"], r["length"]) for r in training["accuracy"]] == [
+        ("qa1", 0), ("qa2", 0), ("qa3", 0), ("qa4", 0), ("qa5", 0), ("qa1", 1024)]
 
 
 def test_snr_paper_preset(ckpts, tmp_path):

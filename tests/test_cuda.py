@@ -3,7 +3,7 @@
 Skipped, with the reason, where there is no CUDA GPU or the extra is not installed (this project's
 CI machine has neither). Each test builds one tiny model on the CPU, copies it to the GPU, and
 compares the GPU forward (kernels: causal conv, S6 or the Triton SSD) with the CPU forward (PyTorch /
-numba), so the conv kernel is checked too; fp32 and bf16; all five architectures; and the gradient
+numba), so the conv kernel is checked too; fp32 and bf16; all six architectures; and the gradient
 of a loss through the kernels against the PyTorch path on the same GPU.
 """
 
@@ -13,7 +13,7 @@ import torch
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")]
 
-ARCHS = ["mamba1", "mamba2", "diffmamba1", "diffmamba2", "diffs6"]
+ARCHS = ["mamba1", "mamba2", "diffmamba1", "diffmamba2", "diffs6", "diffs6mamba2"]
 SIZES = dict(d_model=64, n_layers=2, vocab_size=64, d_state=16, head_dim=32, chunk_size=16, d_conv=4)
 # fp32: kernels and the PyTorch path differ in summation order only. bf16: the kernels keep bf16
 # operands where the CPU path accumulates in fp32 (issue 12: ~1e-2 relative on the logits).

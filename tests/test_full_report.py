@@ -5,7 +5,6 @@ check, a warning box below the minimum number of stories, λ and accuracy that m
 from __future__ import annotations
 
 import importlib.util
-import json
 import re
 from pathlib import Path
 
@@ -15,7 +14,8 @@ import pytest
 import torch
 
 from diffmamba_interp.analysis.lens import TunedLens
-from diffmamba_interp.jobs import REPORT_ATTENTION_SIDE, full_report, lambda_table, wilson_interval
+from diffmamba_interp.analysis.stats import proportion_interval, wilson_interval
+from diffmamba_interp.jobs import REPORT_ATTENTION_SIDE, full_report, lambda_table
 from diffmamba_interp.schemas import MIN_CLUSTERS
 
 _spec = importlib.util.spec_from_file_location("dm_full_report_browser", Path(__file__).with_name("browser.py"))
@@ -41,34 +41,7 @@ def report(tiny_model, tokenizer, tmp_path_factory):
     return run, path, path.read_text(encoding="utf-8")
 
 
-def figures_of(page: str) -> dict[str, tuple[list, dict]]:
-    """Every `Plotly.newPlot(id, data, layout, config)` of the page -> {id: (data, layout)}."""
-    decoder = json.JSONDecoder()
-    out = {}
-    for m in re.finditer(r'Plotly\.newPlot\(\s*"([^"]+)",\s*', page):
-        data, end = decoder.raw_decode(page, m.end())
-        rest = re.match(r"\s*,\s*", page[end:])
-        layout, _ = decoder.raw_decode(page, end + rest.end())
-        out[m.group(1)] = (data, layout)
-    return out
-
-
-def legend_problems(data: list, layout: dict) -> list[str]:
-    """What is wrong with a figure's legend: a trace shown in it without a name, or a legend group (or
-    name) of line / bar traces none of whose traces is shown with its data."""
-    problems, shown = [], {}
-    if layout.get("showlegend") is False:
-        return problems
-    for t in data:
-        if t.get("type", "scatter") not in ("scatter", "bar"):
-            continue
-        group = t.get("legendgroup") or t.get("name") or ""
-        visible = t.get("showlegend", True) is not False and len(t.get("x") or t.get("y") or []) > 0
-        if visible and not str(t.get("name") or "").strip():
-            problems.append(f"a trace in the legend has no name: {t.get('type')}")
-        shown[group] = shown.get(group, False) or visible
-    problems += [f"legend group {g!r} has no entry" for g, ok in shown.items() if not ok]
-    return problems
+figures_of, legend_problems = browser.figures_of, browser.legend_problems  # what the page's figures hold
 
 
 def test_every_legend_names_every_trace(report):
@@ -93,7 +66,7 @@ def test_the_full_report_draws_every_figure_in_chromium(report):
     _, path, page = report
     result = browser.check_page_in_chromium(path, virtual_time_budget_ms=20000, timeout=150)
     n = len(figures_of(page))
-    assert n >= 14, n  # accuracy, needle ×2, 4 measures, 5 paired, λ, branch, attention ×2, patching ×2
+    assert n >= 15, n  # accuracy, needle ×2, 4 measures, 5 paired, λ, branch, attention ×2, needle share, patching ×2
     assert result["errors"] == [], result
     assert result["graph_divs"] == result["plots"] == result["drawn"] == n, result
     assert result["external_requests"] == []
@@ -139,7 +112,7 @@ def test_lambda_table_reads_every_differential_block(report):
     assert "λ per differential block" in page
 
 
-def test_accuracy_is_rank_one_at_the_final_layer_with_a_wilson_interval(report):
+def test_accuracy_is_rank_one_at_the_final_layer_with_a_story_clustered_interval(report):
     run, _, _ = report
     acc = run.accuracy_table().set_index("model")
     for model in run.models:
@@ -148,8 +121,11 @@ def test_accuracy_is_rank_one_at_the_final_layer_with_a_wilson_interval(report):
         with torch.no_grad():  # the model's own argmax at the last position, no lens involved
             top = [int(model(model.to_tokens(p.prompt))[0, -1].argmax()) for p in run.prompts]
         assert row["n"] == N_EXAMPLES and row["correct"] == sum(t == a for t, a in zip(top, answers))
-        lo, hi = wilson_interval(row["correct"], row["n"])
-        assert (row["ci_low"], row["ci_high"]) == pytest.approx((float(lo), float(hi)))
+        stories = [p.meta["story"] for p in run.prompts]
+        lo, hi, deff = proportion_interval([t == a for t, a in zip(top, answers)], stories)
+        assert (row["ci_low"], row["ci_high"], row["deff"]) == pytest.approx((lo, hi, deff))
+        expected = wilson_interval(row["correct"] / deff, row["n"] / deff)
+        assert (row["ci_low"], row["ci_high"]) == pytest.approx((float(expected[0]), float(expected[1])))
         assert row["ci_low"] <= row["accuracy"] <= row["ci_high"]
 
 
@@ -174,6 +150,20 @@ def test_wilson_interval_matches_the_closed_form():
     lo, hi = wilson_interval(np.array([0, 5, 10]), np.array([10, 10, 10]))
     np.testing.assert_allclose(lo, [0.0, 0.2366, 0.7225], atol=1e-4)
     np.testing.assert_allclose(hi, [0.2775, 0.7634, 1.0], atol=1e-4)
+
+
+def test_story_clustered_interval_by_hand():
+    # two stories of two questions: all right in one, all wrong in the other. s = (2, 0), m = (2, 2),
+    # p = 1/2: V_cluster = 2/1 * ((2 - 1)^2 + (0 - 1)^2) / 4^2 = 1/4, V_iid = (1/4)/4 = 1/16, deff = 4,
+    # so the interval is Wilson's for 0.5 of n = 1
+    lo, hi, deff = proportion_interval([1, 1, 0, 0], ["a", "a", "b", "b"])
+    assert deff == pytest.approx(4.0) and (lo, hi) == pytest.approx(tuple(map(float, wilson_interval(0.5, 1.0))))
+    # one right and one wrong in each story: no clustering at all (deff floors at 1) -> plain Wilson(2, 4)
+    lo, hi, deff = proportion_interval([1, 0, 1, 0], ["a", "a", "b", "b"])
+    assert deff == 1.0 and (lo, hi) == pytest.approx(tuple(map(float, wilson_interval(2, 4))))
+    assert proportion_interval([1, 0, 1], None)[:2] == pytest.approx(tuple(map(float, wilson_interval(2, 3))))
+    lo, hi, deff = proportion_interval([1, 1, 1, 1], ["a", "a", "b", "b"])  # 100%: sane, not degenerate
+    assert deff == 1.0 and hi == 1.0 and lo == pytest.approx(float(wilson_interval(4, 4)[0]))
 
 
 def test_the_per_example_table_has_a_row_per_model_example_and_layer(report):

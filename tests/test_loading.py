@@ -124,6 +124,7 @@ ROUND_TRIPS = [
     ("diffmamba2", [1, 2], True),
     ("diffs6", "alternate", True),
     ("diffs6", "all", False),
+    ("diffs6mamba2", "alternate", False),
 ]
 
 
@@ -148,7 +149,7 @@ def test_round_trip_every_arch(tiny, tmp_path, arch, diff_layers, tied):
     assert ("lm_head.weight" in stored) == (not tied)  # a tied lm_head is written once, as the embedding
     assert all(t.is_contiguous() for t in stored.values())
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
-    if arch in ("diffmamba1", "diffs6"):
+    if arch in ("diffmamba1", "diffs6", "diffs6mamba2"):
         assert set(config) == {"diffmamba_interp"} and loaded.load_report.format == "diffmamba-interp"
     else:
         assert config["model_type"] == ("mamba" if arch == "mamba1" else "mamba2")

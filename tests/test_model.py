@@ -85,6 +85,7 @@ ARCHS = [
     dict(arch="diffmamba2", diff_layers="quarter", n_layers=4),
     dict(arch="diffmamba2", diff_layers=[1]),
     dict(arch="diffs6", diff_layers="alternate"),
+    dict(arch="diffs6mamba2", diff_layers="alternate", n_groups=2),
 ]
 
 
@@ -160,11 +161,19 @@ def expected_hooks(cfg: MambaConfig, pos: int) -> dict[str, tuple]:
                 else:
                     E = d * max(1, cfg.expand // 2)
                     out |= m1(f"{p}mixer_{k}.", E, N) | s6(f"{p}mixer_{k}.", E, N)
-        elif cfg.arch == "diffs6" and diff:
+        elif cfg.arch == "diffs6" and diff:  # upstream's Mamba-1 form: no λ parameter, no subln
             E = cfg.d_inner
             out |= m1(p + "mixer.", E, N) | s6(p + "mixer.ssm_1.", E, N) | s6(p + "mixer.ssm_2.", E, N)
+            out |= {p + "mixer.hook_lambda": (), p + "mixer.hook_diff": (b, pos, E)}
+        elif cfg.arch == "diffs6mamba2" and diff:  # upstream's Mamba-2 form: a Mamba-2 path per branch up to its norm
+            E = cfg.d_inner
+            for k in (1, 2):
+                branch = m2(f"{p}mixer.ssm_{k}.", E, cfg.n_heads, cfg.head_dim, G, N)
+                del branch[f"{p}mixer.ssm_{k}.hook_out"]
+                branch[f"{p}mixer.ssm_{k}.norm.hook_scale"] = (b, pos, 1)  # ungrouped, as upstream
+                out |= branch
             out |= {p + "mixer.hook_lambda": (), p + "mixer.hook_diff": (b, pos, E), p + "mixer.subln.hook_scale": (b, pos, 1),
-                    p + "mixer.subln.hook_normalized": (b, pos, E)}
+                    p + "mixer.subln.hook_normalized": (b, pos, E), p + "mixer.hook_out": (b, pos, d)}
         elif cfg.family == "mamba2":
             out |= m2(p + "mixer.", cfg.d_inner, cfg.n_heads, cfg.head_dim, G, N)
         else:
@@ -219,7 +228,7 @@ def test_ssm_state_identity_mamba1_and_not_cached_by_default(tiny):
     torch.testing.assert_close(st[:, 1], h1)
 
 
-@pytest.mark.parametrize("kw", ARCHS[:4] + ARCHS[-1:], ids=lambda kw: kw["arch"])
+@pytest.mark.parametrize("kw", ARCHS[:4] + ARCHS[-2:], ids=lambda kw: kw["arch"])
 def test_reading_hooks_does_not_change_output(tiny, kw):
     model = tiny(**kw)
     ids = torch.randint(0, 40, (2, 9))
@@ -265,7 +274,7 @@ def test_dtypes(tiny):
     assert (bf16 - f32).abs().max() < 0.1 * f32.abs().max()
 
 
-@pytest.mark.parametrize("kw", ARCHS[:4] + ARCHS[-1:], ids=lambda kw: kw["arch"])
+@pytest.mark.parametrize("kw", ARCHS[:4] + ARCHS[-2:], ids=lambda kw: kw["arch"])
 def test_gradients_flow(tiny, kw):
     model = tiny(**kw).train()
     ids = torch.randint(0, 40, (2, 9))

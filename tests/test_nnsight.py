@@ -8,7 +8,7 @@ import torch
 from diffmamba_interp.errors import DiffMambaError
 from diffmamba_interp.nnsight_model import MambaNNsight
 
-ARCHS = [("mamba1", {}), ("mamba2", {}), ("diffmamba2", {"diff_layers": "all"}), ("diffs6", {})]
+ARCHS = [("mamba1", {}), ("mamba2", {}), ("diffmamba2", {"diff_layers": "all"}), ("diffs6", {}), ("diffs6mamba2", {})]
 
 
 def state_hooks(model):

@@ -19,7 +19,7 @@ from diffmamba_interp.errors import DiffMambaError
 
 CLEAN = "Mary went to the kitchen . John moved to the garden . Where is Mary ?"
 CORRUPT = "Mary went to the garden . John moved to the kitchen . Where is Mary ?"
-ARCHS = ["mamba1", "mamba2", "diffmamba1", "diffmamba2", "diffs6"]
+ARCHS = ["mamba1", "mamba2", "diffmamba1", "diffmamba2", "diffs6", "diffs6mamba2"]
 L = 7
 
 

@@ -11,7 +11,8 @@ from diffmamba_interp.errors import DiffMambaError
 from diffmamba_interp.recurrent import collect, patch_state
 
 ARCHS = [dict(arch="mamba1"), dict(arch="mamba2", n_groups=2), dict(arch="diffmamba1", diff_layers="all"),
-         dict(arch="diffmamba2", diff_layers="alternate"), dict(arch="diffs6", diff_layers="alternate")]
+         dict(arch="diffmamba2", diff_layers="alternate"), dict(arch="diffs6", diff_layers="alternate"),
+         dict(arch="diffs6mamba2", diff_layers="alternate", n_groups=2)]
 IDS = lambda kw: kw["arch"]  # noqa: E731
 
 
@@ -53,8 +54,11 @@ def test_steps_equal_the_forward_and_state_shapes(tiny_model, kw):
         assert state["blocks.0.mixer"].ssm.shape == (2, 32, 4)  # [batch, E, N]
     if kw["arch"] == "mamba2":
         assert state["blocks.0.mixer"].ssm.shape == (2, 4, 8, 4)  # [batch, H, P, N]
-    if kw["arch"] == "diffs6":  # the two cores share the mixer's conv
+    if kw["arch"] == "diffs6":  # the two cores scan one u: they share the mixer's conv
         assert state["blocks.0.mixer.ssm_1"].conv is state["blocks.0.mixer.ssm_2"].conv
+    if kw["arch"] == "diffs6mamba2":  # each branch convolves its own xBC
+        a, b = state["blocks.0.mixer.ssm_1"].conv, state["blocks.0.mixer.ssm_2"].conv
+        assert a is not b and (a - b).abs().max() > 1e-6
 
 
 def test_state_clone_to_and_select(tiny_model):

@@ -31,6 +31,11 @@ def _reference() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 REF, META = _reference()
 STATE_POSITIONS = [0, 9, -1]
+# recorded architectures whose arithmetic was replaced on purpose since (drop an entry when re-recording)
+RETIRED = {
+    "diffs6": "recorded in the toolkit's former Diff-S6 (a qk-form λ and a subln inside one Mamba-1 mixer); Diff-S6 is "
+              "now upstream's two forms, checked against upstream's forward in test_diffs6_upstream.py",
+}
 
 
 def _run(model, ids):
@@ -67,6 +72,8 @@ def test_shipped_models_bit_identical(name):
 
 @pytest.mark.parametrize("arch", list(json.loads(META["random"])))
 def test_random_models_bit_identical(arch):
+    if arch in RETIRED:
+        pytest.skip(RETIRED[arch])
     kw = {**json.loads(META["base"]), **json.loads(META["random"])[arch]}
     model = dmi.HookedMamba(dmi.MambaConfig(**kw)).eval()
     prefix = f"random/{arch}/weight/"

@@ -467,7 +467,7 @@ def test_browser_probe_reports_script_errors(tmp_path):
 def make_accuracy() -> pd.DataFrame:
     return pd.DataFrame({"model": [MODELS[0], MODELS[0], MODELS[1], MODELS[1]], "task": ["qa1", "qa2"] * 2,
                          "n": [20, 20, 20, 20], "correct": [10, 20, 15, 0], "accuracy": [0.5, 1.0, 0.75, 0.0],
-                         "ci_low": [0.3, 0.84, 0.53, 0.0], "ci_high": [0.7, 1.0, 0.89, 0.16]})
+                         "ci_low": [0.3, 0.84, 0.53, 0.0], "ci_high": [0.7, 1.0, 0.89, 0.16], "deff": [1.0, 1.0, 1.3, 1.0]})
 
 
 def make_lambdas() -> pd.DataFrame:

@@ -8,8 +8,9 @@ Three kinds of map:
 - ``kind="block"``: the whole mixer up to out_proj as a map of the in_proj x path plus a bias, an
   :class:`ImplicitAttention` (``matrix`` [b, E, L, L], ``bias`` [b, E, L]) whose ``reconstruct(x)``
   gives hook_gated (Mamba-1), norm.hook_normalized (Mamba-2), or for Diff-S6 this branch's share
-  of hook_gated. ``include_D=False, include_bias=False`` is the matrix Zimerman et al. draw
-  (`paper_form`); `minmax_abs` is their |·| with min-max normalisation.
+  of hook_gated (Mamba-1 form) or of out_proj's input (Mamba-2 form). ``include_D=False,
+  include_bias=False`` is the matrix Zimerman et al. draw (`paper_form`); `minmax_abs` is their |·|
+  with min-max normalisation.
 - ``kind="output"``: the operator the whole block applies, in its d-dimensional output space, to
   its normed input h (`blocks.i.norm.hook_normalized`): an :class:`OutputAttention` whose
   ``reconstruct(h)`` is the block's ``hook_mixer_out``; for a differential block this is where
@@ -214,10 +215,12 @@ def differential_summary(model, input_ids: Tensor, layer: int, kind: str = "s6",
     first aggregated over its channels/heads with `reduce` ("mean" or "absmean"), then differenced
     -> [batch, pos, pos]. The two branches' channel bases are unrelated and out_proj, subln and
     (1 − λ_init) are left out, so this is a picture, not the operator the block applies, and "noise
-    cancelled" in it is no evidence: the operator is ``implicit_attention(kind="output")``. Diff-S6
-    branches share channels, so reduce=None is allowed there and gives the per-channel difference
-    [batch, E, pos, pos]; with kind="block" that difference reconstructs the mixer's hook_gated
-    exactly. Returns a tensor for kind="s6" and an :class:`ImplicitAttention` for kind="block".
+    cancelled" in it is no evidence: the operator is ``implicit_attention(kind="output")``. The two
+    S6 cores of a Diff-S6 layer of the Mamba-1 form share channels (and λ is 1), so reduce=None is
+    allowed there and gives the per-channel difference [batch, E, pos, pos]; with kind="block" that
+    difference reconstructs the mixer's hook_gated exactly. (Diff-S6's Mamba-2 form has in_proj1 and
+    in_proj2: no shared channels.) Returns a tensor for kind="s6" and an :class:`ImplicitAttention`
+    for kind="block".
     rows, include_D, include_bias: as in `implicit_attention`.
     """
     if kind == "output":
@@ -236,8 +239,8 @@ def differential_summary(model, input_ids: Tensor, layer: int, kind: str = "s6",
     t1, t2 = AttentionTarget(path, module, 1), AttentionTarget(path, module, 2)
     if reduce is None and not module.SHARED_CHANNELS:
         raise DiffMambaError(
-            "reduce=None is only defined for Diff-S6 layers: the two mixers of a Diff-Mamba block do not share "
-            "channels, so aggregate each branch first (reduce='mean' or 'absmean')"
+            f"reduce=None is only defined for Diff-S6 layers of the Mamba-1 form: the two branches of "
+            f"{module.DESCRIPTION} do not share channels, so aggregate each branch first (reduce='mean' or 'absmean')"
         )
     lam_name = f"{path}.hook_lambda"
     cache = _run(model, input_ids, t1.hooks(kind) + t2.hooks(kind) + [lam_name])

@@ -32,7 +32,7 @@ from ..recurrent import collect
 from ..scan import compute_dtype
 from ..schemas import BRANCH_COMPONENTS
 from ..differential import Differential
-from .inputs import first_token, padded_batches, prompt_ids, unpad
+from .inputs import encode_prompts, first_token, padded_batches, unpad
 
 __all__ = ["BRANCH_COMPONENTS", "branch_lens", "direct_logit"]
 
@@ -106,7 +106,7 @@ def branch_lens(model, input_ids, targets, position: int = -1, include_embed: bo
         model.check_input_ids(input_ids)
         seqs = input_ids.tolist()
     else:
-        seqs = [prompt_ids(p, tok) for p in input_ids]
+        seqs = encode_prompts(list(input_ids), tok)  # one warning for prompts with unknown tokens
     if isinstance(targets, torch.Tensor):
         targets = targets.flatten().tolist()
     elif isinstance(targets, (int, str)):

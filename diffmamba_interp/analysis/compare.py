@@ -121,12 +121,12 @@ def compare(models_or_paths, prompts, answers=None, lens="logit", labels: Sequen
     if len(set(labels)) != len(labels):
         raise DiffMambaError(f"model labels must be unique, got {labels}")
 
-    frames, depth = [], {}
+    frames, depth, warned = [], {}, set()  # warned: one warning of unknown tokens, not one per model
     for item, lab, ln in zip(items, labels, lenses):
         model = load_model(item) if isinstance(item, (str, os.PathLike)) else item
         ln = resolve_lens(model, ln)
         df = target_probs(model, prompts, answers, lens=ln, candidates=candidates, tokenizer=tokenizer,
-                          batch_size=batch_size, progress=progress, chunk_size=chunk_size)
+                          batch_size=batch_size, progress=progress, chunk_size=chunk_size, warned=warned)
         frames.append(df.assign(model=lab)[["model", *TARGET_COLUMNS]])
         depth[lab] = model.cfg.n_layers
     per_example = pd.concat(frames, ignore_index=True)

@@ -1,10 +1,19 @@
 """Preparing analysis inputs, shared by every analysis that reads prompts: prompts to token ids, the
 target token of an answer (the first token of " " + answer), right-padded batches, and accepting
 `Prompt`-like objects (with .prompt, .answer, .candidates) in place of separate lists.
+
+The tokenizer guard lives here, for every model and tokenizer (`unknown_token`): an answer, candidate
+or other word whose tokens include the unknown token is a one-line DiffMambaError naming the word
+(`first_token`, `check_vocabulary`), raised before any forward pass; prompts with unknown tokens get
+one `UnknownTokenWarning` with the count (`encode_prompts`, `warn_unknown`), not one per prompt.
+Tokenizers that cannot produce an unknown token (byte-level BPE: no unk token, or one that is also
+the eos/bos token, as GPT-2's and GPT-NeoX's ``<|endoftext|>``) never trip it.
 """
 
 from __future__ import annotations
 
+import warnings
+from contextlib import contextmanager
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -12,7 +21,118 @@ import torch
 
 from ..errors import DiffMambaError
 
-__all__ = ["first_token", "prompt_ids", "padded_batches", "unpad", "unpack_prompts", "story_ids", "check_log_probs"]
+__all__ = ["first_token", "prompt_ids", "padded_batches", "unpad", "unpack_prompts", "story_ids", "check_log_probs",
+           "UnknownTokenWarning", "unknown_token", "check_vocabulary", "encode_prompts", "warn_unknown",
+           "unknown_tokens_once"]
+
+
+class UnknownTokenWarning(UserWarning):
+    """Prompts hold words outside the tokenizer's vocabulary: the model reads them as the unknown token."""
+
+
+def unknown_token(tokenizer) -> tuple[int, str] | None:
+    """(id, text) of the tokenizer's unknown token, or None when text cannot produce one: no tokenizer,
+    no unk token (byte-level BPE), or an unk token that is also the eos or bos token (GPT-2 and
+    GPT-NeoX name ``<|endoftext|>`` as their unk token, which only that literal text encodes to)."""
+    if tokenizer is None:
+        return None
+    unk, unk_id = getattr(tokenizer, "unk_token", None), getattr(tokenizer, "unk_token_id", None)
+    if unk is None or unk_id is None or isinstance(unk_id, bool) or not isinstance(unk_id, (int, np.integer)):
+        return None
+    if str(unk) in {str(getattr(tokenizer, "eos_token", None)), str(getattr(tokenizer, "bos_token", None))}:
+        return None
+    return int(unk_id), str(unk)
+
+
+def _unknown_words(text: str, ids: Sequence[int], tokenizer, unk: tuple[int, str],
+                   name: bool = True) -> tuple[int, str | None]:
+    """How many of `ids` (the encoding of `text`) are the unknown token, not counting a literal unk
+    token typed in the text, and (with `name`) the first such word, from the offsets where the
+    tokenizer gives them."""
+    count = sum(1 for i in ids if i == unk[0]) - text.count(unk[1])
+    if count <= 0 or not name:
+        return max(count, 0), None
+    word = None
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]):
+            if i == unk[0] and text[a:b] != unk[1]:
+                word = text[a:b]
+                break
+    except Exception:  # noqa: BLE001 - a tokenizer without offsets: the count alone
+        pass
+    return count, word
+
+
+def check_vocabulary(word: str, tokenizer, what: str = "answer", ids: Sequence[int] | None = None) -> list[int]:
+    """The token ids of " " + word, or a one-line DiffMambaError naming the word when any of them is
+    the tokenizer's unknown token (it would be scored as `<unk>`, whatever the word). `ids`: its
+    encoding when already known. A word that is the unk token's own text is let through."""
+    if ids is None:
+        ids = tokenizer.encode(" " + word, add_special_tokens=False)
+    unk = unknown_token(tokenizer)
+    if unk is not None and unk[0] in ids and word.strip() != unk[1]:
+        _, part = _unknown_words(" " + word, ids, tokenizer, unk)
+        subject = f"its part {part.strip()!r}" if part and part.strip() != word.strip() else "it"
+        scored = ", which would be scored in its place" if ids[0] == unk[0] else ""
+        raise DiffMambaError(f"{what} {word!r} is not in the tokenizer's vocabulary: {subject} encodes to the unknown "
+                             f"token {unk[1]!r} (as every word outside the vocabulary does){scored}")
+    return list(ids)
+
+
+def warn_unknown(texts: Sequence, seqs: Sequence[Sequence[int]], tokenizer, stacklevel: int = 2,
+                 seen: set | None = None) -> int:
+    """One `UnknownTokenWarning` for a set of prompts (texts and their token ids) whose encoding holds
+    the unknown token, with the count of such tokens and prompts and the first word; returns the count
+    (0: no warning). Prompts given as token ids are not counted. seen: messages already given (say,
+    for another model with the same tokenizer) are not repeated; the new one is added."""
+    unk = unknown_token(tokenizer)
+    if unk is None:
+        return 0
+    total, hit, example = 0, 0, None
+    for text, ids in zip(texts, seqs):
+        if not isinstance(text, str) or unk[0] not in ids:
+            continue
+        k, word = _unknown_words(text, ids, tokenizer, unk, name=example is None)
+        if k > 0:
+            total, hit = total + k, hit + 1
+            example = example or word
+    if total:
+        eg = f" (e.g. {example!r})" if example else ""
+        message = (f"{total} unknown token{'s' if total > 1 else ''} in {hit} of {len(seqs)} prompt"
+                   f"{'s' if len(seqs) > 1 else ''}: words outside the tokenizer's vocabulary{eg} are read as {unk[1]!r}")
+        if seen is None or message not in seen:
+            warnings.warn(message, UnknownTokenWarning, stacklevel=stacklevel + 1)
+        if seen is not None:
+            seen.add(message)
+    return total
+
+
+@contextmanager
+def unknown_tokens_once():
+    """Within it (a `with` block, or a decorator on a job that runs several analyses over the same
+    prompts), only the first `UnknownTokenWarning` is shown; later ones, whatever their counts, are
+    dropped. Other warnings pass as they are."""
+    with warnings.catch_warnings():
+        show, shown = warnings.showwarning, []
+
+        def once(message, category, *args, **kwargs):
+            if isinstance(category, type) and issubclass(category, UnknownTokenWarning):
+                if shown:
+                    return
+                shown.append(message)
+            show(message, category, *args, **kwargs)
+
+        warnings.showwarning = once
+        yield
+
+
+def encode_prompts(prompts: Sequence, tokenizer, stacklevel: int = 2, seen: set | None = None) -> list[list[int]]:
+    """`prompt_ids` of every prompt, then one `warn_unknown` warning for all of them (not one per prompt;
+    `seen` as there)."""
+    seqs = [prompt_ids(p, tokenizer) for p in prompts]
+    warn_unknown(prompts, seqs, tokenizer, stacklevel=stacklevel + 1, seen=seen)
+    return seqs
 
 
 def _is_id(x) -> bool:
@@ -22,9 +142,9 @@ def _is_id(x) -> bool:
 def first_token(text_or_id, tokenizer, what: str = "answer") -> tuple[int, int, str]:
     """First token of " " + text -> (token id, number of tokens, the text); an int is taken as a token id.
 
-    DiffMambaError (one line) for a negative token id, a text whose first token is the tokenizer's
-    unknown token (a word outside the vocabulary would be scored as `<unk>`), and anything that is
-    neither a string nor a token id.
+    DiffMambaError (one line) for a negative token id, a text with a token that is the tokenizer's
+    unknown token (`check_vocabulary`: a word outside the vocabulary would be scored as `<unk>`), and
+    anything that is neither a string nor a token id.
     """
     if isinstance(text_or_id, torch.Tensor) and text_or_id.numel() == 1 and not text_or_id.is_floating_point() \
             and text_or_id.dtype != torch.bool:
@@ -47,14 +167,7 @@ def first_token(text_or_id, tokenizer, what: str = "answer") -> tuple[int, int, 
     ids = tokenizer.encode(" " + text_or_id, add_special_tokens=False)
     if not ids:
         raise DiffMambaError(f"{what} {text_or_id!r} produces no tokens (first token of ' ' + {what} is the target)")
-    unk_id = getattr(tokenizer, "unk_token_id", None)
-    if unk_id is not None and ids[0] == unk_id:
-        unk = getattr(tokenizer, "unk_token", None) or "<unk>"
-        if text_or_id.strip().split(" ")[0] != unk:
-            raise DiffMambaError(
-                f"{what} {text_or_id!r} is not in the tokenizer's vocabulary: its first token would be the "
-                f"unknown token {unk!r}, and {unk!r} would be scored in its place"
-            )
+    check_vocabulary(text_or_id, tokenizer, what, ids)
     return int(ids[0]), len(ids), text_or_id
 
 

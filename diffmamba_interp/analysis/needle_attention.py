@@ -18,6 +18,7 @@ after the previous one (BABILong keeps facts in order among the filler). A promp
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -27,7 +28,7 @@ import torch
 
 from ..errors import DiffMambaError
 from .answer_row import answer_rows
-from .inputs import first_token
+from .inputs import UnknownTokenWarning, encode_prompts, first_token
 from .stats import bootstrap_mean, paired_bootstrap
 
 __all__ = ["supporting_spans", "needle_token_mask", "needle_shares", "needle_attention", "NeedleAttention"]
@@ -139,11 +140,17 @@ def needle_attention(models, prompts, layers: Sequence[int] | None = None, kind:
         from tqdm.auto import tqdm
 
         it = tqdm(prompts, desc="needle attention")
-    for i, p in enumerate(it):
-        story = (p.meta or {}).get("story", f"example:{i}")
-        for m, label in zip(models, labels):
-            df = needle_shares(m, p, layers, kind, reduce)
-            frames.append(df.assign(model=label, example=i, story=story))
+    seen: set = set()  # one warning for prompts with unknown tokens, not one per prompt or per model
+    for m in models:
+        if m.tokenizer is not None:
+            encode_prompts([p.prompt for p in prompts], m.tokenizer, seen=seen)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnknownTokenWarning)
+        for i, p in enumerate(it):
+            story = (p.meta or {}).get("story", f"example:{i}")
+            for m, label in zip(models, labels):
+                df = needle_shares(m, p, layers, kind, reduce)
+                frames.append(df.assign(model=label, example=i, story=story))
     per = pd.concat(frames, ignore_index=True)[["model", "example", "story", "layer", "map", "share", "baseline"]]
     summary = []
     for (label, layer, name), g in per.groupby(["model", "layer", "map"], sort=False):

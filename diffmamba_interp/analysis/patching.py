@@ -40,7 +40,7 @@ from ..differential import Differential
 from ..errors import DiffMambaError
 from ..recurrent import check_chunk_size, collect, normalize_positions, prefill
 from ..state import MixerState, ModelState, Recurrence
-from .inputs import first_token, prompt_ids
+from .inputs import encode_prompts, first_token, unknown_tokens_once
 
 __all__ = ["WHATS", "METHODS", "PatchingResult", "patch", "logit_diff", "answer_prob"]
 
@@ -351,11 +351,12 @@ def _ids(model, prompt, what: str) -> Tensor:
             raise DiffMambaError(f"{what} must be one prompt (batch 1), got batch {prompt.shape[0]}; patch pairs one at a time")
         ids = prompt
     else:
-        ids = torch.tensor([prompt_ids(prompt, model.tokenizer)], dtype=torch.long)
+        ids = torch.tensor(encode_prompts([prompt], model.tokenizer), dtype=torch.long)
     model.check_input_ids(ids)
     return ids.to(model.device)
 
 
+@unknown_tokens_once()  # the clean and the corrupted prompt: one warning of unknown tokens
 def patch(model, clean, corrupt, metric: Metric | None = None, *, answer=None, wrong=None, what: str = "resid",
           method: str = "exact", positions=None, layers=None, conv: bool = False, batch_size: int = 32,
           chunk_size: int | None = None, progress: bool = True) -> PatchingResult:

@@ -26,25 +26,29 @@ from .lens import resolve_lens
 from .snr import BOOTSTRAPS, MEASURES, example_clusters, target_probs
 from .stats import paired_seed_level, seed_level
 
-__all__ = ["SEED_SUMMARY_COLUMNS", "SEED_PAIRED_COLUMNS", "SeedCompareResult", "compare_seeds"]
+__all__ = ["SEED_SUMMARY_COLUMNS", "SEED_PAIRED_COLUMNS", "PER_SEED_COLUMNS", "SeedCompareResult", "compare_seeds"]
 
 SEED_SUMMARY_COLUMNS = ("group", "layer", "paper_layer", "measure", "mean", "ci_low", "ci_high", "seed_std", "n_seeds",
                         "n", "n_clusters", "significant")
 SEED_PAIRED_COLUMNS = ("group_a", "group_b", "layer", "paper_layer", "measure", "diff_mean", "ci_low", "ci_high",
                        "n_seeds_a", "n_seeds_b", "n", "n_clusters", "significant")
+# one checkpoint's mean over the examples finite in every seed of its group: the seed-level mean is their mean
+PER_SEED_COLUMNS = ("group", "model", "layer", "paper_layer", "measure", "mean")
 
 
 @dataclass
 class SeedCompareResult:
     """summary: SEED_SUMMARY_COLUMNS (one row per group, layer, measure); paired: SEED_PAIRED_COLUMNS
     (group b − group a); per_example: the `target_probs` rows with `group` and `model` columns;
-    groups: group name -> the labels of its checkpoints."""
+    groups: group name -> the labels of its checkpoints; per_seed: PER_SEED_COLUMNS, each checkpoint's
+    mean (over the examples finite in every seed of its group), whose mean over seeds is summary's mean."""
 
     summary: pd.DataFrame
     paired: pd.DataFrame
     per_example: pd.DataFrame
     groups: dict[str, list[str]]
     notes: list[str] = field(default_factory=list)
+    per_seed: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=list(PER_SEED_COLUMNS)))
 
 
 def _by_seed(rows: pd.DataFrame, models: list[str], measure: str, layers) -> list[np.ndarray]:
@@ -69,7 +73,7 @@ def compare_seeds(groups: dict[str, Sequence], prompts, answers=None, lens="auto
     if not groups or any(len(list(v)) == 0 for v in groups.values()):
         raise DiffMambaError("compare_seeds needs at least one checkpoint in every group")
     prompts = list(prompts)
-    frames, members, depth = [], {}, {}
+    frames, members, depth, warned = [], {}, {}, set()  # warned: one warning of unknown tokens, not one per model
     for name, items in groups.items():
         members[name] = []
         for k, item in enumerate(items):
@@ -80,7 +84,7 @@ def compare_seeds(groups: dict[str, Sequence], prompts, answers=None, lens="auto
             members[name].append(label)
             depth.setdefault(name, set()).add(model.cfg.n_layers)
             df = target_probs(model, prompts, answers, lens=resolve_lens(model, lens), candidates=candidates,
-                              batch_size=batch_size, progress=progress, chunk_size=chunk_size)
+                              batch_size=batch_size, progress=progress, chunk_size=chunk_size, warned=warned)
             frames.append(df.assign(group=name, model=label)[["group", "model", *TARGET_COLUMNS]])
     uneven = {g: sorted(d) for g, d in depth.items() if len(d) > 1}
     if uneven:
@@ -88,7 +92,7 @@ def compare_seeds(groups: dict[str, Sequence], prompts, answers=None, lens="auto
     per_example = pd.concat(frames, ignore_index=True)
     clusters = example_clusters(frames[0], bootstrap)
     cl = None if clusters is None else clusters.sort_index().to_numpy()
-    rows, pairs, notes = [], [], []
+    rows, pairs, notes, seed_rows = [], [], [], []
     for name in groups:
         layers = np.sort(per_example[per_example.group == name].layer.unique())
         for m in MEASURES:
@@ -98,6 +102,8 @@ def compare_seeds(groups: dict[str, Sequence], prompts, answers=None, lens="auto
             for j, layer in enumerate(layers):
                 rows.append((name, int(layer), m, res.mean[j], res.ci_low[j], res.ci_high[j], res.seed_std[0][j],
                              res.n_seeds[0], int(res.n[j]), int(res.n_clusters[j]), bool(sig[j])))
+            for label, means in zip(members[name], res.seed_means[0]):
+                seed_rows += [(name, label, int(layer), m, float(v)) for layer, v in zip(layers, means)]
     names = list(groups)
     for i, a in enumerate(names):
         for b in names[i + 1:]:
@@ -115,4 +121,4 @@ def compare_seeds(groups: dict[str, Sequence], prompts, answers=None, lens="auto
                                   res.n_seeds[1], int(res.n[j]), int(res.n_clusters[j]), bool(sig[j])))
     summary = with_paper_layer(rows, SEED_SUMMARY_COLUMNS)
     paired = with_paper_layer(pairs, SEED_PAIRED_COLUMNS)
-    return SeedCompareResult(summary, paired, per_example, members, notes)
+    return SeedCompareResult(summary, paired, per_example, members, notes, with_paper_layer(seed_rows, PER_SEED_COLUMNS))

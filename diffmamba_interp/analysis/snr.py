@@ -34,7 +34,7 @@ from tqdm import tqdm
 from ..errors import DiffMambaError
 from ..schemas import SUMMARY_COLUMNS, TARGET_COLUMNS, paper_layer, with_paper_layer
 from ..distributed import gather, is_main, shard
-from .inputs import check_log_probs, first_token, padded_batches, prompt_ids, story_ids, unpack_prompts, unpad
+from .inputs import check_log_probs, encode_prompts, first_token, padded_batches, story_ids, unpack_prompts, unpad
 from .lens import resolve_lens
 from .stats import bootstrap_mean, log_odds_db, log_ratio
 
@@ -46,7 +46,7 @@ BOOTSTRAPS = ("story", "question")  # what the bootstrap resamples: story cluste
 
 def target_probs(model, prompts, answers=None, lens="logit", candidates=None, tokenizer=None,
                  batch_size: int = 8, progress: bool = True, stories=None, chunk_size: int | None = None,
-                 lengths=None) -> pd.DataFrame:
+                 lengths=None, warned: set | None = None) -> pd.DataFrame:
     """Lens probability of each answer's first token at the last prompt position, per layer.
 
     prompts: texts (or token-id sequences), or `Prompt` objects when answers is None.
@@ -58,6 +58,8 @@ def target_probs(model, prompts, answers=None, lens="logit", candidates=None, to
     `recurrent.DEFAULT_CHUNK`), only the last position is read, so memory does not grow with length.
     lengths: with prompts a right-padded LongTensor [B, L], each row's real length (as from
     `model.to_tokens(texts, return_lengths=True)`): each row is read at its own last token.
+    warned: warnings about unknown tokens in the prompts already given (by a caller running several
+    models on the same prompts): not repeated (`inputs.encode_prompts`).
     Returns one row per (example, layer), columns `TARGET_COLUMNS`; layer 0 = embeddings.
     Raises DiffMambaError when a log-probability is NaN (non-finite weights or activations).
     """
@@ -72,7 +74,7 @@ def target_probs(model, prompts, answers=None, lens="logit", candidates=None, to
         raise DiffMambaError("no prompts")
     tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     lens = resolve_lens(model, lens)
-    seqs = [prompt_ids(p, tok) for p in prompts]
+    seqs = encode_prompts(prompts, tok, seen=warned)  # one warning for prompts with unknown tokens
     targets = [first_token(a, tok) for a in answers]
     multi = [i for i, t in enumerate(targets) if t[1] > 1]
     if multi:

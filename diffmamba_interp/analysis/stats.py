@@ -39,6 +39,12 @@ only when the interval excludes 0, has positive width and rests on at least `min
 examples without clusters; default 10). A zero-width interval (constant values, one example, one
 cluster) is flagged by `degenerate` and is never "significant".
 
+Proportions: `proportion_interval(correct, clusters)` is the Wilson score interval of an accuracy with
+the effective sample size of its story clustering (Kish's design effect, from the cluster-robust
+variance of the mean), so questions of one story count as less than independent evidence; unlike a
+bootstrap it stays sane at 0% and 100%. Without clusters (or one question per story) it is the plain
+Wilson interval.
+
 Measures: `log_odds_db(logprob)` = 10·log10(p / (1 − p)) from a float64 log-probability with no floor;
 `log_ratio(logprob_target, log_mass)` = ln(p / Σ p(other candidates)) and `log_mass` the log of a
 candidate mass from NaN-padded candidate log-probs. Average these logs (and report medians) rather than
@@ -55,7 +61,7 @@ import numpy as np
 from ..errors import DiffMambaError
 
 __all__ = ["BootstrapResult", "SeedLevelResult", "resample_counts", "bootstrap_mean", "paired_bootstrap",
-           "seed_level", "paired_seed_level", "log_odds_db", "LOG_ODDS_DB_MAX", "log_ratio", "log_mass"]
+           "seed_level", "paired_seed_level", "proportion_interval", "wilson_interval", "log_odds_db", "LOG_ODDS_DB_MAX", "log_ratio", "log_mass"]
 
 _DB = 10 / np.log(10)  # dB per nat of odds
 
@@ -311,6 +317,40 @@ def paired_seed_level(a_by_seed, b_by_seed, n_boot: int = 1000, seed: int | np.r
 
 # -- measures -------------------------------------------------------------------------------------
 _LOGPROB_MAX = -np.nextafter(0.0, 1.0)  # -2**-1074, the negative float64 closest to 0
+
+
+def wilson_interval(correct, n, z: float = 1.959963984540054) -> tuple[np.ndarray, np.ndarray]:
+    """The Wilson score interval (95% by default) of a proportion `correct` / `n` (arrays; `n` may be an
+    effective, non-integer size): sane at 0% and 100% and for small n, unlike the normal approximation."""
+    k, n = np.asarray(correct, dtype=np.float64), np.asarray(n, dtype=np.float64)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    low = np.where(k == 0, 0.0, np.clip(centre - half, 0.0, 1.0))  # exact ends, not 1e-17 off
+    high = np.where(k == n, 1.0, np.clip(centre + half, 0.0, 1.0))
+    return low, high
+
+
+def proportion_interval(correct, clusters=None, z: float = 1.959963984540054) -> tuple[float, float, float]:
+    """correct [n] (bool) and one cluster id per question (or None) -> (low, high, design effect).
+
+    Design effect d = max(1, V_cluster / V_iid): V_iid = p(1 − p)/n; V_cluster = G/(G − 1) ·
+    Σ_g (s_g − p·m_g)² / n², the cluster-robust variance of the mean (s_g correct of the m_g questions
+    of cluster g). The interval is Wilson's at the effective size n / d with the same p."""
+    x = np.asarray(correct, dtype=np.float64).reshape(-1)
+    n = x.size
+    if n == 0:
+        return float("nan"), float("nan"), float("nan")
+    p = x.mean()
+    deff = 1.0
+    g, G = _cluster_index(clusters, n)
+    if g is not None and 1 < G < n and 0 < p < 1:
+        s = np.bincount(g, weights=x, minlength=G)
+        m = np.bincount(g, minlength=G)
+        v_cluster = G / (G - 1) * np.sum((s - p * m) ** 2) / n**2
+        deff = max(1.0, float(v_cluster / (p * (1 - p) / n)))
+    low, high = wilson_interval(p * n / deff, n / deff, z)
+    return float(low), float(high), deff
 
 
 def log_odds_db(logprob) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""This package's own config.json, for architectures with no transformers layout (diffmamba1, diffs6):
+"""This package's own config.json, for architectures with no transformers layout (diffmamba1, diffs6,
+diffs6mamba2):
 {"diffmamba_interp": {"format_version": 1, "config": MambaConfig.to_dict()}}.
 """
 

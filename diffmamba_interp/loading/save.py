@@ -2,7 +2,7 @@
 
 Each architecture is written in its `ArchSpec.save_format` (archs.py): mamba1 / mamba2 / diffmamba2
 in the transformers / upstream Diff-Mamba layout, so transformers' MambaForCausalLM /
-Mamba2ForCausalLM load the plain ones; diffmamba1 and diffs6, which have no such layout, in our own
+Mamba2ForCausalLM load the plain ones; diffmamba1, diffs6 and diffs6mamba2, which have no such layout, in our own
 marker format (ours.py). Takes any model with `cfg`, `state_dict()`, `embed`, `lm_head`, `dtype`
 and `tokenizer` (a HookedMamba); it does not import the model.
 """

@@ -64,7 +64,7 @@ def init_dt_bias(n: int, dt_min: float = 1e-3, dt_max: float = 0.1) -> Tensor:
 
 
 class ScanUnit(nn.Module):
-    """A module that runs one selective scan: a Mamba-1 or Mamba-2 mixer, or one S6 core of Diff-S6.
+    """A module that runs one selective scan: a Mamba-1 or Mamba-2 mixer, or one branch of Diff-S6.
 
     `HookedMamba.mixers()` lists these by module path; `capture_states` makes the scan materialise
     `hook_ssm_state` without a hook (for nnsight); `last_path` says which scan implementation ran.
@@ -77,7 +77,7 @@ class ScanUnit(nn.Module):
     capture_states: bool
     last_path: str
     state_key: str | None = None  # this unit's module path, the key of its entry in a `ModelState` (set by HookedMamba)
-    conv_group: str | None = None  # units of one conv (the cores of a Diff-S6 mixer) share a conv state
+    conv_group: str | None = None  # units of one conv (the cores of a Mamba-1-form Diff-S6 mixer) share a conv state
 
     def state_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Per batch row: the shape of the conv state and of the SSM state (`state.MixerState`)."""

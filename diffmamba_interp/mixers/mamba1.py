@@ -28,7 +28,8 @@ Tensor = torch.Tensor
 
 
 class S6Core(ScanUnit):
-    """The selective part of a Mamba-1 mixer: x_proj, dt_proj, A_log, D and their hooks."""
+    """The selective part of a Mamba-1 mixer: x_proj, dt_proj, A_log, D and their hooks (a core of
+    Diff-S6's Mamba-1 form, `diffs6.S6Branch`, reads its parameters from the mixer instead)."""
 
     def _init_s6(self, dims: MixerDims) -> None:
         E, N, R = dims.d_inner, dims.d_state, dims.dt_rank
@@ -176,14 +177,3 @@ class Mamba1Mixer(ConvFront, S6Core, Mixer):
         return implicit_output.OutputAttention([self.output_branch(self, cache, "", cache["hook_gate"], opts)],
                                                names=["layer"], n_pos=L, batch=b, rows=(opts or implicit.MapOptions()).rows,
                                                chunk=chunk)
-
-
-class S6(S6Core):
-    """One S6 core as a submodule (the two branches of Diff-S6)."""
-
-    def __init__(self, dims: MixerDims):
-        super().__init__()
-        self._init_s6(dims)
-
-    def forward(self, u: Tensor, state: Tensor | None = None, want_final: bool = False):
-        return self.ssm(u, state, want_final)

@@ -44,6 +44,7 @@ __all__ = [
     "attention_figure",
     "attention_range",
     "patching_figure",
+    "PATCHING_MAX_COLUMNS",
     "layer_label",
     "block_label",
     "log_ticks",
@@ -542,12 +543,31 @@ def _paper_block(row_label) -> str:
     return f" (the paper's layer {found.group(1)})" if found else ""
 
 
-def patching_figure(result, zmax: float | None = None) -> go.Figure:
+PATCHING_MAX_COLUMNS = 256  # position columns of a patching heat-map; longer grids are downsampled to this
+
+
+def _largest_per_block(z: np.ndarray, k: int) -> np.ndarray:
+    """Per row and block of k consecutive columns, the column index of the cell of largest |z| (NaN
+    cells never win unless the whole block is NaN): int [rows, ceil(cols / k)]."""
+    rows, cols = z.shape
+    n = -(-cols // k)
+    mag = np.full((rows, n * k), -1.0)
+    mag[:, :cols] = np.where(np.isfinite(z), np.abs(z), -1.0)
+    pick = mag.reshape(rows, n, k).argmax(-1)
+    return np.minimum(pick + np.arange(n)[None, :] * k, cols - 1)
+
+
+def patching_figure(result, zmax: float | None = None, max_columns: int = PATCHING_MAX_COLUMNS) -> go.Figure:
     """A patching grid (`analysis.patching.PatchingResult`) as one heat-map: rows "block i · component",
     columns positions (labelled with the corrupted prompt's tokens). The colour is the normalized
     effect (value − corrupted) / (clean − corrupted) on a scale centred at 0 (1 = the clean metric
     restored), or the raw metric when the two runs give the same value. zmax: the colour range ±zmax
-    (give several figures one range to compare them; default: this grid's largest |value|)."""
+    (give several figures one range to compare them; default: this grid's largest |value|).
+
+    Past `max_columns` positions the columns are downsampled: blocks of k = ceil(positions / max_columns)
+    consecutive positions, each column showing the cell of its block with the largest |effect| (signed;
+    a single strong position is never averaged away), at most `max_columns` columns; the title and the
+    reading guide say so and the hover names the position shown."""
     df = result.frame
     if df.empty:
         raise DiffMambaError("the patching result has no cells")
@@ -560,25 +580,43 @@ def patching_figure(result, zmax: float | None = None) -> go.Figure:
     finite = z[np.isfinite(z)]
     m = zmax if zmax is not None else (float(np.abs(finite).max()) if finite.size else 1.0)
     m = m if m > 0 else 1.0
-    step = max(1, math.ceil(len(positions) / 60))
     raw = result.grid("value").to_numpy(dtype=float)
     rows = np.array([_paper_block(r) for r in grid.index], dtype=object)[:, None]
-    custom = np.stack([raw, *np.broadcast_arrays(np.array(labels, dtype=object)[None, :], rows)], -1)
+    cell_labels = np.broadcast_to(np.array(labels, dtype=object)[None, :], z.shape)
+    k = max(1, math.ceil(len(positions) / max(1, int(max_columns))))
+    if k > 1:  # downsampled: each column the largest |effect| of a block of k positions
+        pick = _largest_per_block(z, k)
+        z, raw = np.take_along_axis(z, pick, 1), np.take_along_axis(raw, pick, 1)
+        starts = list(range(0, len(positions), k))
+        spans = [f"{positions[a]}–{positions[min(a + k, len(positions)) - 1]}" for a in starts]
+        cell_labels = np.array([[f"{labels[j]} (largest in {spans[c]})" for c, j in enumerate(r)] for r in pick],
+                               dtype=object)
+        labels = spans
+    step = max(1, math.ceil(len(labels) / 60))
+    custom = np.stack([raw, *np.broadcast_arrays(cell_labels, rows)], -1)
     fig = go.Figure(go.Heatmap(
-        z=z.tolist(), x=list(range(len(positions))), y=list(grid.index), colorscale=_DIVERGING, zmin=-m, zmax=m,
+        z=z.tolist(), x=list(range(len(labels))), y=list(grid.index), colorscale=_DIVERGING, zmin=-m, zmax=m,
         name=f"{result.method} patching", customdata=custom,
         colorbar=dict(title=dict(text="normalized effect" if use_norm else "metric − corrupted", side="right")),
         hovertemplate="%{y}%{customdata[2]}<br>position %{customdata[1]}<br>" + ("effect %{z:.3f}" if use_norm else "Δ %{z:.4g}")
                       + "<br>" + _text(result.metric) + " %{customdata[0]:.4g}<extra></extra>"))
-    fig.update_xaxes(tickmode="array", tickvals=list(range(0, len(positions), step)),
+    fig.update_xaxes(tickmode="array", tickvals=list(range(0, len(labels), step)),
                      ticktext=labels[::step], tickangle=-60, showgrid=False)
     fig.update_yaxes(autorange="reversed", showgrid=False)
     how = (f"Each cell is the {result.metric} of the corrupted run with one {result.what} value at one position taken "
            f"from the clean run ({result.method}); 1 (red) = the clean result restored, 0 (white) = no effect, "
            f"blue = pushed the other way. Clean {result.clean_metric:.4g}, corrupted {result.corrupt_metric:.4g}.")
     kind = "Attribution" if result.method == "attribution" else "State" if result.what == "state" else "Activation"
-    title = f"{kind} patching: {result.what} → {result.metric}"
-    _finish(fig, title=_text(title), how=how, xlabel="position (corrupted prompt's token)", ylabel=None,
+    title = _text(f"{kind} patching: {result.what} → {result.metric}")
+    xlabel = "position (corrupted prompt's token)"
+    if k > 1:
+        title += (f"<br><sup>{len(positions):,} positions downsampled to {len(labels)} columns: each column is a block of "
+                  f"{k} positions showing its largest |effect|</sup>")
+        how += (f" The {len(positions):,} positions are downsampled to {len(labels)} columns (at most {max_columns}): each "
+                f"column covers {k} consecutive positions and shows the cell of largest |effect| among them (the hover "
+                "names that position; `diffmamba-interp patch --csv` keeps every cell).")
+        xlabel = f"positions, in blocks of {k} (corrupted prompt)"
+    _finish(fig, title=title, how=how, xlabel=xlabel, ylabel=None,
             height=int(min(1200, max(360, 160 + 22 * len(grid.index)))))
     fig.update_layout(showlegend=False)
     return fig

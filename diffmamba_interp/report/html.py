@@ -29,6 +29,8 @@ from .figures import (
 )
 from .attention import attention_figures
 from .model_figures import accuracy_figure, lambda_figure
+from .needle import needle_section
+from .seeds import seed_sections
 
 __all__ = ["write_report", "FIGURE_DIV_CLASS"]
 
@@ -286,7 +288,7 @@ def _given(frame) -> bool:
 def write_report(path, *, title: str, summary: pd.DataFrame | None = None, paired: pd.DataFrame | None = None,
                  branch: pd.DataFrame | None = None, attention=None, patching=None,
                  accuracy: pd.DataFrame | None = None, lambdas: pd.DataFrame | None = None,
-                 tables: Mapping[str, pd.DataFrame] | None = None,
+                 tables: Mapping[str, pd.DataFrame] | None = None, needle: pd.DataFrame | None = None, seeds=None,
                  meta: Mapping | None = None, warnings: Sequence[str] = (), unit: str = "stories") -> Path:
     """Write one self-contained HTML report to ``path`` and return it as a Path.
 
@@ -294,10 +296,13 @@ def write_report(path, *, title: str, summary: pd.DataFrame | None = None, paire
     ``unit``, stories by default — fall below `schemas.MIN_CLUSTERS`), task accuracy (``accuracy``),
     needle probability (linear bars and log-axis points, if ``summary`` has "prob" rows), every other
     summary measure as curves with CI bands (the log distractor ratio in place of the raw one when both
-    are there), paired differences (one figure per measure in ``paired``, same rule), λ per differential
+    are there), paired differences (one figure per measure in ``paired``, same rule), the seed-level
+    sections (``seeds``, an `analysis.seeds.SeedCompareResult`: per-seed curves with each architecture's
+    seed-level mean and interval, and the difference across seeds; `report.seeds`), λ per differential
     block (``lambdas``), branch decomposition, one attention figure per entry (full maps on one shared
-    colour scale, or answer rows), one heat-map per ``patching`` result (`analysis.patching.PatchingResult`,
-    titled by its ``.model`` if set), and the ``tables``. Optional inputs that are None or empty are
+    colour scale, or answer rows), the needle share of each block's answer row (``needle``, a
+    `NeedleAttention.summary`; `report.needle`), one heat-map per ``patching`` result
+    (`analysis.patching.PatchingResult`, titled by its ``.model`` if set), and the ``tables``. Optional inputs that are None or empty are
     omitted. plotly.js is embedded inline once (with the first figure); nothing is fetched from the
     network. Missing required columns raise DiffMambaError naming them; parent directories of ``path``
     are created.
@@ -314,6 +319,8 @@ def write_report(path, *, title: str, summary: pd.DataFrame | None = None, paire
         _summary_sections(page, summary)
     if _given(paired):
         _paired_section(page, paired)
+    if seeds is not None:
+        seed_sections(page, seeds)
     if _given(lambdas):
         page.section("λ per differential block")
         page.figure(lambda_figure(lambdas), "lambda")
@@ -322,6 +329,8 @@ def write_report(path, *, title: str, summary: pd.DataFrame | None = None, paire
         page.figure(branch_figure(branch), "branch")
     if entries:
         _attention_section(page, entries)
+    if _given(needle):
+        needle_section(page, needle)
     if patching:
         _patching_section(page, patching)
     if tables:
@@ -331,7 +340,7 @@ def write_report(path, *, title: str, summary: pd.DataFrame | None = None, paire
 
     if page.n_figures == 0 and not tables:
         raise DiffMambaError("nothing to report: give a summary, paired, branch, attention, patching, accuracy, "
-                             "lambdas or tables")
+                             "lambdas, needle, seeds or tables")
     boxes = _warning_boxes(_sample_warnings(summary, paired, warnings, unit))
     doc = page.document(title, _meta_block(meta, summary) + boxes, contents=True,
                         note="Layer 0 = embeddings, layer k = residual stream after block k = the paper's layer k − 1. ")

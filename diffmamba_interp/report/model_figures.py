@@ -2,7 +2,7 @@
 
 Input schemas (validated; a missing column raises :class:`DiffMambaError` naming it):
 
-- ``accuracy``: `schemas.ACCURACY_COLUMNS` (model, task, n, correct, accuracy, ci_low, ci_high), one row
+- ``accuracy``: `schemas.ACCURACY_COLUMNS` (model, task, n, correct, accuracy, ci_low, ci_high, deff), one row
   per model and task (the task label may carry a length, e.g. "qa1 · 1k")
 - ``lambdas``: `schemas.LAMBDA_COLUMNS` (model, block, lambda, lambda_init), one row per differential block
 """
@@ -36,13 +36,15 @@ def accuracy_figure(accuracy: pd.DataFrame) -> go.Figure:
             marker=dict(size=10, color=colours[m]),
             error_y=dict(type="data", symmetric=False, array=_err(hi, acc), arrayminus=_err(acc, lo),
                          thickness=1.2, width=4, color=colours[m]),
-            customdata=_custom(d["correct"], d["n"], lo, hi),
+            customdata=_custom(d["correct"], d["n"], lo, hi, d["deff"]),
             hovertemplate=(f"<b>{_text(m)}</b><br>%{{x}}: %{{y:.1%}} (%{{customdata[0]}} of %{{customdata[1]}})"
-                           "<br>95% interval [%{customdata[2]:.1%}, %{customdata[3]:.1%}]<extra></extra>")))
+                           "<br>95% interval [%{customdata[2]:.1%}, %{customdata[3]:.1%}]"
+                           "<br>design effect %{customdata[4]:.2f}<extra></extra>")))
     fig.update_layout(scattermode="group", scattergap=0.4)
     how = ("Each point is the share of questions whose answer is the model's top token at the last prompt "
            "position (argmax of the output, i.e. rank 1 at the final layer); whiskers are the 95% Wilson "
-           "interval, which treats questions as independent (questions of one story are not quite).")
+           "interval at the effective sample size of the story clustering (questions of one story are not "
+           "independent evidence: n is divided by the design effect, shown on hover).")
     _finish(fig, title="Task accuracy (argmax at the answer position)", how=how, xlabel="task",
             ylabel="accuracy", height=400)
     fig.update_yaxes(range=[0, 1.05], tickformat=".0%")
