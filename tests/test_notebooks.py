@@ -22,7 +22,7 @@ nbformat = pytest.importorskip("nbformat")
 REPO = Path(__file__).resolve().parent.parent
 NB_DIR = REPO / "notebooks"
 NOTEBOOKS = ("01_quickstart.ipynb", "02_lens_and_snr.ipynb", "03_implicit_attention.ipynb",
-             "04_recurrent_mode_and_paper_protocol.ipynb", "05_interventions.ipynb")
+             "04_recurrent_mode_and_paper_protocol.ipynb", "05_interventions.ipynb", "06_shipped_models_and_seeds.ipynb")
 ABSOLUTE_PATH = re.compile(r"/work/|/tmp/|/root|/home/")
 PLOTLY = "application/vnd.plotly.v1+json"
 KERNEL_MARKER = "KERNEL_PREFIX="
@@ -53,6 +53,13 @@ EXPECTED = {
         texts=["using block 0", "differential", "Mamba-2 block 0", "reconstruction max error", "scan error",
                "block error", "float64", "output-space operator", "answer-row maps", "sources pushing the answer logit"],
         figures=2,
+    ),
+    "06_shipped_models_and_seeds.ipynb": dict(
+        marker="notebook 06 OK",
+        texts=["6 shipped checkpoints", "tokenizer entries: 3072", "(one token)", "accuracy by task and length",
+               "accuracy_generate", "the paper's comparison", "seed-level p(answer)", "n_seeds",
+               "diffs6: block 0 parameters", "x1_proj", "diffs6mamba2: block 0 parameters", "lambda_q1", "in_proj1"],
+        figures=0,
     ),
     "05_interventions.ipynb": dict(
         marker="notebook 05 OK",

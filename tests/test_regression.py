@@ -32,10 +32,7 @@ def _reference() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 REF, META = _reference()
 STATE_POSITIONS = [0, 9, -1]
 # recorded architectures whose arithmetic was replaced on purpose since (drop an entry when re-recording)
-RETIRED = {
-    "diffs6": "recorded in the toolkit's former Diff-S6 (a qk-form λ and a subln inside one Mamba-1 mixer); Diff-S6 is "
-              "now upstream's two forms, checked against upstream's forward in test_diffs6_upstream.py",
-}
+RETIRED: dict[str, str] = {}
 
 
 def _run(model, ids):

@@ -24,6 +24,7 @@ RANDOM = {
     "diffmamba1": dict(arch="diffmamba1", diff_layers="all"),
     "diffmamba2": dict(arch="diffmamba2", diff_layers="alternate"),
     "diffs6": dict(arch="diffs6", diff_layers="alternate"),
+    "diffs6mamba2": dict(arch="diffs6mamba2", diff_layers="alternate"),
 }
 STATE_POSITIONS = [0, 9, -1]  # positions of the shipped models' hook_ssm_state that are kept
 BASE = dict(d_model=16, n_layers=2, vocab_size=40, d_state=4, head_dim=8, chunk_size=4, d_conv=3)
