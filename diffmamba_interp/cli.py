@@ -466,14 +466,21 @@ def report(
     example: int = typer.Option(0, "--example", help="Which example's attention maps to show."),
     layer: Optional[int] = typer.Option(None, "--layer", help="Layer for the attention maps (default: first differential)."),
     ckpt_a: Optional[List[str]] = CKPT_A, ckpt_b: Optional[List[str]] = CKPT_B, all_seeds: bool = ALL_SEEDS,
+    eval_data: Optional[List[str]] = typer.Option(None, "--eval-data", help="Add the accuracy-by-context-length "
+                                                  "section (as `eval`) on these data, e.g. babilong:qa1:0k,1k,2k,4k "
+                                                  "(repeatable; babilong:qa1,qa2:0k,1k for several tasks). Default: none."),
+    eval_n: Optional[int] = typer.Option(None, "--eval-n", help="Questions per task and length of that section "
+                                         "(default 50)."),
     per_example: Optional[Path] = PER_EXAMPLE,
     quiet: bool = QUIET,
 ) -> None:
     """Everything in one self-contained HTML report: accuracy, SNR, paired differences, λ, branch lens, attention,
-    attention to the needle, patching, tables. With --ckpt-a/--ckpt-b (or --all-seeds): the report of the first
-    checkpoint of each architecture plus the seed-level sections over all of them."""
-    from .jobs import full_report, run_seed_snr
+    attention to the needle, patching, tables; with --eval-data, accuracy by context length. With --ckpt-a/--ckpt-b
+    (or --all-seeds): the report of the first checkpoint of each architecture plus the seed-level sections over all
+    of them."""
+    from .jobs import full_report, report_eval_options, run_seed_snr
 
+    report_eval_options(eval_data, eval_n)  # --eval-data / --eval-n checked before any model is loaded
     seeds, groups = None, _seed_groups(ckpt, ckpt_a, ckpt_b, all_seeds)
     if groups is not None:
         seeds = run_seed_snr(*groups, data, n, _value(lens), seed=seed, progress=not quiet, preset=_value(preset),
@@ -481,9 +488,12 @@ def report(
         ckpt = [paths[0] for paths in seeds.ckpts.values()]  # the first of each architecture: seed 0 with --all-seeds
     run, path = full_report(ckpt, data, n, _value(lens), out, example=example, layer=layer, seed=seed, progress=not quiet,
                             preset=_value(preset), bootstrap=_value(bootstrap), filler=filler, chunk_size=chunk_size,
-                            seeds=seeds)
+                            seeds=seeds, eval_data=eval_data, eval_n=eval_n)
     typer.echo(run.title)
     _print_table(run.summary_table())
+    if run.evaluation is not None:
+        typer.echo(f"\n{run.evaluation.title}")
+        _print_table(run.evaluation.print_table())
     _warn(run.sample_warning())
     typer.echo(f"wrote {path}", err=True)
     _write_per_example(per_example, run.per_example_table())

@@ -114,6 +114,7 @@ class SnrRun:
     prompts: list = field(repr=False)
     result: object = field(repr=False)  # analysis.compare.CompareResult
     lenses: dict = field(default_factory=dict)  # model label -> the lens it was read with ("logit" / "tuned")
+    evaluation: "EvalRun | None" = field(default=None, repr=False)  # the full report's accuracy by length (--eval-data)
 
     @property
     def n_examples(self) -> int:
@@ -243,15 +244,19 @@ class SnrRun:
         return tables
 
     def write_report(self, path, *, branch: pd.DataFrame | None = None, attention=None, patching=None,
-                     title: str | None = None, needle: pd.DataFrame | None = None, seeds: "SeedRun | None" = None) -> Path:
+                     title: str | None = None, needle: pd.DataFrame | None = None, seeds: "SeedRun | None" = None,
+                     evaluation: "EvalRun | None" = None) -> Path:
         """The HTML report of this run (`report.write_report`): accuracy, the per-layer measures, paired
         differences, λ, and whatever `branch` / `attention` / `needle` (`needle_summary`) / `patching` /
-        `seeds` (a `SeedRun`: the seed-level sections) are given; a warning box when the statistics
-        rest on too few stories."""
+        `seeds` (a `SeedRun`: the seed-level sections) / `evaluation` (an `EvalRun`: the accuracy-by-length
+        section, its tables with the others) are given; a warning box when the statistics rest on too few
+        stories."""
         from .report import write_report
 
         accuracy, lambdas = self.accuracy_table(), lambda_table(self.models)
         tables = self.report_tables(accuracy, lambdas)
+        if evaluation is not None:
+            tables.update(evaluation.report_tables())
         if needle is not None and len(needle):
             tables[NEEDLE_TABLE] = needle_report_table(needle)
         meta = {"data": self.data["spec"], "lens": self.lens_label, "examples": self.n_examples,
@@ -260,11 +265,14 @@ class SnrRun:
         if seeds is not None:
             tables.update(seeds.report_tables())
             meta["seed groups"] = {g: [display_path(c) for c in cs] for g, cs in seeds.ckpts.items()}
+        if evaluation is not None:
+            meta["accuracy by length"] = evaluation.description
         return write_report(
             path, title=title or self.title,
             summary=self.result.summary, paired=self.result.paired if len(self.result.paired) else None,
             branch=branch, attention=attention, patching=patching, accuracy=accuracy, lambdas=lambdas,
             needle=needle, seeds=seeds.result if seeds is not None else None,
+            length_accuracy=evaluation.table if evaluation is not None else None,
             warnings=[w for w in (seeds.sample_warning(),) if w] if seeds is not None else (),
             tables=tables, unit=self.unit, meta=meta,
         )
@@ -473,16 +481,26 @@ def full_report(ckpts: Sequence[str] | None = None, data: str | None = None, n: 
                 lens: str | None = None, out: str | Path = "reports/report.html", example: int = 0,
                 layer: int | None = None, kind: str = "s6", seed: int = 0, progress: bool = True,
                 preset: str | None = None, bootstrap: str = "story", filler: str = "books",
-                chunk_size: int | None = None, seeds: "SeedRun | None" = None) -> tuple[SnrRun, Path]:
+                chunk_size: int | None = None, seeds: "SeedRun | None" = None,
+                eval_data: str | Sequence[str] | None = None, eval_n: int | None = None) -> tuple[SnrRun, Path]:
     """Everything in one HTML report: task accuracy, SNR per layer, paired differences, λ, branch lens,
     implicit attention of one example (the first differential layer by default; the bounded full view
     of `attention_entry`, at most `REPORT_ATTENTION_SIDE` cells a side) for each model, the attention
     to the needle (`needle_summary`), residual patching of that example into its swap corruption
-    (`swap_patching`), with `seeds` (a `run_seed_snr` result) the seed-level sections, tables."""
+    (`swap_patching`), with `seeds` (a `run_seed_snr` result) the seed-level sections, tables.
+
+    eval_data (e.g. ``babilong:qa1:0k,1k,2k,4k``; several specs or ``babilong:qa1,qa2:0k,1k`` as `eval`):
+    the accuracy-by-length section, `run_eval` of the report's models on `eval_n` questions per task and
+    length (default `REPORT_EVAL_N`) with the report's seed, filler and chunk size, kept as
+    ``run.evaluation``; checked before any work. None: no such section."""
+    specs, eval_n = report_eval_options(eval_data, eval_n)
     run = run_snr(ckpts, data, n, lens, seed=seed, progress=progress, preset=preset, bootstrap=bootstrap, filler=filler,
                   chunk_size=chunk_size)
     if isinstance(example, bool) or not isinstance(example, int) or not 0 <= example < len(run.prompts):
         raise DiffMambaError(f"example {example} is out of range: the data has {len(run.prompts)} examples (0..{len(run.prompts) - 1})")
+    if specs is not None:
+        run.evaluation = run_eval(data=specs, n=eval_n, seed=seed, filler=filler, chunk_size=chunk_size,
+                                  models=run.models, progress=progress)
     branch = branch_table(run.models, run.prompts, progress=progress, chunk_size=chunk_size)
     prompt = run.prompts[example].prompt
     entries = []
@@ -492,7 +510,7 @@ def full_report(ckpts: Sequence[str] | None = None, data: str | None = None, n: 
     needle = needle_summary(run.models, run.prompts, seed=seed, progress=progress)
     patching = swap_patching(run.models, run.prompts[example], chunk_size=chunk_size)
     return run, run.write_report(out, branch=branch, attention=entries, patching=patching, needle=needle, seeds=seeds,
-                                 title="diffmamba-interp report")
+                                 evaluation=run.evaluation, title="diffmamba-interp report")
 
 
 SWAP_EXACT_MAX = 512  # tokens up to which the report's patching is exact over every position (else attribution)
@@ -710,6 +728,8 @@ def run_seed_snr(ckpts_a: Sequence[str], ckpts_b: Sequence[str], data: str | Non
 # -- accuracy by context length (`eval`) ------------------------------------------------------------
 EVAL_DEFAULTS = {"data": ("babilong:qa1:0k,1k,2k,4k",), "n": 100}  # upstream scores 100 questions per task and length
 EVAL_SCHEMA_VERSION = 1
+REPORT_EVAL_N = 50  # `report --eval-data`: questions per task and length of the accuracy-by-length section
+ACCURACY_BY_LENGTH_TABLE = "accuracy by context length: model, task, length (95% Wilson intervals, story-clustered)"
 
 
 def eval_specs(data: str | Sequence[str] | None) -> list[str]:
@@ -723,6 +743,21 @@ def eval_specs(data: str | Sequence[str] | None) -> list[str]:
     for s in specs:
         parse_data_spec(s)
     return list(dict.fromkeys(specs))
+
+
+def report_eval_options(eval_data: str | Sequence[str] | None, eval_n: int | None) -> tuple[list[str] | None, int]:
+    """`report --eval-data SPEC --eval-n N`, checked before any work -> (the specs, `eval_specs`; None for
+    no accuracy-by-length section, n: default `REPORT_EVAL_N`). --eval-n without --eval-data is an error."""
+    given = [eval_data] if isinstance(eval_data, str) else list(eval_data or [])
+    if not given:
+        if eval_n is not None:
+            raise DiffMambaError("--eval-n is the size of the accuracy-by-length section: give --eval-data SPEC too "
+                                 "(e.g. --eval-data babilong:qa1:0k,1k,2k,4k)")
+        return None, REPORT_EVAL_N
+    n = REPORT_EVAL_N if eval_n is None else eval_n
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise DiffMambaError(f"--eval-n must be a whole number >= 1, got {n!r}")
+    return eval_specs(given), n
 
 
 @dataclass
@@ -748,6 +783,21 @@ class EvalRun:
         from .report.accuracy import length_label
 
         return self.table.assign(length=[length_label(x) for x in self.table["length"]])
+
+    @property
+    def description(self) -> str:
+        """The run in one line, for a report's meta block: its specs, questions, filler and decoding."""
+        return (f"{', '.join(self.data['specs'])}, {self.data['n']} questions per task and length, "
+                f"{self.data['filler']} filler, at most {self.data['max_new_tokens']} new tokens")
+
+    def report_tables(self) -> dict:
+        """The full report's tables of this run (`SnrRun.write_report(evaluation=...)`): the accuracy table
+        (95% intervals) and, with several models, the ratio of each to the first."""
+        tables = {ACCURACY_BY_LENGTH_TABLE: self.table.round(4)}
+        ratio = self.ratio_tables()
+        if len(ratio):
+            tables["accuracy by context length: ratio to the first model"] = ratio.round(4)
+        return tables
 
     def ratio_tables(self) -> pd.DataFrame:
         """Every other model over the first, per scorer that was run (`analysis.accuracy.accuracy_ratio`)."""

@@ -1,7 +1,8 @@
 """The report's sections per analysis, read the way a user reads them: attention to the needle (in
-`report`), the seed-level comparison (`snr --ckpt-a/--ckpt-b --out`, `--all-seeds`, `report --all-seeds`)
-and the downsampled patching heat-map. Each page draws every figure in headless Chromium with no
-console error and every legend entry named; the numbers on the page and in the JSON are the analysis's."""
+`report`), the seed-level comparison (`snr --ckpt-a/--ckpt-b --out`, `--all-seeds`, `report --all-seeds`),
+accuracy by context length (`report --eval-data`) and the downsampled patching heat-map. Each page draws
+every figure in headless Chromium with no console error and every legend entry named; the numbers on the
+page and in the JSON are the analysis's."""
 
 from __future__ import annotations
 
@@ -16,13 +17,16 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from diffmamba_interp.analysis.accuracy import TASK_LABELS, accuracy_by_length, accuracy_ratio
 from diffmamba_interp.analysis.needle_attention import needle_attention
 from diffmamba_interp.analysis.patching import PatchingResult
 from diffmamba_interp.analysis.seeds import compare_seeds
 from diffmamba_interp.cli import app
 from diffmamba_interp.errors import DiffMambaError
-from diffmamba_interp.jobs import load_models, load_prompts, shipped_seed_checkpoints
+from diffmamba_interp.jobs import (ACCURACY_BY_LENGTH_TABLE, eval_specs, load_models, load_prompts,
+                                   shipped_seed_checkpoints)
 from diffmamba_interp.report import write_report
+from diffmamba_interp.report.accuracy import accuracy_wide_table, length_label
 from diffmamba_interp.report.figures import PATCHING_MAX_COLUMNS, how_to_read, patching_figure
 from diffmamba_interp.report.needle import needle_share_figure
 
@@ -33,6 +37,17 @@ needs_chromium = pytest.mark.skipif(browser.find_chromium() is None, reason="no 
 
 N = 6  # examples: a handful of stories keeps the runs quick
 SEEDS = {"mamba2-babi": ("mamba2", 3), "diffmamba2-babi": ("diffmamba2", 2)}  # shipped name -> arch, seeds
+EVAL = ("--eval-data", "babilong:qa1,qa2:0k,500", "--eval-n", 3, "--filler", "babi")  # the accuracy-by-length section
+
+
+def _favour_locations(model, tokenizer, scale: float = 8.0) -> None:
+    """Scale the (tied) unembedding rows of the qa1/qa2 answers: a random model then answers with a
+    location, right some of the time, so the accuracy-by-length numbers are not all 0."""
+    import torch
+
+    ids = sorted({tokenizer.encode(" " + w, add_special_tokens=False)[0] for w in TASK_LABELS["qa1"]})
+    with torch.no_grad():
+        model.lm_head.weight[ids] *= scale
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +61,7 @@ def models_root(tiny_model, tokenizer, tmp_path_factory):
             model = tiny_model(arch, seed=20 + k, vocab_size=len(tokenizer), d_model=32, head_dim=16, d_state=8,
                                chunk_size=64)
             model.tokenizer = tokenizer
+            _favour_locations(model, tokenizer)
             model.save_pretrained(root / (name if k == 0 else f"{name}-seed{k}"))
     shutil.copytree(root / "mamba2-babi", root / "mamba2-babi-seedless")  # not -seed<k>
     shutil.copytree(root / "mamba2-babi", root / "mamba2-babi-old")
@@ -86,12 +102,18 @@ def analysis(models_root, tokenizer):
 
 
 @pytest.fixture(scope="module")
-def full_page(models_root, tmp_path_factory):
-    """`report --all-seeds` -> (html path, page text)."""
+def full_run(models_root, tmp_path_factory):
+    """`report --all-seeds --eval-data ...` -> (html path, page text, what it printed)."""
     out = tmp_path_factory.mktemp("full-page") / "report.html"
-    code, output = _run(models_root, "report", "--all-seeds", "--n", N, "--out", out, "-q")
+    code, output = _run(models_root, "report", "--all-seeds", "--n", N, *EVAL, "--out", out, "-q")
     assert code == 0, output
-    return out, out.read_text(encoding="utf-8")
+    return out, out.read_text(encoding="utf-8"), output
+
+
+@pytest.fixture(scope="module")
+def full_page(full_run):
+    """`report --all-seeds --eval-data ...` -> (html path, page text)."""
+    return full_run[:2]
 
 
 # -- --all-seeds ----------------------------------------------------------------------------------
@@ -229,6 +251,122 @@ def test_the_full_report_with_seeds_draws_in_chromium(full_page):
     assert result["errors"] == [], result
     assert result["graph_divs"] == result["plots"] == result["drawn"] == len(figures), result
     assert path.stat().st_size < 7 * 2**20 and page.count("* plotly.js v") == 1
+    assert {"fig-accuracy-generate", "fig-ratio-generate-diffmamba2-babi"} <= set(figures)  # the --eval-data section
+
+
+# -- the full report: accuracy by context length (--eval-data) -------------------------------------
+def _array(value) -> np.ndarray:
+    """A trace's array as the page stores it: a list (None for NaN), or plotly's base64 form."""
+    if isinstance(value, dict) and "bdata" in value:
+        import base64
+
+        shape = [int(k) for k in str(value.get("shape", "-1")).split(",")]
+        return np.frombuffer(base64.b64decode(value["bdata"]), dtype=value["dtype"]).reshape(shape).astype(float)
+    return np.array([[np.nan if v is None else v for v in row] for row in value], dtype=float)
+
+
+def _grid(frame: pd.DataFrame, column: str) -> np.ndarray:
+    """`column` as [task, length] in the figures' order (tasks as they come, lengths ascending)."""
+    return frame.pivot(index="task", columns="length", values=column).sort_index(axis=1).to_numpy(dtype=float)
+
+
+def _page_table(df: pd.DataFrame) -> str:
+    """A table as the page renders it (`page._Page.table`)."""
+    return df.to_html(classes="dm-table", border=0, index=False, escape=True, na_rep="–",
+                      float_format=lambda x: f"{x:.4g}")
+
+
+@pytest.fixture(scope="module")
+def expected_accuracy(models_root, tokenizer):
+    """`accuracy_by_length` run directly on the report's models (the first checkpoint of each architecture,
+    as the report's other sections) and the same prompts."""
+    groups = expected_groups(models_root)
+    models = load_models([groups["mamba2-babi"][0], groups["diffmamba2-babi"][0]])
+    prompts = [p for spec in eval_specs(EVAL[1])
+               for p in load_prompts(spec, EVAL[3], 0, tokenizer=tokenizer, filler="babi")]
+    return accuracy_by_length(models, prompts, progress=False)
+
+
+def test_the_length_accuracy_section_holds_the_analysis_numbers(full_run, expected_accuracy):
+    _, page, output = full_run
+    table = expected_accuracy.table
+    assert expected_accuracy.labels == ["mamba2-babi", "diffmamba2-babi"]
+    assert set(table["task"]) == {"qa1", "qa2"} and set(table["length"]) == {0, 500} and (table["n"] == 3).all()
+    assert table["accuracy_argmax"].max() > 0 and table["accuracy_generate"].max() > 0  # not a page of zeros
+    figures = browser.figures_of(page)
+    for scorer in ("generate", "argmax"):
+        data, _ = figures[f"fig-accuracy-{scorer}"]
+        assert [t["name"] for t in data] == expected_accuracy.labels  # one named panel per model, in order
+        for trace, label in zip(data, expected_accuracy.labels):
+            assert trace["y"] == ["qa1", "qa2"] and trace["x"] == ["0k", "500"]
+            want = _grid(table[table.model == label], f"accuracy_{scorer}")
+            np.testing.assert_allclose(_array(trace["z"]), want, rtol=0, atol=0)
+        (ratio,), _ = figures[f"fig-ratio-{scorer}-diffmamba2-babi"]
+        want = _grid(accuracy_ratio(table, "mamba2-babi", "diffmamba2-babi", scorer), "ratio")
+        np.testing.assert_allclose(_array(ratio["customdata"])[..., 0], want, rtol=1e-12, equal_nan=True)
+    # its table in the section, and the full one (95% intervals) and the ratios under Tables
+    assert _page_table(accuracy_wide_table(table)) in page
+    assert _page_table(table.round(4)) in page and ACCURACY_BY_LENGTH_TABLE in page
+    assert "accuracy by context length: ratio to the first model" in page
+    # and printed after the per-layer table
+    printed = "\n".join(" ".join(line.split()) for line in output.splitlines())
+    for row in table.itertuples():
+        assert f"{row.model} {row.task} {length_label(row.length)} {row.n} {row.accuracy_argmax:.4f}" in printed
+
+
+def test_the_length_accuracy_section_reads_as_one_section(full_page):
+    _, page = full_page
+    sections = re.findall(r'<h2 id="[^"]+">([^<]+)</h2>', page)
+    assert sections.index("Accuracy by context length") == sections.index("Task accuracy") + 1
+    assert page.count("* plotly.js v") == 1  # the section adds figures, not another plotly.js
+    assert "accuracy by task and context length, and the ratio diffmamba2-babi / mamba2-babi" in page
+    assert "babilong:qa1:0k,500, babilong:qa2:0k,500, 3 questions per task and length, babi filler" in page  # meta
+    figures = browser.figures_of(page)
+    ids = [f for f in figures if f.startswith(("fig-accuracy-", "fig-ratio-"))]
+    assert ids == ["fig-accuracy-generate", "fig-accuracy-argmax", "fig-ratio-generate-diffmamba2-babi",
+                   "fig-ratio-argmax-diffmamba2-babi"]
+    for fid in ids[:2]:  # accuracy: one 0..1 colour scale, its colour bar named
+        data, layout = figures[fid]
+        assert {t["coloraxis"] for t in data} == {"coloraxis"}
+        axis = layout["coloraxis"]
+        assert (axis["cmin"], axis["cmax"], axis["colorbar"]["title"]["text"]) == (0, 1, "accuracy")
+    for fid in ids[2:]:  # the paper's comparison: log2 of the ratio, centred at 1, colour bar named
+        (trace,), layout = figures[fid]
+        assert trace["name"] == "diffmamba2-babi / mamba2-babi" and trace["colorbar"]["title"]["text"] == "ratio"
+        assert trace["zmid"] == 0 and trace["zmin"] == -trace["zmax"]
+        ticks = dict(zip(trace["colorbar"]["tickvals"], trace["colorbar"]["ticktext"]))
+        assert ticks[0] == "1" and "red" in layout["meta"]["how_to_read"]
+
+
+def test_without_eval_data_the_report_has_no_length_accuracy_section(models_root, tmp_path, monkeypatch):
+    import diffmamba_interp.jobs as jobs
+
+    monkeypatch.setattr(jobs, "run_eval", lambda *a, **k: pytest.fail("ran the evaluation without --eval-data"))
+    groups = expected_groups(models_root)
+    out = tmp_path / "plain.html"
+    code, output = _run(models_root, "report", "--ckpt", groups["mamba2-babi"][0],
+                        "--ckpt", groups["diffmamba2-babi"][0], "--n", 4, "--out", out, "-q")
+    assert code == 0, output
+    page = out.read_text(encoding="utf-8")
+    assert "Task accuracy" in page and "accuracy by context length" not in page.lower()
+    assert not any(f.startswith(("fig-accuracy-", "fig-ratio-")) for f in browser.figures_of(page))
+    assert "Accuracy by context length" not in output
+
+
+def test_eval_options_are_checked_before_any_work(models_root, tmp_path, monkeypatch):
+    import diffmamba_interp.jobs as jobs
+
+    monkeypatch.setattr(jobs, "load_models", lambda ckpts: pytest.fail("loaded models before checking --eval-*"))
+    monkeypatch.setattr(jobs, "run_seed_snr", lambda *a, **k: pytest.fail("ran the seeds before checking --eval-*"))
+    for args, needle in [(["--eval-n", 5], "give --eval-data SPEC too"),
+                         (["--eval-data", "babilong:qa1:huge"], "bad BABILong length"),
+                         (["--eval-data", "nonsense"], "unknown data spec"),
+                         (["--eval-data", "babilong:qa1:0k", "--eval-n", 0], "--eval-n must be"),
+                         (["--all-seeds", "--eval-data", "babilong:qa1:0k", "--eval-n", -1], "--eval-n must be")]:
+        code, output = _run(models_root, "report", *args, "--n", 2, "--out", tmp_path / "r.html", "-q")
+        assert code == 2 and output.count("\n") == 1, (args, output)
+        assert output.startswith("error: ") and needle in output, (args, output)
+    assert not (tmp_path / "r.html").exists()
 
 
 def test_the_needle_figure_goes_logarithmic_for_long_prompts():
