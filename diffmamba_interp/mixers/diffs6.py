@@ -35,10 +35,11 @@ from transformer_lens.hook_points import HookPoint
 
 from .. import implicit, implicit_output
 from ..differential import Differential
-from ..scan import causal_conv1d, causal_conv1d_final_state, compute_dtype, ssd, ssd_state_step
+from ..scan import compute_dtype
 from ..state import Recurrence
 from .base import Mixer, MixerDims, ScanUnit, init_dt_bias
 from .mamba1 import ConvFront, S6Core
+from .mamba2 import ssd_unit
 
 Tensor = torch.Tensor
 
@@ -247,38 +248,10 @@ class SSDBranch(ScanUnit):
         return (self.conv_dim, self.d_conv - 1), (self.n_heads, self.head_dim, self.d_state)
 
     def forward(self, h: Tensor, rec: Recurrence | None = None) -> Tensor:
-        """h [batch, pos, d] -> norm(y_k, SiLU(z_k)) [batch, pos, E]; `rec` carries this branch's state."""
-        b, L, _ = h.shape
-        E, G, N, H, P = self.d_inner, self.n_groups, self.d_state, self.n_heads, self.head_dim
-        key, collect = self.state_key, rec is not None and rec.collect
-        conv_state, state = (rec.conv_in(key), rec.ssm_in(key)) if rec else (None, None)
-        z, xBC, dt = self.hook_in_proj(self.in_proj(h)).split([E, self.conv_dim, H], dim=-1)
-        z, xBC = self.hook_z(z), self.hook_xBC(xBC)
-        v, _ = causal_conv1d(xBC, self.conv1d.weight, self.conv1d.bias, initial_state=conv_state)
-        x, B, C = F.silu(self.hook_conv(v)).split([E, G * N, G * N], dim=-1)
-        x = self.hook_ssm_in(x.reshape(b, L, H, P))
-        B = self.hook_B(B.reshape(b, L, G, N))
-        C = self.hook_C(C.reshape(b, L, G, N))
-        lo, hi = self.time_step_limit
-        dt = self.hook_dt(F.softplus(dt + self.dt_bias).clamp(lo, hi))  # [batch, pos, H]
-        want = self.wants_states()
-        if state is not None and L == 1 and not want:  # decoding: h_t from h_{t−1}
-            y, final = ssd_state_step(state, x[:, 0], dt[:, 0], self.A(), B[:, 0], C[:, 0], self.D)
-            y, self.last_path = y[:, None], "step"
-        else:
-            res = ssd(x, dt, self.A(), B, C, self.D, chunk_size=self.chunk_size, initial_state=state,
-                      return_final_state=collect, return_states=want)
-            y, states, final, self.last_path = res.y, res.states, res.final_state, res.path
-        if collect:
-            rec.put(key, causal_conv1d_final_state(xBC, self.d_conv, conv_state), final)
-        if want:
-            states = self.hook_ssm_state(states)
-            Ch = C.to(states.dtype).repeat_interleave(H // G, dim=2)  # [batch, pos, H, N]
-            y = torch.einsum("blhpn,blhn->blhp", states, Ch) + self.D.view(H, 1) * x.to(states.dtype)
-            y = y.to(x.dtype)
-        y = self.hook_ssm_out(y)
-        gate = self.hook_gate(F.silu(z))
-        return self.norm(y.reshape(b, L, E), gate, self._owner.norm)
+        """h [batch, pos, d] -> norm(y_k, SiLU(z_k)) [batch, pos, E]; `rec` carries this branch's state
+        (the Mamba-2 mixer's SSD unit, `mamba2.ssd_unit`, with this branch's parameters)."""
+        y, gate = ssd_unit(self, h, rec)
+        return self.norm(y, gate, self._owner.norm)
 
 
 class DiffS6Mamba2Mixer(Differential, Mixer):

@@ -80,37 +80,8 @@ class Mamba2Mixer(ScanUnit, Mixer):
 
     def forward(self, h: Tensor, rec: Recurrence | None = None) -> Tensor:
         """h [batch, pos, d] -> [batch, pos, d]; `rec` carries the state in and out (`HookedMamba`)."""
-        b, L, _ = h.shape
-        E, G, N, H, P = self.d_inner, self.n_groups, self.d_state, self.n_heads, self.head_dim
-        key, collect = self.state_key, rec is not None and rec.collect
-        conv_state, state = (rec.conv_in(key), rec.ssm_in(key)) if rec else (None, None)
-        z, xBC, dt = self.hook_in_proj(self.in_proj(h)).split([E, self.conv_dim, H], dim=-1)
-        z, xBC = self.hook_z(z), self.hook_xBC(xBC)
-        v, _ = causal_conv1d(xBC, self.conv1d.weight, self.conv1d.bias, initial_state=conv_state)
-        x, B, C = F.silu(self.hook_conv(v)).split([E, G * N, G * N], dim=-1)
-        x = self.hook_ssm_in(x.reshape(b, L, H, P))
-        B = self.hook_B(B.reshape(b, L, G, N))
-        C = self.hook_C(C.reshape(b, L, G, N))
-        lo, hi = self.time_step_limit
-        dt = self.hook_dt(F.softplus(dt + self.dt_bias).clamp(lo, hi))  # [batch, pos, H]
-        want = self.wants_states()
-        if state is not None and L == 1 and not want:  # decoding: h_t from h_{t−1}
-            y, final = ssd_state_step(state, x[:, 0], dt[:, 0], self.A(), B[:, 0], C[:, 0], self.D)
-            y, self.last_path = y[:, None], "step"
-        else:
-            res = ssd(x, dt, self.A(), B, C, self.D, chunk_size=self.chunk_size, initial_state=state,
-                      return_final_state=collect, return_states=want)
-            y, states, final, self.last_path = res.y, res.states, res.final_state, res.path
-        if collect:
-            rec.put(key, causal_conv1d_final_state(xBC, self.conv1d.kernel_size[0], conv_state), final)
-        if want:
-            states = self.hook_ssm_state(states)
-            Ch = C.to(states.dtype).repeat_interleave(H // G, dim=2)  # [batch, pos, H, N]
-            y = torch.einsum("blhpn,blhn->blhp", states, Ch) + self.D.view(H, 1) * x.to(states.dtype)
-            y = y.to(x.dtype)
-        y = self.hook_ssm_out(y)
-        gate = self.hook_gate(F.silu(z))
-        return self.hook_out(self.out_proj(self.norm(y.reshape(b, L, E), gate)))
+        y, gate = ssd_unit(self, h, rec)
+        return self.hook_out(self.out_proj(self.norm(y, gate)))
 
     def attention_hooks(self, kind: str, branch: int | None = None) -> list[str]:
         names = ["hook_dt", "hook_B", "hook_C"]
@@ -153,3 +124,40 @@ class Mamba2Mixer(ScanUnit, Mixer):
         b_out = self.out_proj.bias.detach().to(f) if with_bias and self.out_proj.bias is not None else None
         return implicit_output.OutputBranch(maps, w_in, self.out_proj.weight.detach().to(f), torch.ones((), dtype=f),
                                             b_in, b_out)
+
+
+def ssd_unit(unit, h: Tensor, rec: Recurrence | None = None) -> tuple[Tensor, Tensor]:
+    """The SSD unit of a Mamba-2 mixer (and of each branch of a Mamba-2-form Diff-S6 mixer, which has
+    the same attributes and hooks): h [batch, pos, d] -> (y [batch, pos, E] = SSD(x, Δ, A, B, C) + D·x,
+    gate [batch, pos, E] = SiLU(z)), before the gated norm; `rec` carries the unit's state."""
+    b, L, _ = h.shape
+    E, G, N, H, P = unit.d_inner, unit.n_groups, unit.d_state, unit.n_heads, unit.head_dim
+    key, collect = unit.state_key, rec is not None and rec.collect
+    conv_state, state = (rec.conv_in(key), rec.ssm_in(key)) if rec else (None, None)
+    z, xBC, dt = unit.hook_in_proj(unit.in_proj(h)).split([E, unit.conv_dim, H], dim=-1)
+    z, xBC = unit.hook_z(z), unit.hook_xBC(xBC)
+    v, _ = causal_conv1d(xBC, unit.conv1d.weight, unit.conv1d.bias, initial_state=conv_state)
+    x, B, C = F.silu(unit.hook_conv(v)).split([E, G * N, G * N], dim=-1)
+    x = unit.hook_ssm_in(x.reshape(b, L, H, P))
+    B = unit.hook_B(B.reshape(b, L, G, N))
+    C = unit.hook_C(C.reshape(b, L, G, N))
+    lo, hi = unit.time_step_limit
+    dt = unit.hook_dt(F.softplus(dt + unit.dt_bias).clamp(lo, hi))  # [batch, pos, H]
+    want = unit.wants_states()
+    if state is not None and L == 1 and not want:  # decoding: h_t from h_{t−1}
+        y, final = ssd_state_step(state, x[:, 0], dt[:, 0], unit.A(), B[:, 0], C[:, 0], unit.D)
+        y, unit.last_path = y[:, None], "step"
+    else:
+        res = ssd(x, dt, unit.A(), B, C, unit.D, chunk_size=unit.chunk_size, initial_state=state,
+                  return_final_state=collect, return_states=want)
+        y, states, final, unit.last_path = res.y, res.states, res.final_state, res.path
+    if collect:
+        rec.put(key, causal_conv1d_final_state(xBC, unit.conv1d.kernel_size[0], conv_state), final)
+    if want:
+        states = unit.hook_ssm_state(states)
+        Ch = C.to(states.dtype).repeat_interleave(H // G, dim=2)  # [batch, pos, H, N]
+        y = torch.einsum("blhpn,blhn->blhp", states, Ch) + unit.D.view(H, 1) * x.to(states.dtype)
+        y = y.to(x.dtype)
+    y = unit.hook_ssm_out(y)
+    gate = unit.hook_gate(F.silu(z))
+    return y.reshape(b, L, E), gate
