@@ -74,10 +74,11 @@ class TokenMethods:
         raise DiffMambaError(f"to_string takes token ids [pos] or [batch, pos], got shape {tuple(t.shape)}")
 
     def to_str_tokens(self, text_or_ids) -> list[str]:
-        """A text or token ids [pos] (or [1, pos]) -> the list of its tokens as strings."""
+        """A text or token ids [pos] (or [1, pos]) -> the list of its tokens as strings, each decoded
+        as TransformerLens does (" kitchen", not the byte-level "Ġkitchen")."""
         tok = self._need_tokenizer()
         ids = self.to_tokens(text_or_ids)[0] if isinstance(text_or_ids, str) else torch.as_tensor(text_or_ids).flatten()
-        return tok.convert_ids_to_tokens(ids.tolist())
+        return tok.batch_decode([[i] for i in ids.tolist()], clean_up_tokenization_spaces=False)
 
     def to_single_token(self, string: str) -> int:
         """The id of a string that is exactly one token (encoded as given, TransformerLens's rule);

@@ -45,7 +45,7 @@ EXPECTED = {
     "04_recurrent_mode_and_paper_protocol.ipynb": dict(
         marker="notebook 04 OK",
         texts=["two pieces vs one run", "greedy continuation", "state has seen", "p('", "-> ", "paper-protocol questions",
-               "not in the tokenizer's vocabulary", "paper_layer"],
+               "paper preset on the shipped models", "paper_layer"],
         figures=0,
     ),
     "03_implicit_attention.ipynb": dict(

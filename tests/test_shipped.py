@@ -55,7 +55,7 @@ def test_reported_accuracy_is_real(models):
         with torch.no_grad():
             acc = evaluate(model, model.tokenizer, tasks=("qa1",), n=200, progress=False)
         measured = float(acc.accuracy.iloc[0])
-        assert measured > 0.4  # well above chance (about 1/6)
+        assert measured > 0.3  # well above chance (about 1/6)
         assert abs(measured - card[("qa1", 0)]["accuracy"]) < 0.1  # first 200 questions vs all 1000
 
 
