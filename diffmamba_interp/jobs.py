@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from .analysis.stats import proportion_interval, wilson_interval  # noqa: F401  (wilson_interval: re-exported)
+from .analysis.stats import proportion_interval
 from .errors import DiffMambaError
 from .schemas import ACCURACY_COLUMNS, LAMBDA_COLUMNS, few_clusters_warning
 

@@ -395,7 +395,7 @@ def test_reads_only_package_files(monkeypatch, tmp_path):
     monkeypatch.setattr(pathlib.Path, "read_bytes", spy_bytes)
     monkeypatch.chdir(tmp_path)
     for cached in (babi_module._index, babi_module._parse_file, babilong_module._task_filler,
-                   tokenizer_module.babi_vocab, books_module._book_sentences):
+                   tokenizer_module.babi_vocab, tokenizer_module.babi_texts, books_module._book_sentences):
         cached.cache_clear()
     babilong("qa1", "1k", n=2)
     babilong("qa4", "1k", n=2, filler="babi")

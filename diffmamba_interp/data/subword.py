@@ -23,7 +23,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from ..errors import DiffMambaError
-from .babi import DATA_DIR, _QUESTION_SEP, _index
+from .tokenizer import babi_texts
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedTokenizerFast
@@ -37,12 +37,7 @@ TAGS = ("<context>", "</context>")
 
 def _babi_lines() -> list[str]:
     """Each distinct fact, question and answer of every shipped bAbI file (sorted: deterministic)."""
-    texts: set[str] = set()
-    for path in _index(DATA_DIR).values():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            _, _, text = line.partition(" ")  # drop the line ID
-            texts.update(t for t in _QUESTION_SEP.split(text)[:2] if t)
-    return sorted(texts)
+    return sorted(babi_texts())
 
 
 def _corpus(babi_repeats: int = 100) -> Iterator[str]:

@@ -44,16 +44,23 @@ def pretokenize(text: str) -> list[str]:
 
 
 @lru_cache(maxsize=4)
-def babi_vocab(tasks: tuple[str, ...] = TASKS) -> tuple[str, ...]:
-    """Sorted pre-tokens of every shipped file of `tasks` (default qa1-qa5) plus `TEMPLATE_TOKENS` (no specials)."""
-    texts: set[str] = set()  # distinct facts, questions and answers (they repeat a lot)
+def babi_texts(tasks: tuple[str, ...] | None = None) -> frozenset[str]:
+    """The distinct facts, questions and answers (they repeat a lot) of every shipped file of `tasks`
+    (None: all shipped tasks)."""
+    texts: set[str] = set()
     for (_, task, _), path in _index(DATA_DIR).items():
-        if task not in tasks:
+        if tasks is not None and task not in tasks:
             continue
         for line in path.read_text(encoding="utf-8").splitlines():
             _, _, text = line.partition(" ")  # drop the line ID
-            texts.update(_QUESTION_SEP.split(text)[:2])  # fact, or question and answer
-    words = set(TEMPLATE_TOKENS).union(*(pretokenize(t) for t in texts))
+            texts.update(t for t in _QUESTION_SEP.split(text)[:2] if t)  # fact, or question and answer
+    return frozenset(texts)
+
+
+@lru_cache(maxsize=4)
+def babi_vocab(tasks: tuple[str, ...] = TASKS) -> tuple[str, ...]:
+    """Sorted pre-tokens of every shipped file of `tasks` (default qa1-qa5) plus `TEMPLATE_TOKENS` (no specials)."""
+    words = set(TEMPLATE_TOKENS).union(*(pretokenize(t) for t in babi_texts(tuple(tasks))))
     return tuple(sorted(words - set(SPECIAL_TOKENS)))
 
 
