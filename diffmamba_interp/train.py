@@ -193,15 +193,18 @@ class PromptStream:
     drawn at a time per kind and sorted by size, and cut into batches of at most `batch_size` rows and
     about `batch_tokens` tokens, so that a batch pads little and costs about the same (a qa3 story is
     ten times a qa1 story: its batches have fewer rows).
+
+    `stage` (the number of earlier stages a run continues, `--init`) changes the draw and the filler, so
+    a continued run reads new batches, not the first stage's again; stage 0 is the from-scratch stream.
     """
 
     POOL = 16
     STORY = -1  # the `length` of a story batch
 
-    def __init__(self, cfg: TrainConfig, tokenizer):
+    def __init__(self, cfg: TrainConfig, tokenizer, stage: int = 0):
         from .data import babi
 
-        self.cfg, self.tokenizer = cfg, tokenizer
+        self.cfg, self.tokenizer, self.stage = cfg, tokenizer, stage
         self.samples = {task: babi(task, "train") for task in cfg.tasks}
         self.questions = [(task, i) for task, samples in self.samples.items() for i in range(len(samples))]
         self.size = {q: sum(len(f) + 1 for f in self.samples[q[0]][q[1]].facts) for q in self.questions}  # characters
@@ -212,7 +215,7 @@ class PromptStream:
         self.story_size = {key: self.size[(key[0], qs[-1])] + 100 * len(qs) for key, qs in self.stories}  # characters
         self.task_questions = {task: [q for q in self.questions if q[0] == task] for task in self.samples}
         self.task_stories = {task: [s for s in self.stories if s[0][0] == task] for task in self.samples}
-        self.rng = random.Random(f"train:{cfg.seed}")
+        self.rng = random.Random(f"train:{cfg.seed}" + (f":stage{stage}" if stage else ""))
         self.queues: dict[tuple, list[list]] = {}  # (length, task weights) -> batches to come
         self.token_counts: dict[str, int] = {}  # book sentences are counted once
 
@@ -293,7 +296,7 @@ class PromptStream:
             for task, index in self.draw(length, step):
                 by_task.setdefault(task, []).append(index)
             prompts = [p for task, indices in by_task.items()
-                       for p in babilong(task, length, split="train", seed=cfg.seed * 1_000_003 + step, indices=indices,
+                       for p in babilong(task, length, split="train", seed=cfg.seed * 1_000_003 + self.stage * 100_003 + step, indices=indices,
                                          tokenizer=self.tokenizer if length else None, token_counts=self.token_counts)]
             rows = [(p, [(len(p) - 1, a)]) for p, a in
                     encode_examples(self.tokenizer, [(p.prompt, p.answer) for p in prompts], cfg.max_len)]
@@ -365,7 +368,11 @@ def train(cfg: TrainConfig, tokenizer, progress: bool = True, eval_n: int | None
     if cfg.init:
         model.load_state_dict(load_model(cfg.init).state_dict())
     model.tokenizer = tokenizer
-    stream = PromptStream(cfg, tokenizer)
+    earlier = []
+    if cfg.init and (Path(cfg.init) / "training.json").exists():
+        before = json.loads((Path(cfg.init) / "training.json").read_text())
+        earlier = before.pop("earlier", []) + [before]
+    stream = PromptStream(cfg, tokenizer, stage=len(earlier))
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     other = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW(
@@ -400,10 +407,6 @@ def train(cfg: TrainConfig, tokenizer, progress: bool = True, eval_n: int | None
     model.eval()
     acc = evaluate(model, tokenizer, cfg.tasks, n=eval_n, progress=progress, lengths=(0, 1024))
     n_params = sum(p.numel() for p in model.parameters())
-    earlier = []
-    if cfg.init and (Path(cfg.init) / "training.json").exists():
-        before = json.loads((Path(cfg.init) / "training.json").read_text())
-        earlier = before.pop("earlier", []) + [before]
     return model, TrainResult(cfg, n_params, len(stream.questions), wall, float(ema or float("nan")), acc, earlier, curve)
 
 

@@ -127,6 +127,15 @@ def test_task_curriculum_then_first_task_share(tok):
     assert share["qa1"] == pytest.approx(0.4, abs=0.1) and share["qa4"] == pytest.approx(0.3, abs=0.1)
 
 
+def test_a_continued_stage_reads_new_batches_and_stage_0_is_unchanged(tok):
+    c = cfg(curriculum=0.0, steps=4)  # filler from the first step: the filler draw is seeded too
+    first = [PromptStream(c, tok).batch(s)[0] for s in range(2)]
+    again = [PromptStream(c, tok, stage=0).batch(s)[0] for s in range(2)]
+    second = [PromptStream(c, tok, stage=1).batch(s)[0] for s in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))  # from scratch: the same stream as before
+    assert not any(a.shape == b.shape and torch.equal(a, b) for a, b in zip(first, second))
+
+
 def test_bad_training_options_are_refused():
     for kw, word in ((dict(loss="mse"), "--loss"), (dict(filler_share=2.0), "--filler-share"),
                      (dict(curriculum=-0.1), "--curriculum"), (dict(lengths=(0,)), "--lengths"),
