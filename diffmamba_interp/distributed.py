@@ -1,7 +1,8 @@
 """More than one process with torch.distributed (`torchrun --nproc-per-node N -m diffmamba_interp snr ...`):
-the examples of an analysis are sharded across the ranks, each rank computes its own, and the rows are
-gathered so that every rank holds the whole result; only rank 0 writes files and prints tables, so a
-run writes exactly what one process writes.
+the work of an analysis is sharded across the ranks (the examples of `snr`, `compare`, `eval`; the
+patched cells of `patch`), each rank computes its own share, and the rows are gathered so that every
+rank holds the whole result in the single-process order; only rank 0 writes files and prints tables,
+so a run writes what one process writes.
 
 Backend: NCCL when CUDA is available (each rank on cuda:LOCAL_RANK), else gloo. A single process
 (no WORLD_SIZE, or 1) never touches torch.distributed.
@@ -10,10 +11,12 @@ Backend: NCCL when CUDA is available (each rank on cuda:LOCAL_RANK), else gloo. 
 from __future__ import annotations
 
 import os
+from typing import Sequence
 
+import numpy as np
 import torch
 
-__all__ = ["world", "is_main", "shard", "gather"]
+__all__ = ["world", "is_main", "shard", "gather", "gather_rows"]
 
 
 def world() -> tuple[int, int]:
@@ -36,10 +39,15 @@ def is_main() -> bool:
     return world()[0] == 0
 
 
-def shard(n: int) -> list[int]:
-    """This rank's share of n items: indices rank, rank + world, … (all of them in one process)."""
+def shard(n: int, sizes: Sequence[int] | None = None) -> list[int]:
+    """This rank's share of n items, ascending: indices rank, rank + world, … (all of them in one process).
+    sizes: each item's cost (e.g. its token count): the items are dealt in order of size instead, so
+    every rank gets a like share of the long and the short ones."""
     rank, size = world()
-    return list(range(rank, n, size))
+    if sizes is None:
+        return list(range(rank, n, size))
+    order = sorted(range(n), key=lambda i: sizes[i])  # stable
+    return sorted(order[rank::size])
 
 
 def gather(obj) -> list:
@@ -52,3 +60,20 @@ def gather(obj) -> list:
     out = [None] * size
     dist.all_gather_object(out, obj)
     return out
+
+
+def gather_rows(mine: Sequence, *columns) -> None:
+    """Every rank's rows into every rank's `columns`, in place: each column (a numpy array, a list or a
+    dict, indexed by item) holds this rank's rows at its items `mine` (from `shard`); afterwards it
+    holds every item's row where one process would have put it. Nothing to do in one process."""
+    if world()[1] == 1:
+        return
+    mine = list(mine)
+    own = [c[mine] if isinstance(c, np.ndarray) else [c[i] for i in mine] for c in columns]
+    for part, rows in gather((mine, own)):
+        for col, values in zip(columns, rows):
+            if isinstance(col, np.ndarray):
+                col[part] = values
+            else:
+                for i, v in zip(part, values):
+                    col[i] = v

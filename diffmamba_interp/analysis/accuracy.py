@@ -30,7 +30,8 @@ Batches are right-padded with each row's real length: the prompt runs in pieces 
 tokens with the state carried (`recurrent.collect`; memory bounded at any length), cut also at each
 row's own end, where that row's logits and recurrent state are taken (`prefill_rows`); decoding
 then steps every row from its own state (`model.step`), so batched decoding is exact, token for
-token the same as one prompt at a time.
+token the same as one prompt at a time. Under torchrun the prompts are sharded across the ranks
+(dealt by length, so each rank gets its share of every length) and the rows gathered on every rank.
 
 Results (`accuracy_by_length`): one row per example (`EXAMPLE_COLUMNS`) and one per model × task ×
 length (`TABLE_COLUMNS`: n, accuracy_argmax and accuracy_generate with 95% Wilson intervals), and the
@@ -50,6 +51,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from ..distributed import gather_rows, is_main, shard
 from ..errors import DiffMambaError
 from ..recurrent import check_chunk_size, collect
 from ..state import MixerState, ModelState
@@ -288,14 +290,18 @@ def score_examples(model, prompts, *, label: str | None = None, batch_size: int 
     n = len(prompts)
     argmax = np.empty(n, dtype=np.int64)
     outputs = [""] * n
-    bar = tqdm(total=n, desc=f"accuracy{f' {label}' if label else ''}", file=sys.stderr, disable=not progress)
-    for idx, ids, last in padded_batches(seqs, batch_size, pad_id=model.pad_token_id):
+    mine = shard(n, [len(s) for s in seqs])  # under torchrun: this rank's prompts, long and short alike
+    bar = tqdm(total=len(mine), desc=f"accuracy{f' {label}' if label else ''}", file=sys.stderr,
+               disable=not progress or not is_main())
+    for local, ids, last in padded_batches([seqs[i] for i in mine], batch_size, pad_id=model.pad_token_id):
+        idx = [mine[j] for j in local]
         first, new = greedy_rows(model, ids.to(model.device), [k + 1 for k in last], max_new_tokens, chunk_size, tok)
         argmax[idx] = first.cpu().numpy()
         for i, gen in zip(idx, new):
             outputs[i] = tok.decode(gen, skip_special_tokens=True).strip() if gen else ""
         bar.update(len(idx))
     bar.close()
+    gather_rows(mine, argmax, outputs)  # every rank: all rows
     target = np.array([words[p.answer][0] for p in prompts], dtype=np.int64)
     generated = [generation_correct(p, o) for p, o in zip(prompts, outputs)] if max_new_tokens > 0 else [np.nan] * n
     meta = [getattr(p, "meta", None) or {} for p in prompts]

@@ -20,6 +20,12 @@ corrupted run with one thing at one position taken from the clean run:
   metric is linear in the activation (tests); not available for states (the gradient of
   `hook_ssm_state` covers only each position's readout, not the recurrence).
 
+Under torchrun (`distributed.py`) the exact and state grids are sharded by forward pass: each rank
+runs its share of the tail runs (a batch of patched cells from one block on), dealt by their cost,
+while every rank carries the cheap prefix state itself; the values are gathered on every rank. Each
+cell is computed as one process computes it, so the grid does not depend on the number of ranks.
+Attribution (one forward and one backward for the whole grid) runs whole on every rank.
+
 `patch(...)` returns a `PatchingResult`: a DataFrame (component, layer, hook, position, token,
 value, normalized = (value − corrupted) / (clean − corrupted)), both baselines and `figure()`.
 """
@@ -37,6 +43,7 @@ import torch
 from tqdm import tqdm
 
 from ..differential import Differential
+from ..distributed import gather_rows, is_main, shard
 from ..errors import DiffMambaError
 from ..recurrent import check_chunk_size, collect, normalize_positions, prefill
 from ..state import MixerState, ModelState, Recurrence
@@ -212,16 +219,23 @@ def _exact(model, clean: Tensor, corrupt: Tensor, cells, positions, metric, batc
     starts = sorted({c.layer for c in cells})
     clean_vals = _values(model, clean, names, chunk)
     entry = _values(model, corrupt, {_resid_in(s, n) for s in starts}, chunk)
+    L, groups = corrupt.shape[1], _groups(positions, batch_size)
+    tasks = [(g, c) for g in range(len(groups)) for c in range(len(cells))]  # one tail run each
+    cost = [len(groups[g]) * (L - groups[g][0]) * (n + 1 - max(cells[c].layer, 0)) for g, c in tasks]
+    mine = {tasks[t] for t in shard(len(tasks), cost)}  # under torchrun: this rank's runs (all in one process)
+    bar.total = sum(len(groups[g]) for g, _ in mine)  # this rank's cells
     out, state, at = {}, None, 0
-    for group in _groups(positions, batch_size):
+    for g, group in enumerate(groups):
         s = group[0]
-        state = _advance(model, corrupt, state, at, s, chunk)
+        state = _advance(model, corrupt, state, at, s, chunk)  # on every rank: the state is carried
         at = s
         R = len(group)
         rows = torch.arange(R)
         local = torch.tensor(group) - s
         st = state.select([0] * R) if state is not None else None
-        for cell in cells:
+        for c, cell in enumerate(cells):
+            if (g, c) not in mine:
+                continue
             value = clean_vals[cell.name][0, group]  # [R, ...]
 
             def put(t, hook, value=value):
@@ -251,8 +265,14 @@ def _state(model, clean: Tensor, corrupt: Tensor, cells, positions, metric, batc
     with torch.no_grad():
         clean_metric = float(metric(prefill(model, clean, chunk_size=chunk)[0])[0])
     units = [k for k, _ in model.mixers()]
+    here = {layer: [c for c in cells if c.layer == layer] for layer in layers}
+    ps = sorted(set(positions))
+    tasks = [(p, layer, k) for p in ps if p < L - 1 for layer in layers for k in range(0, len(here[layer]), batch_size)]
+    cost = [len(here[layer][k:k + batch_size]) * (L - 1 - p) * (n + 1 - layer) for p, layer, k in tasks]
+    mine = {tasks[t] for t in shard(len(tasks), cost)}  # under torchrun: this rank's tail runs (all in one process)
+    bar.total = sum(len(here[layer][k:k + batch_size]) for _, layer, k in mine) + len(cells) * (L - 1 in ps)
     out, st_clean, st_corrupt, at = {}, None, None, 0
-    for p in sorted(set(positions)):
+    for p in ps:
         st_clean = _advance(model, clean, st_clean, at, p + 1, chunk)
         st_corrupt = _advance(model, corrupt, st_corrupt, at, p + 1, chunk)
         at = p + 1
@@ -262,10 +282,11 @@ def _state(model, clean: Tensor, corrupt: Tensor, cells, positions, metric, batc
             bar.update(len(cells))
             continue
         for layer in layers:
-            here = [c for c in cells if c.layer == layer]
             later = [k for k in units if _block_of(k + ".", n) >= layer]
-            for k in range(0, len(here), batch_size):
-                part = here[k:k + batch_size]
+            for k in range(0, len(here[layer]), batch_size):
+                if (p, layer, k) not in mine:
+                    continue
+                part = here[layer][k:k + batch_size]
                 R = len(part)
                 # the corrupted state as views (never copied; a forward does not modify its state)
                 st = ModelState({key: MixerState(st_corrupt.entries[key].conv.expand(R, *st_corrupt.entries[key].conv.shape[1:]),
@@ -399,13 +420,15 @@ def patch(model, clean, corrupt, metric: Metric | None = None, *, answer=None, w
     if method == "attribution":
         values, clean_metric, corrupt_metric = _attribution(model, clean_ids, corrupt_ids, cells, pos, metric, chunk)
     else:
-        bar = tqdm(total=len(cells) * len(set(pos)), desc=f"patching {what}", file=sys.stderr, disable=not progress)
+        bar = tqdm(total=len(cells) * len(set(pos)), desc=f"patching {what}", file=sys.stderr,
+                   disable=not progress or not is_main())
         if what == "state":
             values, clean_metric, corrupt_metric = _state(model, clean_ids, corrupt_ids, cells, pos, metric, batch_size,
                                                           chunk, conv, bar)
         else:
             values, clean_metric, corrupt_metric = _exact(model, clean_ids, corrupt_ids, cells, pos, metric, batch_size, chunk, bar)
         bar.close()
+        gather_rows(list(values), values)  # every rank: every cell
     tokens = (model.tokenizer.convert_ids_to_tokens(corrupt_ids[0].tolist()) if model.tokenizer is not None
               else [str(t) for t in corrupt_ids[0].tolist()])
     span = clean_metric - corrupt_metric

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from ..errors import DiffMambaError
 from ..schemas import SUMMARY_COLUMNS, TARGET_COLUMNS, paper_layer, with_paper_layer
-from ..distributed import gather, is_main, shard
+from ..distributed import gather_rows, is_main, shard
 from .inputs import check_log_probs, encode_prompts, first_token, padded_batches, story_ids, unpack_prompts, unpad
 from .lens import resolve_lens
 from .stats import bootstrap_mean, log_odds_db, log_ratio
@@ -92,7 +92,7 @@ def target_probs(model, prompts, answers=None, lens="logit", candidates=None, to
     logprob = np.empty((n, K))
     rank = np.empty((n, K), dtype=np.int64)
     cand_log_mass = np.full((n, K), np.nan)
-    mine = shard(n)  # under torchrun: this rank's examples (all of them in one process)
+    mine = shard(n, [len(s) for s in seqs])  # under torchrun: this rank's examples (all of them in one process)
     bar = tqdm(total=len(mine), desc="target probs", file=sys.stderr, disable=not progress or not is_main())
     for local, ids, last in padded_batches([seqs[i] for i in mine], batch_size):
         idx = [mine[j] for j in local]
@@ -112,8 +112,7 @@ def target_probs(model, prompts, answers=None, lens="logit", candidates=None, to
                 cand_log_mass[i] = torch.logsumexp(lp[:, j, c], -1).cpu().numpy()
         bar.update(len(idx))
     bar.close()
-    for part, lp_rows, rank_rows, cand_rows in gather((mine, logprob[mine], rank[mine], cand_log_mass[mine])):
-        logprob[part], rank[part], cand_log_mass[part] = lp_rows, rank_rows, cand_rows  # every rank: all rows
+    gather_rows(mine, logprob, rank, cand_log_mass)  # every rank: all rows
 
     if stories is not None and len(stories) != n:
         raise DiffMambaError(f"{n} prompts but {len(stories)} story ids")
