@@ -117,15 +117,18 @@ def test_attribution_is_exact_on_a_linear_piece(tiny_model):
 
 @pytest.mark.slow
 def test_attribution_is_close_to_exact_on_the_shipped_model():
-    model = load_model("models/diffmamba2-babi")
-    clean, corrupt = CLEAN, CORRUPT
+    model = load_model("models/mamba2-babi")  # seed 0, the shipped model that does the task best
+    template = "<context> \n{}\n</context>\n\nQuestion: Where is Mary? Answer:"
+    clean = template.format("Mary went to the kitchen. John moved to the garden.")
+    corrupt = template.format("Mary went to the garden. John moved to the kitchen.")
     for what in ("resid", "mixer"):
-        e = patch(model, clean, corrupt, answer="kitchen", wrong="garden", what=what, progress=False).frame
+        e = patch(model, clean, corrupt, answer="kitchen", wrong="garden", what=what, progress=False)
         a = patch(model, clean, corrupt, answer="kitchen", wrong="garden", what=what, method="attribution",
-                  progress=False).frame
-        # a first-order estimate of a nonlinear model: 0.25 (resid) on the shipped seed-0 Diff-Mamba-2
-        assert np.corrcoef(e["value"], a["value"])[0, 1] > 0.2, what
-        # (their top cells differ on this model: exact puts it at the answer word, attribution at the last token)
+                  progress=False)
+        assert e.clean_metric != pytest.approx(e.corrupt_metric, abs=0.5)  # the swap moves the metric
+        # a first-order estimate of a nonlinear model: 0.51 (resid) and 0.81 (mixer) on this model; on
+        # the weaker seed-0 Diff-Mamba-2 (qa1 0.35) 0.01 and 0.09, on Diff-Mamba-2 seed 1 0.31 and 0.38
+        assert np.corrcoef(e.frame["value"], a.frame["value"])[0, 1] > 0.3, what
 
 
 def test_bad_patching_input_is_refused(tiny_model):
