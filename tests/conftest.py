@@ -127,6 +127,20 @@ def tiny_checkpoint(tiny_model, tokenizer, tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_pair_checkpoints(tiny_model, tokenizer, tmp_path_factory):
+    """Saved tiny mamba2 and diffmamba2 checkpoints (seeds 0 and 1) with the bAbI tokenizer, as paths
+    (read-only)."""
+    root = tmp_path_factory.mktemp("pair-checkpoints")
+    paths = []
+    for k, arch in enumerate(["mamba2", "diffmamba2"]):
+        model = tiny_model(arch, seed=k, vocab_size=len(tokenizer))
+        model.tokenizer = tokenizer
+        model.save_pretrained(root / f"{arch}-tiny")
+        paths.append(str(root / f"{arch}-tiny"))
+    return paths
+
+
 @pytest.fixture
 def rng():
     return torch.Generator().manual_seed(0)

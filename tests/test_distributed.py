@@ -146,16 +146,9 @@ def test_two_ranks_score_the_single_process_examples(tiny_model, tokenizer, monk
 
 # -- torchrun -----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def ckpts(tiny_model, tokenizer, tmp_path_factory):
-    """A saved tiny mamba2 and diffmamba2 with the bAbI tokenizer."""
-    root = tmp_path_factory.mktemp("distributed-ckpts")
-    paths = []
-    for k, arch in enumerate(["mamba2", "diffmamba2"]):
-        model = tiny_model(arch, seed=k, vocab_size=len(tokenizer))
-        model.tokenizer = tokenizer
-        model.save_pretrained(root / f"{arch}-tiny")
-        paths += ["--ckpt", str(root / f"{arch}-tiny")]
-    return paths
+def ckpts(tiny_pair_checkpoints):
+    """--ckpt options for a saved tiny mamba2 and diffmamba2."""
+    return [arg for path in tiny_pair_checkpoints for arg in ("--ckpt", path)]
 
 
 def _one_and_two(args: list, folder: Path, **files: str):

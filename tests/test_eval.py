@@ -186,16 +186,8 @@ def test_heatmap_figure_one_panel_per_model():
 
 # -- the command ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def ckpts(tiny_model, tokenizer, tmp_path_factory):
-    root = tmp_path_factory.mktemp("eval-ckpts")
-    paths = []
-    for k, arch in enumerate(["mamba2", "diffmamba2"]):
-        model = tiny_model(arch, seed=k, vocab_size=len(tokenizer))
-        model.tokenizer = tokenizer
-        path = root / f"{arch}-tiny"
-        model.save_pretrained(path)
-        paths.append(str(path))
-    return paths
+def ckpts(tiny_pair_checkpoints):
+    return tiny_pair_checkpoints
 
 
 def _array(value) -> np.ndarray:
