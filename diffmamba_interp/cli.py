@@ -663,6 +663,7 @@ def train(
     out_dir: Path = typer.Option(..., "--out", help="Output checkpoint directory (new or empty, or --force)."),
     steps: int = typer.Option(2000, "--steps"), seed: int = SEED,
     d_model: int = typer.Option(64, "--d-model"), n_layers: int = typer.Option(4, "--n-layers"),
+    d_state: int = typer.Option(16, "--d-state", help="SSM state size N per head."),
     batch_size: int = typer.Option(32, "--batch-size"), lr: float = typer.Option(3e-3, "--lr"),
     loss: str = typer.Option("answer", "--loss", help="answer (answer token only) or lm (answer + 0.1 x next-token loss)."),
     lengths: str = typer.Option("512,1024", "--lengths", help="BABILong lengths (tokens) of the filler batches."),
@@ -693,7 +694,8 @@ def train(
     for name, value in (("--eval-every", eval_every), ("--threads", threads)):
         if value < 0:
             raise DiffMambaError(f"{name} must be >= 0, got {value}")
-    cfg = TrainConfig(arch=arch.value, steps=steps, seed=seed, d_model=d_model, n_layers=n_layers, batch_size=batch_size,
+    cfg = TrainConfig(arch=arch.value, steps=steps, seed=seed, d_model=d_model, n_layers=n_layers, d_state=d_state,
+                      batch_size=batch_size,
                       lr=lr, init=str(init) if init else None, loss=loss, lengths=length_list, filler_share=filler_share,
                       curriculum=curriculum, story_share=story_share, task_curriculum=task_curriculum,
                       first_task_share=first_task_share)

@@ -295,8 +295,9 @@ class PromptStream:
             by_task: dict[str, list[int]] = {}
             for task, index in self.draw(length, step):
                 by_task.setdefault(task, []).append(index)
+            seed = cfg.seed * 1_000_003 + self.stage * 100_003 + step  # the filler draw of this batch
             prompts = [p for task, indices in by_task.items()
-                       for p in babilong(task, length, split="train", seed=cfg.seed * 1_000_003 + self.stage * 100_003 + step, indices=indices,
+                       for p in babilong(task, length, split="train", seed=seed, indices=indices,
                                          tokenizer=self.tokenizer if length else None, token_counts=self.token_counts)]
             rows = [(p, [(len(p) - 1, a)]) for p, a in
                     encode_examples(self.tokenizer, [(p.prompt, p.answer) for p in prompts], cfg.max_len)]

@@ -85,6 +85,7 @@ def test_empty_or_new_out_needs_no_force(tmp_path):
     (["--steps", "-3"], "--steps must be"),
     (["--d-model", "0"], "--d-model must be"),
     (["--n-layers", "0"], "--n-layers must be"),
+    (["--d-state", "0"], "--d-state must be"),
     (["--lr", "0"], "--lr must be a positive finite number"),
     (["--lr", "nan"], "--lr must be a positive finite number"),
     (["--lr", "-1"], "--lr must be"),

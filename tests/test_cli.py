@@ -155,7 +155,7 @@ def test_console_script_runs_as_a_process(ckpts):
 def test_train_a_few_steps(tmp_path):
     out = tmp_path / "m"
     code, stdout, err = run("train", "--arch", "diffmamba2", "--out", out, "--steps", 3, "--d-model", 16, "--eval-n", 20,
-                            "--n-layers", 2, "--lens-steps", 2, "-q")
+                            "--n-layers", 2, "--d-state", 8, "--lens-steps", 2, "-q")
     assert code == 0, err
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tuned_lens.safetensors", "README.md", "training.json"):
         assert (out / name).exists(), name
@@ -165,7 +165,7 @@ def test_train_a_few_steps(tmp_path):
     from diffmamba_interp import load_model
 
     model = load_model(out)
-    assert model.cfg.arch == "diffmamba2" and model.tokenizer is not None
+    assert model.cfg.arch == "diffmamba2" and model.cfg.d_state == 8 and model.tokenizer is not None
     training = json.loads((out / "training.json").read_text())
     assert [(r["task"], r["length"]) for r in training["accuracy"]] == [
         ("qa1", 0), ("qa2", 0), ("qa3", 0), ("qa4", 0), ("qa5", 0), ("qa1", 1024)]
