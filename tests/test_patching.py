@@ -14,6 +14,7 @@ from helpers import hand_patch_loop
 
 from diffmamba_interp import load_model, patch_state
 from diffmamba_interp.cli import app
+from diffmamba_interp.data import format_prompt
 from diffmamba_interp.analysis.patching import answer_prob, logit_diff, patch
 from diffmamba_interp.errors import DiffMambaError
 
@@ -118,9 +119,8 @@ def test_attribution_is_exact_on_a_linear_piece(tiny_model):
 @pytest.mark.slow
 def test_attribution_is_close_to_exact_on_the_shipped_model():
     model = load_model("models/mamba2-babi")  # seed 0, the shipped model that does the task best
-    template = "<context> \n{}\n</context>\n\nQuestion: Where is Mary? Answer:"
-    clean = template.format("Mary went to the kitchen. John moved to the garden.")
-    corrupt = template.format("Mary went to the garden. John moved to the kitchen.")
+    clean = format_prompt(["Mary went to the kitchen.", "John moved to the garden."], "Where is Mary?")
+    corrupt = format_prompt(["Mary went to the garden.", "John moved to the kitchen."], "Where is Mary?")
     for what in ("resid", "mixer"):
         e = patch(model, clean, corrupt, answer="kitchen", wrong="garden", what=what, progress=False)
         a = patch(model, clean, corrupt, answer="kitchen", wrong="garden", what=what, method="attribution",
