@@ -40,22 +40,19 @@ test: install-test chromium triton-ssd
 	$(BIN)/python -m pytest -n 2 -q
 
 # The shipped models: Mamba-2 and Diff-Mamba-2, three training seeds each, from scratch (see each
-# model card for its commands, steps, wall time and learning curve). Two stages: MODEL_STEPS from
-# scratch, then MODEL_STEPS2 more from those weights (a new warm-up and cosine, book filler from the
-# start, new batches). The two architectures of a seed train side by side, one thread each; seed 0 is
-# the default pair (models/<arch>-babi).
-MODEL_STEPS ?= 1200
-MODEL_STEPS2 ?= 1200
+# model card for its command, steps, wall time and learning curve). One stage of MODEL_STEPS with
+# state size MODEL_D_STATE (48: the pilots in the README show the state size is what these models lack,
+# and at 48 the two architectures are 4.5% apart in parameters). The two architectures of a seed train
+# side by side, one thread each; seed 0 is the default pair (models/<arch>-babi).
+MODEL_STEPS ?= 1600
+MODEL_D_STATE ?= 48
 models: install
 	for s in 0 1 2; do \
 	  suffix=$$( [ $$s = 0 ] || echo -seed$$s ); \
 	  pids=""; \
 	  for a in mamba2 diffmamba2; do \
-	    ( $(BIN)/diffmamba-interp train --arch $$a --seed $$s --steps $(MODEL_STEPS) --threads 1 --eval-every 500 \
-	        --out models/$$a-babi$$suffix --force -q && \
-	      $(BIN)/diffmamba-interp train --arch $$a --seed $$s --steps $(MODEL_STEPS2) --threads 1 --eval-every 400 \
-	        --curriculum 0 --task-curriculum 0.25 --init models/$$a-babi$$suffix --out models/$$a-babi$$suffix --force -q \
-	    ) & pids="$$pids $$!"; \
+	    $(BIN)/diffmamba-interp train --arch $$a --seed $$s --steps $(MODEL_STEPS) --d-state $(MODEL_D_STATE) \
+	      --threads 1 --eval-every 400 --out models/$$a-babi$$suffix --force -q & pids="$$pids $$!"; \
 	  done; \
 	  for p in $$pids; do wait $$p || exit 1; done; \
 	done

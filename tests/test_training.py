@@ -2,6 +2,7 @@
 
 import re
 
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -174,3 +175,14 @@ def test_loss_is_answer_loss_plus_weighted_next_token_loss_without_padding(tok, 
     got = training_loss(tiny, cfg(loss="lm", lm_weight=0.25), ids, targets, tok.pad_token_id)
     assert torch.allclose(got, answer_only + 0.25 * torch.cat(terms).mean(), atol=1e-10)
     assert torch.allclose(training_loss(tiny, cfg(), ids, targets, tok.pad_token_id), answer_only, atol=1e-10)
+
+
+def test_card_targets_line_says_which_targets_a_run_reached():
+    from diffmamba_interp.train import targets_line
+
+    rows = [{"task": f"qa{i}", "length": 0, "n": 10, "accuracy": a} for i, a in zip(range(1, 6), (0.96, 0.9, 0.8, 0.8, 0.6))]
+    line = targets_line(pd.DataFrame(rows + [{"task": "qa1", "length": 1024, "n": 10, "accuracy": 0.5}]))
+    assert "qa1 0.960 (target 0.95: reached)" in line
+    assert "mean 0.812 (target 0.80: reached)" in line
+    assert "qa1 @ 1k 0.500 (target 0.80: not reached)" in line
+    assert targets_line(pd.DataFrame(rows)) == ""  # qa1 at 1k not measured: no line
