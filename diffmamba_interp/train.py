@@ -39,6 +39,7 @@ from .model import HookedMamba, ModelShapes, load_model
 
 
 LOSSES = ("answer", "lm")
+LONG_EVAL = 1024  # filler length (tokens) of qa1 in the final evaluation, the curve and the "qa1 @ 1k" target
 
 
 @dataclass
@@ -358,7 +359,7 @@ def training_loss(model: HookedMamba, cfg: TrainConfig, ids: torch.Tensor, targe
 
 
 def train(cfg: TrainConfig, tokenizer, progress: bool = True, eval_n: int | None = None,
-          eval_every: int = 0, curve_lengths=(0, 1024)) -> tuple[HookedMamba, TrainResult]:
+          eval_every: int = 0, curve_lengths=(0, LONG_EVAL)) -> tuple[HookedMamba, TrainResult]:
     """Train one model (from scratch, or from `cfg.init`); returns it (eval mode) and the run's numbers.
 
     With `eval_every` > 0 the learning curve (qa accuracy on 200 test questions per task at 0k, and
@@ -406,7 +407,7 @@ def train(cfg: TrainConfig, tokenizer, progress: bool = True, eval_n: int | None
                 tqdm.write(json.dumps(point))
     wall = time.time() - start
     model.eval()
-    acc = evaluate(model, tokenizer, cfg.tasks, n=eval_n, progress=progress, lengths=(0, 1024))
+    acc = evaluate(model, tokenizer, cfg.tasks, n=eval_n, progress=progress, lengths=(0, LONG_EVAL))
     n_params = sum(p.numel() for p in model.parameters())
     return model, TrainResult(cfg, n_params, len(stream.questions), wall, float(ema or float("nan")), acc, earlier, curve)
 
@@ -450,6 +451,7 @@ def model_card(result: TrainResult, command: str) -> str:
                  for p in result.curve]
         curve = ("\nLearning curve (accuracy on the first 200 test questions per task; `qa1@1024`: qa1 with "
                  "1k-token book filler):\n\n" + "\n".join([head, rule, *lines]) + "\n")
+    threads = torch.get_num_threads()
     return f"""# {cfg.arch}-babi (seed {cfg.seed})
 
 A small {cfg.arch} language model trained by `diffmamba-interp train` on the bAbI tasks
@@ -466,7 +468,7 @@ Project Gutenberg, public domain in the USA (`diffmamba_interp/data/filler/`).
 - seed: {cfg.seed}; steps: {cfg.steps}{f" (continuing from {cfg.init})" if cfg.init else ""}; batch size: {cfg.batch_size}; lr: {cfg.lr} (warm-up {cfg.warmup}, cosine), AdamW (0.9, 0.95), weight decay {cfg.weight_decay}, clipping 1.0
 - training questions: {result.n_examples} (bAbI en-10k train where shipped, en for qa3)
 - parameters: {result.n_params:,}; d_model {cfg.d_model}, {cfg.n_layers} layers, d_state {cfg.d_state}, head_dim {cfg.head_dim}{", differential layers: " + cfg.diff_layers if cfg.arch.startswith("diff") else ""}
-- wall time: {result.wall_s / 60:.1f} min on CPU ({torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''})
+- wall time: {result.wall_s / 60:.1f} min on CPU ({threads} thread{'s' if threads != 1 else ''})
 - final training loss (EMA): {result.final_loss:.3f}
 
 Answer accuracy on the bAbI test split (argmax at the last prompt token; filler: the shipped books):
@@ -486,9 +488,9 @@ def targets_line(accuracy: pd.DataFrame) -> str:
     """A card line with each target of the shipped models and whether this run reached it: qa1 and the
     mean of qa1–qa5 at 0k, qa1 with 1,024 tokens of filler. Empty when the run did not measure all of them."""
     acc = {(r.task, r.length): r.accuracy for r in accuracy.itertuples()}
-    if not all((t, 0) in acc for t in TASKS) or ("qa1", 1024) not in acc:
+    if not all((t, 0) in acc for t in TASKS) or ("qa1", LONG_EVAL) not in acc:
         return ""
-    got = {"qa1": acc[("qa1", 0)], "mean": sum(acc[(t, 0)] for t in TASKS) / len(TASKS), "qa1 @ 1k": acc[("qa1", 1024)]}
+    got = {"qa1": acc[("qa1", 0)], "mean": sum(acc[(t, 0)] for t in TASKS) / len(TASKS), "qa1 @ 1k": acc[("qa1", LONG_EVAL)]}
     parts = ", ".join(f"{k} {got[k]:.3f} (target {v:.2f}: {'reached' if got[k] >= v else 'not reached'})"
                       for k, v in TARGETS.items())
     return (f"\nTargets of the shipped models: {parts}. What this recipe took and what would reach them: the "
