@@ -484,13 +484,21 @@ Chance is about 1/6 for qa1–qa3 (locations), lower for qa4/qa5.
 TARGETS = {"qa1": 0.95, "mean": 0.80, "qa1 @ 1k": 0.80}  # the shipped models' targets (README, Shipped models)
 
 
-def targets_line(accuracy: pd.DataFrame) -> str:
-    """A card line with each target of the shipped models and whether this run reached it: qa1 and the
-    mean of qa1–qa5 at 0k, qa1 with 1,024 tokens of filler. Empty when the run did not measure all of them."""
+def target_values(accuracy: pd.DataFrame) -> dict[str, float] | None:
+    """A run's value of each of `TARGETS`: qa1 and the mean of qa1–qa5 at 0k, qa1 with `LONG_EVAL` tokens
+    of filler (from its accuracy table: task, length, accuracy). None when it did not measure all of them."""
     acc = {(r.task, r.length): r.accuracy for r in accuracy.itertuples()}
     if not all((t, 0) in acc for t in TASKS) or ("qa1", LONG_EVAL) not in acc:
+        return None
+    return {"qa1": acc[("qa1", 0)], "mean": sum(acc[(t, 0)] for t in TASKS) / len(TASKS), "qa1 @ 1k": acc[("qa1", LONG_EVAL)]}
+
+
+def targets_line(accuracy: pd.DataFrame) -> str:
+    """A card line with each target of the shipped models and whether this run reached it
+    (`target_values`). Empty when the run did not measure all of them."""
+    got = target_values(accuracy)
+    if got is None:
         return ""
-    got = {"qa1": acc[("qa1", 0)], "mean": sum(acc[(t, 0)] for t in TASKS) / len(TASKS), "qa1 @ 1k": acc[("qa1", LONG_EVAL)]}
     parts = ", ".join(f"{k} {got[k]:.3f} (target {v:.2f}: {'reached' if got[k] >= v else 'not reached'})"
                       for k, v in TARGETS.items())
     return (f"\nTargets of the shipped models: {parts}. What this recipe took and what would reach them: the "

@@ -2,11 +2,12 @@
 
 Usage: python scripts/model_tables.py
 
-First table: each model in models/ (seed 0 and the other seeds of each architecture) with its state
-size, parameters, training minutes, test accuracy per task at 0k, their mean and qa1 at 1k tokens of
-filler, read from its training.json. Second table: qa1 argmax accuracy by context length per model,
-read from the "Accuracy by context length" section of its card (`scripts/eval_to_cards.py`).
-tests/test_model_tables.py checks that README.md holds both tables as printed here.
+First table: each shipped model (`jobs.shipped_seed_checkpoints`: every seed of each architecture)
+with its seed, state size, parameters, training minutes, test accuracy per task at 0k, their mean
+and qa1 with filler (`train.target_values`), read from its training.json. Second table: qa1 argmax
+accuracy by context length per model, read from the "Accuracy by context length" section of its
+card (`scripts/eval_to_cards.py`). tests/test_model_tables.py checks that README.md holds both
+tables as printed here.
 """
 
 from __future__ import annotations
@@ -14,39 +15,39 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 from eval_to_cards import HEADING as EVAL_HEADING  # scripts/ is on the path when run as a script
 
-MODELS = Path(__file__).resolve().parent.parent / "models"
-ARCHS = ("mamba2", "diffmamba2")
-SEEDS = (0, 1, 2)
+from diffmamba_interp.jobs import shipped_seed_checkpoints
+from diffmamba_interp.train import TASKS, target_values
 
 
-def model_name(arch: str, seed: int) -> str:
-    return f"{arch}-babi" + (f"-seed{seed}" if seed else "")
+def shipped_models() -> list[Path]:
+    """Every shipped checkpoint, by architecture then seed."""
+    return [Path(p) for paths in shipped_seed_checkpoints().values() for p in paths]
 
 
 def training_table() -> str:
-    lines = ["| model | seed | d_state | parameters | minutes | qa1 | qa2 | qa3 | qa4 | qa5 | mean qa1–5 | qa1 @ 1k |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for arch in ARCHS:
-        for seed in SEEDS:
-            name = model_name(arch, seed)
-            t = json.loads((MODELS / name / "training.json").read_text())
-            acc = {(r["task"], r["length"]): r["accuracy"] for r in t["accuracy"]}
-            minutes = (t["wall_s"] + sum(e["wall_s"] for e in t["earlier"])) / 60
-            q = [acc[(f"qa{i}", 0)] for i in range(1, 6)]
-            cells = " | ".join(f"{v:.3f}" for v in q)
-            lines.append(f"| `{name}` | {seed} | {t['d_state']} | {t['n_params']:,} | {minutes:.1f} | {cells} | "
-                         f"{sum(q) / 5:.3f} | {acc[('qa1', 1024)]:.3f} |")
+    lines = ["| model | seed | d_state | parameters | minutes | " + " | ".join(TASKS) + " | mean qa1–5 | qa1 @ 1k |",
+             "|---|---|---|---|---|" + "---|" * len(TASKS) + "---|---|"]
+    for path in shipped_models():
+        t = json.loads((path / "training.json").read_text())
+        accuracy = pd.DataFrame(t["accuracy"])
+        at_0k = accuracy[accuracy["length"] == 0].set_index("task")["accuracy"]
+        got = target_values(accuracy)
+        minutes = (t["wall_s"] + sum(e["wall_s"] for e in t["earlier"])) / 60
+        cells = " | ".join(f"{at_0k[task]:.3f}" for task in TASKS)
+        lines.append(f"| `{path.name}` | {t['seed']} | {t['d_state']} | {t['n_params']:,} | {minutes:.1f} | {cells} | "
+                     f"{got['mean']:.3f} | {got['qa1 @ 1k']:.3f} |")
     return "\n".join(lines)
 
 
-def card_lengths(name: str, task: str = "qa1") -> dict[int, float]:
+def card_lengths(path: Path, task: str = "qa1") -> dict[int, float]:
     """{length in tokens: argmax accuracy} of `task` from the card's accuracy-by-length table."""
-    text = (MODELS / name / "README.md").read_text()
+    text = (path / "README.md").read_text()
     _, found, section = text.partition(EVAL_HEADING)
     if not found:
-        raise SystemExit(f"{name}: the card has no '{EVAL_HEADING}' section (run scripts/eval_to_cards.py)")
+        raise SystemExit(f"{path.name}: the card has no '{EVAL_HEADING}' section (run scripts/eval_to_cards.py)")
     acc = {}
     for line in section.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -56,12 +57,11 @@ def card_lengths(name: str, task: str = "qa1") -> dict[int, float]:
 
 
 def length_table() -> str:
-    names = [model_name(arch, seed) for arch in ARCHS for seed in SEEDS]
-    accs = {name: card_lengths(name) for name in names}
+    accs = {path.name: card_lengths(path) for path in shipped_models()}
     lengths = sorted(set().union(*accs.values()))
     lines = ["| model | " + " | ".join(f"{x // 1024}k" for x in lengths) + " |", "|---|" + "---|" * len(lengths)]
-    for name in names:
-        lines.append(f"| `{name}` | " + " | ".join(f"{accs[name][x]:.2f}" for x in lengths) + " |")
+    for name, acc in accs.items():
+        lines.append(f"| `{name}` | " + " | ".join(f"{acc[x]:.2f}" for x in lengths) + " |")
     return "\n".join(lines)
 
 
