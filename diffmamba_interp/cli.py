@@ -673,6 +673,10 @@ def train(
     first_task_share: float = typer.Option(0.4, "--first-task-share", help="Share of the rows from qa1 (the first task) after that."),
     story_share: float = typer.Option(0.7, "--story-share", help="Share of the 0k batches that are whole stories "
                                       "(every question of a story answered in one row)."),
+    every_person: bool = typer.Option(False, "--every-person", help="qa1: also ask, at each question, where every "
+                                      "person moved so far is (an experiment against the last-mentioned-place "
+                                      "shortcut; not in the shipped recipe: see the README)."),
+    d_conv: int = typer.Option(4, "--d-conv", help="Causal conv width (the GPU kernels take 2-4)."),
     lens_steps: int = typer.Option(250, "--lens-steps", help="Tuned-lens training steps on the shipped books (0: none)."),
     init: Optional[Path] = typer.Option(None, "--init", help="Continue training from this checkpoint's weights."),
     eval_n: Optional[int] = typer.Option(None, "--eval-n", help="Test examples per task for the accuracy (default: all)."),
@@ -694,11 +698,11 @@ def train(
     for name, value in (("--eval-every", eval_every), ("--threads", threads)):
         if value < 0:
             raise DiffMambaError(f"{name} must be >= 0, got {value}")
-    cfg = TrainConfig(arch=arch.value, steps=steps, seed=seed, d_model=d_model, n_layers=n_layers, d_state=d_state,
+    cfg = TrainConfig(arch=arch.value, steps=steps, seed=seed, d_model=d_model, n_layers=n_layers, d_state=d_state, d_conv=d_conv,
                       batch_size=batch_size,
                       lr=lr, init=str(init) if init else None, loss=loss, lengths=length_list, filler_share=filler_share,
                       curriculum=curriculum, story_share=story_share, task_curriculum=task_curriculum,
-                      first_task_share=first_task_share)
+                      first_task_share=first_task_share, every_person=every_person)
     cfg.check()
     check_output_dir(out_dir, force=force)  # never overwrite a model without --force
     if threads:

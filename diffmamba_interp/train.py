@@ -51,6 +51,7 @@ class TrainConfig:
     n_layers: int = 4
     d_state: int = 16
     head_dim: int = 16
+    d_conv: int = 4  # causal conv width K (the mamba-ssm / causal-conv1d kernels take 2-4; wider runs in PyTorch)
     chunk_size: int = 32  # SSD chunk: 32 is fastest for these sizes on CPU (results do not depend on it)
     diff_layers: str = "alternate"
     steps: int = 2000
@@ -72,6 +73,7 @@ class TrainConfig:
     first_task_share: float = 0.4  # after that, the share of rows from the first task (the others: equal shares)
     story_share: float = 0.7  # share of the 0k batches that are whole stories with every question answered
     vocab_size: int = 3072  # the subword tokenizer's size (`data.subword`)
+    every_person: bool = False  # qa1: also ask where each person moved so far is (`data.every_person`)
 
     def check(self) -> None:
         """Raise a one-line DiffMambaError for the first option out of range (before any training)."""
@@ -79,7 +81,7 @@ class TrainConfig:
             raise DiffMambaError(f"arch must be an architecture name, got {self.arch!r}")
         arch_spec(self.arch)  # a one-line error for an unknown arch
         for name, low in (("steps", 1), ("batch_size", 1), ("d_model", 1), ("n_layers", 1), ("d_state", 1),
-                          ("head_dim", 1), ("chunk_size", 1), ("warmup", 1), ("max_len", 1), ("seed", 0)):
+                          ("head_dim", 1), ("d_conv", 1), ("chunk_size", 1), ("warmup", 1), ("max_len", 1), ("seed", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise DiffMambaError(f"{_option(name)} must be a whole number >= {low}, got {value!r}")
@@ -95,6 +97,8 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
                 raise DiffMambaError(f"{_option(name)} must be a number from 0 to 1, got {value!r}")
+        if not isinstance(self.every_person, bool):
+            raise DiffMambaError(f"--every-person must be true or false, got {self.every_person!r}")
         if self.loss not in LOSSES:
             raise DiffMambaError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if not self.lengths or not all(isinstance(n, int) and not isinstance(n, bool) and 0 < n <= self.max_len
@@ -108,7 +112,7 @@ class TrainConfig:
         self.check()
         return MambaConfig(
             arch=self.arch, d_model=self.d_model, n_layers=self.n_layers, vocab_size=vocab_size,
-            d_state=self.d_state, head_dim=self.head_dim, chunk_size=self.chunk_size, diff_layers=self.diff_layers,
+            d_state=self.d_state, head_dim=self.head_dim, d_conv=self.d_conv, chunk_size=self.chunk_size, diff_layers=self.diff_layers,
         )
 
 
@@ -204,9 +208,12 @@ class PromptStream:
 
     def __init__(self, cfg: TrainConfig, tokenizer, stage: int = 0):
         from .data import babi
+        from .data.every_person import ask_every_person
 
         self.cfg, self.tokenizer, self.stage = cfg, tokenizer, stage
         self.samples = {task: babi(task, "train") for task in cfg.tasks}
+        if cfg.every_person:
+            self.samples = {task: ask_every_person(samples) for task, samples in self.samples.items()}
         self.questions = [(task, i) for task, samples in self.samples.items() for i in range(len(samples))]
         self.size = {q: sum(len(f) + 1 for f in self.samples[q[0]][q[1]].facts) for q in self.questions}  # characters
         stories: dict[tuple[str, int], list[int]] = {}
@@ -298,7 +305,7 @@ class PromptStream:
                 by_task.setdefault(task, []).append(index)
             seed = cfg.seed * 1_000_003 + self.stage * 100_003 + step  # the filler draw of this batch
             prompts = [p for task, indices in by_task.items()
-                       for p in babilong(task, length, split="train", seed=seed, indices=indices,
+                       for p in babilong(task, length, split="train", seed=seed, indices=indices, samples=self.samples[task],
                                          tokenizer=self.tokenizer if length else None, token_counts=self.token_counts)]
             rows = [(p, [(len(p) - 1, a)]) for p, a in
                     encode_examples(self.tokenizer, [(p.prompt, p.answer) for p in prompts], cfg.max_len)]
@@ -459,7 +466,7 @@ A small {cfg.arch} language model trained by `diffmamba-interp train` on the bAb
 batches with public-domain book filler up to {", ".join(map(str, cfg.lengths))} tokens; {cfg.story_share:.0%} of the 0k batches
 are whole stories (each question in its own BABILong block, every answer scored; `train.PromptStream`);
 the first {cfg.task_curriculum:.0%} of the steps read {cfg.tasks[0]} only, then {cfg.first_task_share:.0%} of the rows are {cfg.tasks[0]} and the
-other tasks share the rest equally; shipped with diffmamba-interp so every command has a real default. Loss: {cfg.loss}{f" (answer + {cfg.lm_weight} x next-token)" if cfg.loss == "lm" else " (answer token only)"}.
+other tasks share the rest equally;{" qa1 also asks, at each of its questions, where every person moved so far is (`data/every_person.py`: the last-mentioned place stops paying);" if cfg.every_person else ""} shipped with diffmamba-interp so every command has a real default. Loss: {cfg.loss}{f" (answer + {cfg.lm_weight} x next-token)" if cfg.loss == "lm" else " (answer token only)"}.
 Byte-level BPE tokenizer of {cfg.vocab_size} entries trained on bAbI and the books (`data/subword.py`).
 bAbI data: CC BY 3.0 (Facebook AI Research; see `diffmamba_interp/data/babi/LICENSE.txt`); books:
 Project Gutenberg, public domain in the USA (`diffmamba_interp/data/filler/`).
@@ -467,7 +474,7 @@ Project Gutenberg, public domain in the USA (`diffmamba_interp/data/filler/`).
 {stages}- command: `{command}`
 - seed: {cfg.seed}; steps: {cfg.steps}{f" (continuing from {cfg.init})" if cfg.init else ""}; batch size: {cfg.batch_size}; lr: {cfg.lr} (warm-up {cfg.warmup}, cosine), AdamW (0.9, 0.95), weight decay {cfg.weight_decay}, clipping 1.0
 - training questions: {result.n_examples} (bAbI en-10k train where shipped, en for qa3)
-- parameters: {result.n_params:,}; d_model {cfg.d_model}, {cfg.n_layers} layers, d_state {cfg.d_state}, head_dim {cfg.head_dim}{", differential layers: " + cfg.diff_layers if cfg.arch.startswith("diff") else ""}
+- parameters: {result.n_params:,}; d_model {cfg.d_model}, {cfg.n_layers} layers, d_state {cfg.d_state}, head_dim {cfg.head_dim}, d_conv {cfg.d_conv}{", differential layers: " + cfg.diff_layers if cfg.arch.startswith("diff") else ""}
 - wall time: {result.wall_s / 60:.1f} min on CPU ({threads} thread{'s' if threads != 1 else ''})
 - final training loss (EMA): {result.final_loss:.3f}
 

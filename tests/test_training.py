@@ -141,9 +141,15 @@ def test_bad_training_options_are_refused():
     for kw, word in ((dict(loss="mse"), "--loss"), (dict(filler_share=2.0), "--filler-share"),
                      (dict(curriculum=-0.1), "--curriculum"), (dict(lengths=(0,)), "--lengths"),
                      (dict(lengths=(10**6,)), "--lengths"), (dict(story_share=1.5), "--story-share"),
-                     (dict(task_curriculum=2), "--task-curriculum"), (dict(first_task_share=-1), "--first-task-share")):
+                     (dict(task_curriculum=2), "--task-curriculum"), (dict(first_task_share=-1), "--first-task-share"),
+                     (dict(d_conv=0), "--d-conv"), (dict(every_person=1), "--every-person")):
         with pytest.raises(DiffMambaError, match=word):
             cfg(**kw).check()
+
+
+def test_conv_width_reaches_the_model(tok):
+    model = HookedMamba(cfg(d_conv=6).model_config(len(tok)))
+    assert model.cfg.d_conv == 6 and all(b.mixer.conv1d.kernel_size == (6,) for b in model.blocks)
 
 
 @pytest.fixture

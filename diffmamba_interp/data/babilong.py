@@ -299,7 +299,8 @@ def check_n(n: Any, what: str = "n", allow_zero: bool = False) -> None:
 def babilong(task: str | int, length: str | int = "0k", split: str = "test", seed: int = 0,
              tokenizer: Any = None, n: int | None = None, filler: str | Path | None = "books", *,
              indices: Sequence[int] | None = None, size: str | None = None,
-             data_dir: str | Path | None = None, token_counts: dict[str, int] | None = None) -> list[Prompt]:
+             data_dir: str | Path | None = None, token_counts: dict[str, int] | None = None,
+             samples: Sequence[Any] | None = None) -> list[Prompt]:
     """BABILong prompts, one per bAbI question (see the module docstring).
 
     Args:
@@ -315,6 +316,8 @@ def babilong(task: str | int, length: str | int = "0k", split: str = "test", see
         token_counts: a dict kept by the caller across calls with the same ``tokenizer``: each
             sentence's token count is stored in it and never counted again (a training stream
             builds thousands of prompts from the same book sentences).
+        samples: these `BabiSample`s instead of the task file's (``indices`` and ``n`` index them), e.g.
+            a training set with extra questions (`every_person.ask_every_person`).
 
     Every meta has ``story_id`` (int, per file) and ``story`` (``'qa1:test:12'``: questions of one
     story share it), ``index`` (question number in the file), ``length`` (tokens asked for) and
@@ -328,7 +331,8 @@ def babilong(task: str | int, length: str | int = "0k", split: str = "test", see
         raise DiffMambaError("give n or indices, not both")
     _check_filler(filler)
     name = normalize_task(task, data_dir)
-    samples = babi(name, split, size=size, data_dir=data_dir)
+    if samples is None:
+        samples = babi(name, split, size=size, data_dir=data_dir)
     if indices is None:
         chosen = range(len(samples) if n is None else min(n, len(samples)))
     else:
