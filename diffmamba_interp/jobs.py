@@ -353,12 +353,14 @@ def load_prompts(data: str, n: int | None, seed: int = 0, tokenizer=None, filler
 def run_snr(ckpts: Sequence[str] | None = None, data: str | None = None, n: int | None = None, lens: str | None = None,
             seed: int = 0, n_boot: int = 1000, models: list | None = None, progress: bool = True,
             preset: str | None = None, bootstrap: str = "story", filler: str = "books",
-            chunk_size: int | None = None) -> SnrRun:
+            chunk_size: int | None = None, seeds: "SeedRun | None" = None) -> SnrRun:
     """The main job: each model's per-layer needle probability on `data`, with CIs and paired diffs.
 
     data / n / lens default to `DEFAULTS` (lens "auto": the tuned lens where a checkpoint has one);
     preset="paper" runs the paper's protocol (`PRESETS`). bootstrap: "story" or "question".
     chunk_size: long prompts run in pieces of this many tokens, state carried (default 2048).
+    seeds: a `run_seed_snr` result of the same protocol, seed and filler that holds these checkpoints:
+    their rows are taken from it, not computed again (`report --all-seeds`).
     """
     from .analysis.compare import compare
     from .analysis.lens import LENSES, lens_name, resolve_lens
@@ -367,12 +369,14 @@ def run_snr(ckpts: Sequence[str] | None = None, data: str | None = None, n: int 
     if protocol["lens"] not in LENSES:
         raise DiffMambaError(f"unknown lens {protocol['lens']!r}; expected one of {', '.join(LENSES)}")
     models = models or load_models(ckpts)
-    prompts = load_prompts(protocol["data"], protocol["n"], seed, tokenizer=models[0].tokenizer, filler=filler)
-    lenses = [resolve_lens(m, protocol["lens"]) for m in models]
-    result = compare(models, prompts, lens=lenses, labels=[m.label for m in models], n_boot=n_boot, seed=seed,
-                     progress=progress, bootstrap=bootstrap, chunk_size=chunk_size)
     info = {"spec": protocol["data"], "n": protocol["n"], "seed": seed, "preset": protocol["preset"],
             "bootstrap": bootstrap, "filler": filler}
+    known = seeds.known_rows(models, info, protocol["lens"]) if seeds is not None else {}
+    prompts = seeds.prompts if known else load_prompts(protocol["data"], protocol["n"], seed,
+                                                       tokenizer=models[0].tokenizer, filler=filler)
+    lenses = [resolve_lens(m, protocol["lens"]) for m in models]
+    result = compare(models, prompts, lens=lenses, labels=[m.label for m in models], n_boot=n_boot, seed=seed,
+                     progress=progress, bootstrap=bootstrap, chunk_size=chunk_size, known=known)
     return SnrRun(info, protocol["lens"], models, prompts, result, {m.label: lens_name(ln) for m, ln in zip(models, lenses)})
 
 
@@ -495,7 +499,7 @@ def full_report(ckpts: Sequence[str] | None = None, data: str | None = None, n: 
     ``run.evaluation``; checked before any work. None: no such section."""
     specs, eval_n = report_eval_options(eval_data, eval_n)
     run = run_snr(ckpts, data, n, lens, seed=seed, progress=progress, preset=preset, bootstrap=bootstrap, filler=filler,
-                  chunk_size=chunk_size)
+                  chunk_size=chunk_size, seeds=seeds)
     if isinstance(example, bool) or not isinstance(example, int) or not 0 <= example < len(run.prompts):
         raise DiffMambaError(f"example {example} is out of range: the data has {len(run.prompts)} examples (0..{len(run.prompts) - 1})")
     if specs is not None:
@@ -637,6 +641,22 @@ class SeedRun:
     prompts: list = field(repr=False)
     result: object = field(repr=False)  # analysis.seeds.SeedCompareResult
     ckpts: dict = field(default_factory=dict)  # group -> checkpoint paths
+
+    def known_rows(self, models: Sequence, data: dict, lens: str) -> dict:
+        """Model label -> its `target_probs` rows in this run, for those of `models` (loaded checkpoints)
+        that it ran on the same data (spec, n, seed, filler) and lens; {} when the run differs."""
+        same = {k: self.data.get(k) for k in ("spec", "n", "seed", "filler")} == {k: data[k] for k in ("spec", "n", "seed", "filler")}
+        if not same or lens != self.lens:
+            return {}
+        labels = {str(Path(p).resolve()): label for g, paths in self.ckpts.items()
+                  for p, label in zip(paths, self.result.groups[g])}
+        rows = self.result.per_example
+        out = {}
+        for m in models:
+            label = labels.get(str(Path(m.checkpoint_path).resolve())) if m.checkpoint_path else None
+            if label is not None:
+                out[m.label] = rows[rows.model == label].drop(columns=["group", "model"]).reset_index(drop=True)
+        return out
 
     @property
     def title(self) -> str:

@@ -135,6 +135,29 @@ def test_all_seeds_orders_by_seed_number_and_names_what_is_missing(tmp_path, mon
         shipped_seed_checkpoints()
 
 
+def test_report_takes_the_seed_run_rows_of_its_models_instead_of_running_them_again(models_root, monkeypatch):
+    import sys
+
+    from diffmamba_interp.jobs import run_seed_snr, run_snr
+
+    compare_module = sys.modules["diffmamba_interp.analysis.compare"]  # the package exports the function as `compare`
+
+    groups = expected_groups(models_root)
+    seeds = run_seed_snr(groups["mamba2-babi"], groups["diffmamba2-babi"], n=N, progress=False, n_boot=50)
+    pair = [groups["mamba2-babi"][0], groups["diffmamba2-babi"][0]]
+    fresh = run_snr(pair, n=N, progress=False, n_boot=50)
+    ran = []
+    real = compare_module.target_probs
+    monkeypatch.setattr(compare_module, "target_probs", lambda *a, **k: ran.append(1) or real(*a, **k))
+    reused = run_snr(pair, n=N, progress=False, n_boot=50, seeds=seeds)
+    assert ran == []  # both models' rows came from the seed run
+    pd.testing.assert_frame_equal(reused.result.per_example, fresh.result.per_example)
+    pd.testing.assert_frame_equal(reused.result.summary, fresh.result.summary)
+    pd.testing.assert_frame_equal(reused.result.paired, fresh.result.paired)
+    other = run_snr(pair, n=N - 1, progress=False, n_boot=50, seeds=seeds)  # another n: nothing reused
+    assert len(ran) == 2 and len(other.prompts) == N - 1
+
+
 def test_all_seeds_refuses_explicit_checkpoints(models_root):
     code, output = _run(models_root, "snr", "--all-seeds", "--ckpt-a", models_root / "mamba2-babi", "--n", 2)
     assert code == 2 and "--all-seeds picks the checkpoints itself" in output

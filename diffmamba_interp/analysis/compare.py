@@ -91,13 +91,17 @@ def _label(item) -> str:
 
 def compare(models_or_paths, prompts, answers=None, lens="logit", labels: Sequence[str] | None = None,
             candidates=None, n_boot: int = 1000, seed: int = 0, tokenizer=None, batch_size: int = 8,
-            progress: bool = True, bootstrap: str = "story", chunk_size: int | None = None) -> CompareResult:
+            progress: bool = True, bootstrap: str = "story", chunk_size: int | None = None,
+            known: dict | None = None) -> CompareResult:
     """Run the same prompts through several models (HookedMamba objects or checkpoint paths).
 
     lens: a name of `lens.LENSES` ("logit", "tuned": the lens saved next to the checkpoint), a
     Lens, or one lens per model. Paths are loaded with `diffmamba_interp.load_model`. Labels
     default to the checkpoint directory name, the model's `label` or its arch (made unique with a
     suffix). See the module docstring for the pairing rule.
+
+    known: label -> that model's `target_probs` rows on these prompts with this lens, already computed
+    (e.g. by `seeds.compare_seeds` on the same checkpoint): used as they are, not run again.
     """
     items = list(models_or_paths)
     prompts = list(prompts)
@@ -124,9 +128,14 @@ def compare(models_or_paths, prompts, answers=None, lens="logit", labels: Sequen
     frames, depth, warned = [], {}, set()  # warned: one warning of unknown tokens, not one per model
     for item, lab, ln in zip(items, labels, lenses):
         model = load_model(item) if isinstance(item, (str, os.PathLike)) else item
-        ln = resolve_lens(model, ln)
-        df = target_probs(model, prompts, answers, lens=ln, candidates=candidates, tokenizer=tokenizer,
-                          batch_size=batch_size, progress=progress, chunk_size=chunk_size, warned=warned)
+        if known is not None and lab in known:
+            df = known[lab]
+            if len(df) != len(prompts) * (model.cfg.n_layers + 1):
+                raise DiffMambaError(f"the known rows of {lab} are not {len(prompts)} prompts x {model.cfg.n_layers + 1} layers")
+        else:
+            df = target_probs(model, prompts, answers, lens=resolve_lens(model, ln), candidates=candidates,
+                              tokenizer=tokenizer, batch_size=batch_size, progress=progress, chunk_size=chunk_size,
+                              warned=warned)
         frames.append(df.assign(model=lab)[["model", *TARGET_COLUMNS]])
         depth[lab] = model.cfg.n_layers
     per_example = pd.concat(frames, ignore_index=True)
