@@ -39,7 +39,7 @@ from ..scan import compute_dtype
 from ..state import Recurrence
 from .base import Mixer, MixerDims, ScanUnit, init_dt_bias
 from .mamba1 import ConvFront, S6Core
-from .mamba2 import ssd_unit
+from .mamba2 import add_ssd_hooks, ssd_unit
 
 Tensor = torch.Tensor
 
@@ -230,17 +230,7 @@ class SSDBranch(ScanUnit):
         self.conv_dim = E + 2 * G * N
         self.capture_states = False
         self.last_path = ""
-        self.hook_in_proj = HookPoint()  # [batch, pos, 2E + 2GN + H]
-        self.hook_z = HookPoint()  # [batch, pos, E]
-        self.hook_xBC = HookPoint()  # [batch, pos, E + 2GN]
-        self.hook_conv = HookPoint()  # [batch, pos, E + 2GN]  causal conv output, before SiLU
-        self.hook_ssm_in = HookPoint()  # [batch, pos, H, P]  x
-        self.hook_B = HookPoint()  # [batch, pos, G, N]
-        self.hook_C = HookPoint()  # [batch, pos, G, N]
-        self.hook_dt = HookPoint()  # [batch, pos, H]  Δ after softplus and clamp
-        self.hook_ssm_state = HookPoint()  # [batch, pos, H, P, N]  h_t (only when hooked)
-        self.hook_ssm_out = HookPoint()  # [batch, pos, H, P]  y + D·x
-        self.hook_gate = HookPoint()  # [batch, pos, E]  SiLU(z)
+        add_ssd_hooks(self)
         self.norm = BranchNorm()  # hook_scale [batch, pos, 1], hook_normalized [batch, pos, E]
 
     def state_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -24,6 +24,27 @@ from .base import Mixer, MixerDims, ScanUnit, init_dt_bias
 Tensor = torch.Tensor
 
 
+SSD_HOOKS = {  # the hook points of one SSD scan unit (a Mamba-2 mixer, a Diff-Mamba-2 branch) and their shapes
+    "hook_in_proj": "[batch, pos, 2E + 2GN + H]",
+    "hook_z": "[batch, pos, E]",
+    "hook_xBC": "[batch, pos, E + 2GN]",
+    "hook_conv": "[batch, pos, E + 2GN]  causal conv output, before SiLU",
+    "hook_ssm_in": "[batch, pos, H, P]  x",
+    "hook_B": "[batch, pos, G, N]",
+    "hook_C": "[batch, pos, G, N]",
+    "hook_dt": "[batch, pos, H]  Δ after softplus and clamp",
+    "hook_ssm_state": "[batch, pos, H, P, N]  h_t (only when hooked)",
+    "hook_ssm_out": "[batch, pos, H, P]  y + D·x",
+    "hook_gate": "[batch, pos, E]  SiLU(z)",
+}
+
+
+def add_ssd_hooks(unit: nn.Module) -> None:
+    """Give an SSD scan unit its `SSD_HOOKS`, in that order."""
+    for name in SSD_HOOKS:
+        setattr(unit, name, HookPoint())
+
+
 class Mamba2Mixer(ScanUnit, Mixer):
     """Mamba-2 (SSD) mixer.
 
@@ -61,17 +82,7 @@ class Mamba2Mixer(ScanUnit, Mixer):
         self.D = nn.Parameter(torch.ones(H))  # [H]
         self.norm = GatedRMSNorm(E, n_groups=G, eps=dims.norm_eps)
         self.out_proj = nn.Linear(E, dims.d_model, bias=dims.bias)
-        self.hook_in_proj = HookPoint()  # [batch, pos, 2E + 2GN + H]
-        self.hook_z = HookPoint()  # [batch, pos, E]
-        self.hook_xBC = HookPoint()  # [batch, pos, E + 2GN]
-        self.hook_conv = HookPoint()  # [batch, pos, E + 2GN]  causal conv output, before SiLU
-        self.hook_ssm_in = HookPoint()  # [batch, pos, H, P]  x
-        self.hook_B = HookPoint()  # [batch, pos, G, N]
-        self.hook_C = HookPoint()  # [batch, pos, G, N]
-        self.hook_dt = HookPoint()  # [batch, pos, H]  Δ after softplus and clamp
-        self.hook_ssm_state = HookPoint()  # [batch, pos, H, P, N]  h_t (only when hooked)
-        self.hook_ssm_out = HookPoint()  # [batch, pos, H, P]  y + D·x
-        self.hook_gate = HookPoint()  # [batch, pos, E]  SiLU(z)
+        add_ssd_hooks(self)
         self.hook_out = HookPoint()  # [batch, pos, d]
 
     def state_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
