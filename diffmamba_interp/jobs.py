@@ -645,8 +645,7 @@ class SeedRun:
     def known_rows(self, models: Sequence, data: dict, lens: str) -> dict:
         """Model label -> its `target_probs` rows in this run, for those of `models` (loaded checkpoints)
         that it ran on the same data (spec, n, seed, filler) and lens; {} when the run differs."""
-        same = {k: self.data.get(k) for k in ("spec", "n", "seed", "filler")} == {k: data[k] for k in ("spec", "n", "seed", "filler")}
-        if not same or lens != self.lens:
+        if any(self.data.get(k) != data[k] for k in ("spec", "n", "seed", "filler")) or lens != self.lens:
             return {}
         labels = {str(Path(p).resolve()): label for g, paths in self.ckpts.items()
                   for p, label in zip(paths, self.result.groups[g])}

@@ -19,7 +19,7 @@ from dataclasses import replace
 from itertools import groupby
 from typing import Sequence
 
-from .babi import BabiSample
+from .babi import BabiSample, _candidates
 
 __all__ = ["ask_every_person"]
 
@@ -27,9 +27,10 @@ _MOVE = re.compile(r"([A-Z][a-z]+) (?:[a-z]+ )+to the ([a-z]+)\.")
 _WHERE = re.compile(r"Where is ([A-Z][a-z]+)\?")
 
 
-def _extra_questions(story: list[BabiSample]) -> list[BabiSample] | None:
-    """The story's questions with, after each, one per other person moved so far (first mention order);
-    None when the story is not a qa1-style move story."""
+def _extra_questions(story: list[BabiSample], vocabulary: frozenset[str]) -> list[BabiSample] | None:
+    """The story's questions with, after each, one per other person moved so far (first mention order;
+    candidates by bAbI's rule over the file's answer `vocabulary`); None when the story is not a
+    qa1-style move story."""
     facts = story[-1].facts
     moves = [_MOVE.fullmatch(f) for f in facts]
     if not all(moves) or not all(_WHERE.fullmatch(s.question) for s in story):
@@ -42,7 +43,6 @@ def _extra_questions(story: list[BabiSample]) -> list[BabiSample] | None:
         last: dict[str, int] = {}  # person -> index of their latest move (insertion order: first mention)
         for i, m in enumerate(moves[:n]):
             last[m.group(1)] = i
-        places = sorted({m.group(2) for m in moves[:n]})
         out.append(sample)
         asked = _WHERE.fullmatch(sample.question).group(1)
         for person, i in last.items():
@@ -50,15 +50,16 @@ def _extra_questions(story: list[BabiSample]) -> list[BabiSample] | None:
                 continue
             answer = moves[i].group(2)
             out.append(replace(sample, question=f"Where is {person}?", raw_question=f"Where is {person}? ",
-                               answer=answer, supporting=(i,), candidates=tuple(p for p in places if p != answer)))
+                               answer=answer, supporting=(i,), candidates=_candidates(answer, sample.facts, vocabulary)))
     return out
 
 
 def ask_every_person(samples: Sequence[BabiSample]) -> tuple[BabiSample, ...]:
     """`samples` (one task's file, in file order) with the extra questions after each question of every
     move story (see the module docstring); stories stay in order and keep their ``story_id``."""
+    vocabulary = frozenset(s.answer for s in samples)  # as `babi`: every answer of the file
     out: list[BabiSample] = []
     for _, group in groupby(samples, key=lambda s: s.story_id):
         story = list(group)
-        out += _extra_questions(story) or story
+        out += _extra_questions(story, vocabulary) or story
     return tuple(out)
