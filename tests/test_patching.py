@@ -118,7 +118,7 @@ def test_attribution_is_exact_on_a_linear_piece(tiny_model):
 
 @pytest.mark.slow
 def test_attribution_is_close_to_exact_on_the_shipped_model():
-    model = load_model("models/mamba2-babi-seed1")  # the shipped model that does the task best (qa1 0.85)
+    model = load_model("models/mamba2-babi")  # the default shipped model (qa1 1.000 on the test split)
     clean = format_prompt(["Mary went to the kitchen.", "John moved to the garden."], "Where is Mary?")
     corrupt = format_prompt(["Mary went to the garden.", "John moved to the kitchen."], "Where is Mary?")
     for what in ("resid", "mixer"):
@@ -126,11 +126,10 @@ def test_attribution_is_close_to_exact_on_the_shipped_model():
         a = patch(model, clean, corrupt, answer="kitchen", wrong="garden", what=what, method="attribution",
                   progress=False)
         assert e.clean_metric != pytest.approx(e.corrupt_metric, abs=0.5)  # the swap moves the metric
-        # a first-order estimate of a nonlinear model: 0.73 (resid) and 0.79 (mixer) on this model (logit
-        # difference clean 7.07, corrupt -6.68). Models that do the task worse agree less: seed-0 Mamba-2
-        # (qa1 0.44, recency: logit difference 0.21 on this clean prompt) 0.56 / 0.56, seed-0 Diff-Mamba-2
-        # 0.20 / 0.18, Diff-Mamba-2 seed 2 -0.61 / 0.94
-        assert np.corrcoef(e.frame["value"], a.frame["value"])[0, 1] > 0.3, what
+        # a first-order estimate of a nonlinear model: 0.86 (resid) and 0.82 (mixer) on this model (logit
+        # difference clean 12.25, corrupt -11.24). Other shipped models: Mamba-2 seed 1 0.73 / 0.74,
+        # seed 2 0.79 / 0.50, Diff-Mamba-2 seed 0 0.84 / 0.85, Diff-Mamba-2 seed 2 (qa1 0.76) 0.34 / 0.60
+        assert np.corrcoef(e.frame["value"], a.frame["value"])[0, 1] > 0.6, what
 
 
 def test_bad_patching_input_is_refused(tiny_model):
