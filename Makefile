@@ -48,14 +48,15 @@ test: install-test chromium triton-ssd
 MODEL_STEPS ?= 4800
 MODEL_STAGE2_STEPS ?= 1600
 MODEL_D_STATE ?= 48
+MODEL_RUN = --threads 1 --eval-every 400 --out $$out --force -q
 models: install
 	printf '%s\n' "diffmamba2 0" "diffmamba2 1" "diffmamba2 2" "mamba2 0" "mamba2 1" "mamba2 2" | \
 	  xargs -P 2 -L 1 sh -c 'out=models/$$0-babi$$( [ $$1 = 0 ] || echo -seed$$1 ); \
 	    $(BIN)/diffmamba-interp train --arch $$0 --seed $$1 --steps $(MODEL_STEPS) --d-state $(MODEL_D_STATE) \
-	      --threads 1 --eval-every 400 --out $$out --force -q && \
+	      $(MODEL_RUN) && \
 	    $(BIN)/diffmamba-interp train --arch $$0 --seed $$1 --init $$out --steps $(MODEL_STAGE2_STEPS) \
 	      --d-state $(MODEL_D_STATE) --lr 3e-3 --curriculum 0 --task-curriculum 0 --first-task-share 0.1 \
-	      --threads 1 --eval-every 400 --out $$out --force -q'
+	      $(MODEL_RUN)'
 
 benchmarks: install
 	$(BIN)/python benchmarks/forward.py
