@@ -441,14 +441,67 @@ def evaluate(model: HookedMamba, tokenizer, tasks=TASKS, split: str = "test", n:
     return pd.DataFrame(rows)
 
 
+def _number(value) -> bool:
+    """Whether a value read from a stage's training.json is a number (not missing, not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _share(value) -> str:
+    """A share as a card writes it (40%); '?' where a stage's training.json lacks it."""
+    return f"{value:.0%}" if _number(value) else "?"
+
+
+def _minutes(wall_s) -> str:
+    """A wall time in seconds as a card writes it (25.9 min); '? min' where it is missing."""
+    return f"{wall_s / 60:.1f} min" if _number(wall_s) else "? min"
+
+
+def _then(share, before: str, after: str) -> str:
+    """"the first 30% of the steps {before}, then {after}", or "from the first step, {after}" for a share of 0."""
+    if share == 0:
+        return f"from the first step, {after}"
+    return f"the first {_share(share)} of the steps {before}, then {after}"
+
+
+def stage_recipe(stage: dict, explain: bool = True) -> str:
+    """One training stage's data recipe in a card's words: the 0k curriculum and the filler, the whole
+    stories (what they are, with `explain`), the task curriculum. `stage`: its config as a dict
+    (`asdict(TrainConfig)`, or a training.json as in `TrainResult.earlier`); a missing key reads '?'."""
+    first = (stage.get("tasks") or ["?"])[0]
+    lengths = ", ".join(map(str, stage.get("lengths") or ["?"]))
+    filler = f"{_share(stage.get('filler_share'))} of the batches with public-domain book filler up to {lengths} tokens"
+    stories = f"{_share(stage.get('story_share'))} of the 0k batches are whole stories" + (
+        " (each question in its own BABILong block, every answer scored; `train.PromptStream`)" if explain else "")
+    rows = f"{_share(stage.get('first_task_share'))} of the rows are {first} and the other tasks share the rest equally"
+    return "; ".join([_then(stage.get("curriculum"), "at 0k", filler), stories,
+                      _then(stage.get("task_curriculum"), f"read {first} only", rows)])
+
+
+def stage_line(k: int, stage: dict) -> str:
+    """A card's bullet for training stage k (from 1) of several: steps, lr, the checkpoint it continued
+    from, wall time, `stage_recipe` (stories explained in stage 1) and command; a missing key reads '?'."""
+    init = f", continuing from {stage['init']}" if stage.get("init") else ""
+    return (f"- stage {k}: {stage.get('steps', '?')} steps, lr {stage.get('lr', '?')}{init}, {_minutes(stage.get('wall_s'))}: "
+            f"{stage_recipe(stage, explain=k == 1)}; command `{stage.get('command', '?')}`\n")
+
+
 def model_card(result: TrainResult, command: str) -> str:
+    """The model card (README.md) of a run. A run that continued earlier stages (`result.earlier`, each a
+    training.json) gives each stage's recipe, command and wall time in order, this run last."""
     cfg = result.config
     table = "\n".join(f"| {r.task} | {'0k' if r.length == 0 else f'{r.length} tokens'} | {r.n} | {r.accuracy:.3f} |"
                       for r in result.accuracy.itertuples())
-    stages = "".join(
-        f"- earlier stage {k + 1}: `{e.get('command', '?')}` — {e['steps']} steps, lr {e['lr']}, {e['wall_s'] / 60:.1f} min\n"
-        for k, e in enumerate(result.earlier)
-    )
+    stages = [*result.earlier, {**asdict(cfg), "command": command, "wall_s": result.wall_s}]
+    threads = torch.get_num_threads()
+    on_cpu = f"on CPU ({threads} thread{'s' if threads != 1 else ''})"
+    if len(stages) == 1:
+        recipe, runs, wall = f": {stage_recipe(stages[0])}", f"- command: `{command}`\n", f"{_minutes(result.wall_s)} {on_cpu}"
+    else:
+        walls = [s.get("wall_s") for s in stages]
+        total = sum(walls) if all(map(_number, walls)) else None
+        recipe = f", in {len(stages)} stages (each one's recipe below)"
+        runs = "".join(stage_line(k, s) for k, s in enumerate(stages, 1))
+        wall = f"{_minutes(total)} in all: " + ", ".join(f"stage {k} {_minutes(w)}" for k, w in enumerate(walls, 1)) + f" {on_cpu}"
     curve = ""
     if result.curve:
         keys = [k for k in result.curve[0] if "@" in k]
@@ -458,24 +511,18 @@ def model_card(result: TrainResult, command: str) -> str:
                  for p in result.curve]
         curve = ("\nLearning curve (accuracy on the first 200 test questions per task; `qa1@1024`: qa1 with "
                  "1k-token book filler):\n\n" + "\n".join([head, rule, *lines]) + "\n")
-    threads = torch.get_num_threads()
     return f"""# {cfg.arch}-babi (seed {cfg.seed})
 
 A small {cfg.arch} language model trained by `diffmamba-interp train` on the bAbI tasks
-{", ".join(cfg.tasks)} in BABILong form: the first {cfg.curriculum:.0%} of the steps at 0k, then {cfg.filler_share:.0%} of the
-batches with public-domain book filler up to {", ".join(map(str, cfg.lengths))} tokens; {cfg.story_share:.0%} of the 0k batches
-are whole stories (each question in its own BABILong block, every answer scored; `train.PromptStream`);
-the first {cfg.task_curriculum:.0%} of the steps read {cfg.tasks[0]} only, then {cfg.first_task_share:.0%} of the rows are {cfg.tasks[0]} and the
-other tasks share the rest equally;{" qa1 also asks, at each of its questions, where every person moved so far is (`data/every_person.py`: the last-mentioned place stops paying);" if cfg.every_person else ""} shipped with diffmamba-interp so every command has a real default. Loss: {cfg.loss}{f" (answer + {cfg.lm_weight} x next-token)" if cfg.loss == "lm" else " (answer token only)"}.
+{", ".join(cfg.tasks)} in BABILong form{recipe};{" qa1 also asks, at each of its questions, where every person moved so far is (`data/every_person.py`: the last-mentioned place stops paying);" if cfg.every_person else ""} shipped with diffmamba-interp so every command has a real default. Loss: {cfg.loss}{f" (answer + {cfg.lm_weight} x next-token)" if cfg.loss == "lm" else " (answer token only)"}.
 Byte-level BPE tokenizer of {cfg.vocab_size} entries trained on bAbI and the books (`data/subword.py`).
 bAbI data: CC BY 3.0 (Facebook AI Research; see `diffmamba_interp/data/babi/LICENSE.txt`); books:
 Project Gutenberg, public domain in the USA (`diffmamba_interp/data/filler/`).
 
-{stages}- command: `{command}`
-- seed: {cfg.seed}; steps: {cfg.steps}{f" (continuing from {cfg.init})" if cfg.init else ""}; batch size: {cfg.batch_size}; lr: {cfg.lr} (warm-up {cfg.warmup}, cosine), AdamW (0.9, 0.95), weight decay {cfg.weight_decay}, clipping 1.0
+{runs}- seed: {cfg.seed}; steps: {cfg.steps}{f" (continuing from {cfg.init})" if cfg.init else ""}; batch size: {cfg.batch_size}; lr: {cfg.lr} (warm-up {cfg.warmup}, cosine), AdamW (0.9, 0.95), weight decay {cfg.weight_decay}, clipping 1.0
 - training questions: {result.n_examples} (bAbI en-10k train where shipped, en for qa3)
 - parameters: {result.n_params:,}; d_model {cfg.d_model}, {cfg.n_layers} layers, d_state {cfg.d_state}, head_dim {cfg.head_dim}, d_conv {cfg.d_conv}{", differential layers: " + cfg.diff_layers if cfg.arch.startswith("diff") else ""}
-- wall time: {result.wall_s / 60:.1f} min on CPU ({threads} thread{'s' if threads != 1 else ''})
+- wall time: {wall}
 - final training loss (EMA): {result.final_loss:.3f}
 
 Answer accuracy on the bAbI test split (argmax at the last prompt token; filler: the shipped books):

@@ -192,3 +192,36 @@ def test_card_targets_line_says_which_targets_a_run_reached():
     assert "mean 0.812 (target 0.80: reached)" in line
     assert "qa1 @ 1k 0.500 (target 0.80: not reached)" in line
     assert targets_line(pd.DataFrame(rows)) == ""  # qa1 at 1k not measured: no line
+
+
+def test_card_gives_each_stage_its_recipe_command_and_wall_time():
+    from dataclasses import asdict
+
+    from diffmamba_interp.train import TrainResult, model_card
+
+    acc = pd.DataFrame([{"task": "qa1", "length": 0, "n": 10, "accuracy": 0.9}])
+    stage1 = {**asdict(cfg(steps=4800, curriculum=0.3, task_curriculum=0.3, first_task_share=0.4)),
+              "command": "train --steps 4800", "wall_s": 1554.1}
+    stage2 = cfg(steps=1600, init="models/m", curriculum=0.0, task_curriculum=0.0, first_task_share=0.1)
+    card = model_card(TrainResult(stage2, 100, 10, 663.3, 0.5, acc, [stage1]), "train --init models/m --steps 1600")
+    one, two = (line for line in card.splitlines() if line.startswith("- stage "))
+    assert one.startswith("- stage 1: 4800 steps, lr 0.003, 25.9 min: the first 30% of the steps at 0k")
+    assert "the first 30% of the steps read qa1 only, then 40% of the rows are qa1" in one
+    assert one.endswith("command `train --steps 4800`")
+    assert two.startswith("- stage 2: 1600 steps, lr 0.003, continuing from models/m, 11.1 min: from the first step, 100% "
+                          "of the batches with public-domain book filler")
+    assert "from the first step, 10% of the rows are qa1" in two and two.endswith("command `train --init models/m --steps 1600`")
+    assert "the first 0% of the steps" not in card and "in 2 stages" in card
+    assert "- wall time: 37.0 min in all: stage 1 25.9 min, stage 2 11.1 min on CPU" in card
+    assert "seed: 0; steps: 1600 (continuing from models/m)" in card  # the last stage's optimizer, as before
+
+    missing = {k: v for k, v in stage1.items() if k not in ("lr", "wall_s", "task_curriculum", "command")}
+    card = model_card(TrainResult(stage2, 100, 10, 663.3, 0.5, acc, [missing]), "train --init models/m")
+    assert "- stage 1: 4800 steps, lr ?, ? min: the first 30% of the steps at 0k" in card
+    assert "the first ? of the steps read qa1 only" in card and "command `?`" in card
+    assert "- wall time: ? min in all: stage 1 ? min, stage 2 11.1 min on CPU" in card
+
+    single = model_card(TrainResult(cfg(), 100, 10, 60.0, 0.5, acc), "train")
+    assert "in BABILong form: the first 50% of the steps at 0k, then 100% of the batches with public-domain book filler" in single
+    assert "- command: `train`\n- seed: 0; steps: 10; " in single and "- stage " not in single
+    assert "- wall time: 1.0 min on CPU" in single
