@@ -32,7 +32,7 @@ chromium:
 	@command -v chromium >/dev/null 2>&1 || { (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "chromium not installed: report browser test will be skipped"; }
 
 # triton + mamba-ssm/causal-conv1d without CUDA, for the real Triton SSD kernel on CPU
-# (tests/test_triton_ssd.py; skipped with the reason where it cannot be installed).
+# (tests/test_triton_ssd.py, tests/test_triton_step.py; skipped with the reason where it cannot be installed).
 triton-ssd: install-test
 	@PIP_CONSTRAINT=$(abspath $(CONSTRAINTS)) bash scripts/install_triton_ssd.sh $(VENV)
 

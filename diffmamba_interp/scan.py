@@ -62,6 +62,9 @@ _KERNELS = {
     # without it and raises only when called, so the extension itself is checked
     "selective_scan_fn": ("mamba_ssm.ops.selective_scan_interface", "selective_scan_fn", "selective_scan_cuda"),
     "mamba_chunk_scan_combined": ("mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined", None),
+    # decoding: one token from a state (Triton; the conv one is a CUDA extension)
+    "selective_state_update": ("mamba_ssm.ops.triton.selective_state_update", "selective_state_update", None),
+    "causal_conv1d_update": ("causal_conv1d", "causal_conv1d_update", "causal_conv1d_cuda"),
 }
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # the kernels refuse or downcast float64
 SCAN_PATHS = ("auto", "torch", "kernel")
@@ -163,6 +166,14 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, initial_state:
     if initial_state is None and _use_kernels("causal_conv1d_fn", x, 2 <= K <= 4, f"the conv kernel takes widths 2-4, not {K}"):
         out = torch.compiler.disable(gpu_kernels().causal_conv1d_fn)(x.transpose(1, 2).contiguous(), weight.squeeze(1), bias, activation=None)
         return out.transpose(1, 2), "causal_conv1d"
+    if initial_state is not None and L == 1:  # decoding: one token from the state
+        if not _needs_grad(x, weight, bias, initial_state) and _use_kernels(
+                "causal_conv1d_update", x, 2 <= K <= 4, f"the conv kernel takes widths 2-4, not {K}"):
+            window = initial_state.to(x.dtype).clone()  # the kernel shifts it in place; the caller's state is kept
+            out = torch.compiler.disable(gpu_kernels().causal_conv1d_update)(x[:, 0], window, weight.squeeze(1), bias)
+            return out.unsqueeze(1), "causal_conv1d"
+        out, _ = causal_conv1d_step(initial_state, x[:, 0], weight, bias)  # a K-tap dot product, not a conv call
+        return out.unsqueeze(1), "torch"
     xt = x.transpose(1, 2)  # [b, C, L]
     if initial_state is None:
         out = F.conv1d(xt, weight, bias, padding=K - 1, groups=x.shape[-1])[..., :L]
@@ -189,7 +200,7 @@ def causal_conv1d_step(conv_state: Tensor, x_t: Tensor, weight: Tensor, bias: Te
     conv_state [b, C, K − 1] holds the previous K − 1 inputs; x_t [b, C]; weight [C, 1, K]; bias [C].
     """
     window = torch.cat([conv_state.to(x_t.dtype), x_t.unsqueeze(-1)], dim=-1)  # [b, C, K]
-    out = torch.einsum("bck,ck->bc", window, weight[:, 0])
+    out = (window * weight[:, 0]).sum(-1)
     return (out + bias if bias is not None else out), window[..., 1:]
 
 
@@ -286,14 +297,38 @@ def selective_scan_torch(
 def selective_state_step(state, u, dt, A, B, C, D) -> tuple[Tensor, Tensor]:
     """One token of S6: (y [b, E], new_state [b, E, N]); O(1) in the sequence length.
 
-    state [b, E, N] (h_{t−1}); u, dt [b, E]; A [E, N]; B, C [b, N]; D [E].
+    state [b, E, N] (h_{t−1}); u, dt [b, E]; A [E, N]; B, C [b, N]; D [E]. On CUDA mamba-ssm's
+    `selective_state_update` (Triton) runs it; the given state is never modified.
     """
+    if _step_kernel(u, state, dt, A, B, C, D):
+        new = state.clone()  # the kernel updates the state in place
+        y = _call_step_kernel(new, u, dt, A, B, C, D, dt_bias=A.new_zeros(A.shape[0], dtype=torch.float32))  # [b, E]
+        return y, new
     dtype = u.dtype
     f = compute_dtype(dtype)
     state, u, dt, A, B, C, D = (t.to(f) for t in (state, u, dt, A, B, C, D))
     new = torch.exp(dt.unsqueeze(-1) * A) * state + (dt * u).unsqueeze(-1) * B.unsqueeze(1)  # [b, E, N]
-    y = torch.einsum("ben,bn->be", new, C) + D * u
+    y = (new @ C.unsqueeze(-1)).squeeze(-1) + D * u  # [b, E]   C · h
     return y.to(dtype), new
+
+
+def _step_kernel(x: Tensor, state: Tensor, *params: Tensor) -> bool:
+    """Whether a one-token step runs mamba-ssm's selective_state_update (no autograd through it)."""
+    return not _needs_grad(x, state, *params) and _use_kernels("selective_state_update", x)
+
+
+def _tied(t: Tensor, *shape: int) -> Tensor:
+    """t broadcast to `shape` along new trailing dimensions, as a stride-0 view (the kernel's tied form)."""
+    return t.reshape(*t.shape, *(1,) * (len(shape) - t.ndim)).expand(*shape)
+
+
+def _call_step_kernel(state, x, dt, A, B, C, D, dt_bias) -> Tensor:
+    """selective_state_update(state, ...) -> y in x's dtype, the state (compute dtype) updated in place.
+    Δ, B, C in x's dtype (autocast, hooks), A and D in float32 as the scan kernels take them. Δ is
+    already softplus'ed; dt_bias is zeros, yet passed: mamba-ssm 2.3.2 fails to launch without one."""
+    dt, B, C = (t.to(x.dtype) for t in (dt, B, C))
+    return torch.compiler.disable(gpu_kernels().selective_state_update)(state, x, dt, A.float(), B, C, D.float(),
+                                                                        dt_bias=dt_bias, dt_softplus=False)
 
 
 # -- Mamba-2: chunked SSD ----------------------------------------------------------------------
@@ -438,8 +473,17 @@ def _piece_states(e: Tensor, X: Tensor, Bk: Tensor, S: Tensor, q: int = 16) -> T
 def ssd_state_step(state, x, dt, A, B, C, D) -> tuple[Tensor, Tensor]:
     """One token of SSD: (y [b, H, P], new_state [b, H, P, N]); O(1) in the sequence length.
 
-    state [b, H, P, N] (h_{t−1}); x [b, H, P]; dt [b, H]; A [H]; B, C [b, G, N]; D [H].
+    state [b, H, P, N] (h_{t−1}); x [b, H, P]; dt [b, H]; A [H]; B, C [b, G, N]; D [H]. On CUDA
+    mamba-ssm's `selective_state_update` runs it in its multi-head form (A, Δ and D tied across the P
+    channels of a head, stride-0 views as in mamba-ssm's `Mamba2.step`); the given state is never modified.
     """
+    if _step_kernel(x, state, dt, A, B, C, D):
+        b, H, P = x.shape
+        N = state.shape[-1]
+        new = state.clone()
+        y = _call_step_kernel(new, x, _tied(dt.to(x.dtype), b, H, P), _tied(A.float(), H, P, N), B, C,
+                              _tied(D.float(), H, P), dt_bias=_tied(A.new_zeros(H, dtype=torch.float32), H, P))
+        return y, new
     dtype = x.dtype
     f = compute_dtype(dtype)
     state, x, dt, A, B, C, D = (t.to(f) for t in (state, x, dt, A, B, C, D))

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs what tests/test_triton_ssd.py needs to run mamba-ssm's real Mamba-2 Triton SSD kernel on CPU
+# Installs what tests/test_triton_ssd.py and tests/test_triton_step.py need to run mamba-ssm's real Triton
+# kernels (the Mamba-2 SSD, the decoding step) on CPU
 # under Triton's interpreter: triton, plus mamba-ssm and causal-conv1d built from their source packages
 # WITHOUT their CUDA extensions (selective_scan_cuda / causal_conv1d_cuda are never built).
 #

@@ -3,8 +3,9 @@
 Skipped, with the reason, where there is no CUDA GPU or the extra is not installed (this project's
 CI machine has neither). Each test builds one tiny model on the CPU, copies it to the GPU, and
 compares the GPU forward (kernels: causal conv, S6 or the Triton SSD) with the CPU forward (PyTorch /
-numba), so the conv kernel is checked too; fp32 and bf16; all six architectures; and the gradient
-of a loss through the kernels against the PyTorch path on the same GPU.
+numba), so the conv kernel is checked too; fp32 and bf16; all six architectures; the gradient
+of a loss through the kernels against the PyTorch path on the same GPU; and decoding through the
+state kernels (selective_state_update, causal_conv1d_update) against the CPU model.
 """
 
 import pytest
@@ -83,3 +84,34 @@ def test_float64_on_cuda_takes_the_pytorch_path(tiny_model):
     with torch.no_grad(), pytest.warns(UserWarning, match="float64 is not a kernel dtype"):
         model(torch.randint(0, 64, (1, 20), device="cuda"))
     assert model.last_path == "torch"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_decoding_runs_the_state_kernels_and_matches_the_cpu_model(tiny_model, arch, monkeypatch):
+    """`generate` and `step` on the GPU take selective_state_update and causal_conv1d_update (counted
+    through wrappers around the real kernels) and give the CPU model's tokens and step logits."""
+    from collections import Counter
+
+    from diffmamba_interp import scan
+
+    model = tiny_model(arch, diff_layers="all", **SIZES)
+    ids = torch.randint(0, 64, (2, 20), generator=torch.Generator().manual_seed(2))
+
+    def decode(device):
+        with torch.no_grad():
+            tokens = model.generate(ids.to(device), max_new_tokens=8)
+            _, state = model(ids.to(device), return_type=None, return_state=True)
+            return tokens.cpu(), model.step(tokens[:, 20], state)[0].float().cpu()
+
+    cpu_tokens, cpu_logits = decode("cpu")
+    kernels, calls = scan.gpu_kernels(), Counter()
+    for name in ("selective_state_update", "causal_conv1d_update"):
+        def counted(*args, _fn=getattr(kernels, name), _name=name, **kwargs):
+            calls[_name] += 1
+            return _fn(*args, **kwargs)
+        monkeypatch.setattr(kernels, name, counted)
+    model.to("cuda")
+    gpu_tokens, gpu_logits = decode("cuda")
+    assert calls["selective_state_update"] > 0 and calls["causal_conv1d_update"] > 0, calls
+    torch.testing.assert_close(gpu_logits, cpu_logits, **TOL[torch.float32])
+    assert torch.equal(gpu_tokens, cpu_tokens)

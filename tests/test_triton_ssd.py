@@ -19,18 +19,9 @@ for the gradients.
 
 from __future__ import annotations
 
-import json
-import math
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 import pytest
 
 import triton_cpu
-
-ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.slow  # each case is a child process: ~5 s of imports + the interpreted kernels
 
@@ -38,13 +29,14 @@ pytestmark = pytest.mark.slow  # each case is a child process: ~5 s of imports +
 # in sums over ≤ chunk_size source positions × d_state products plus the carried states, which partly
 # cancel. Measured: ≤ 4e-7 (about 3 float32 epsilons) for y and every gradient; 5e-6 leaves a margin.
 FP32_TOL = 5e-6
-# bf16 (8-bit significand, unit roundoff u = 2^-9): besides the bf16 inputs (identical in the reference),
-# the kernel rounds to bf16 the decay·Δ-weighted C·B matrix and B·Δ·decay before each tensor-core dot,
-# the carried chunk states before they meet C, and the output y (the gradients likewise in backward;
-# dx, dB, dC come back in bf16). Each term of a sum so carries up to ~3u of relative error, and the sums
-# partly cancel (|y| is a few times smaller than Σ|terms|); float32 accumulation keeps the sums themselves
-# exact to ~1e-7. Measured over seven input seeds: 1u to 7u (dB and dC the largest), so 16u ≈ 3.1e-2 of
-# the tensor's magnitude is the bound, with a margin of two.
+# bf16 (8-bit significand: round to nearest is off by up to 2^-9 of a value; Triton's interpreter
+# truncates on store instead, up to 2^-8): besides the bf16 inputs (identical in the reference), the
+# kernel rounds to bf16 the decay·Δ-weighted C·B matrix and B·Δ·decay before each tensor-core dot, the
+# carried chunk states before they meet C, and the output y (the gradients likewise in backward; dx, dB,
+# dC come back in bf16). Each term of a sum so carries a few 2^-9 of relative error, and the sums partly
+# cancel (|y| is a few times smaller than Σ|terms|); float32 accumulation keeps the sums themselves exact
+# to ~1e-7. Measured over seven input seeds: 1 to 7 × 2^-9 (dB and dC the largest), so 16 × 2^-9 ≈ 3.1e-2
+# of the tensor's magnitude is the bound, with a margin of two.
 BF16_TOL = 16 * 2.0**-9
 
 # Names of the kernel's gradients as reported by the child.
@@ -52,22 +44,7 @@ GRADS = ("dx", "ddt", "dA", "dB", "dC", "dD")
 
 
 def _run(case: str) -> dict:
-    reason = triton_cpu.missing_reason()
-    if reason:
-        pytest.skip(reason)
-    env = triton_cpu.child_env(ROOT)
-    start = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, case], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, f"case {case} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    result = json.loads(lines[-1][len("RESULT "):])
-    if "skip" in result:
-        pytest.skip(result["skip"])
-    assert result["stand_in_uses"] == [], "the CUDA-extension import stand-ins were used"
-    print(f"{case} ({time.perf_counter() - start:.1f} s): " + ", ".join(
-        f"{k} {v:.2e}" for k, v in result["errors"].items()))
-    return result
+    return triton_cpu.run_case(__file__, case)
 
 
 def _check(errors: dict, names, tol: float):
@@ -97,7 +74,7 @@ def test_fp32_initial_and_final_states_against_a_float64_loop():
     r = _run("fp32_states")
     assert r["errors"]["loop_vs_ssd_torch"] <= 1e-12  # the loop itself is right
     _check(r["errors"], ("y", "final_state", *GRADS, "dinitial_states"), FP32_TOL)
-    # where ssd_torch takes initial_state= (see the TODO in case_kernel): the kernel against it as well
+    # the kernel against ssd_torch(initial_state=...) as well
     _check(r["errors"], [k for k in r["errors"] if k.endswith("_vs_ssd_torch")], FP32_TOL)
 
 
@@ -115,14 +92,13 @@ def test_through_our_dispatch_argument_layout():
     tensors): the call goes through the dispatch branch, which calls the kernel function object that
     `scan.gpu_kernels()` returns (asserted to be mamba-ssm's real `mamba_chunk_scan_combined`), with the
     argument layout our model uses (contiguous x/dt/B/C, A.float(), D.float(), dt_softplus=False).
-    fp32 with G = 1, L = 37 and chunk_size 8, forward and autograd backward through `ssd`; where `ssd` takes
-    initial_state= / return_final_state= (the state-carrying scans), also those, against naive_ssd."""
+    fp32 with G = 1, L = 37 and chunk_size 8, forward and autograd backward through `ssd`; then with
+    initial_state= / return_final_state= (recurrent mode), against naive_ssd."""
     r = _run("dispatch")
     assert r["path"] == "mamba_ssm" and r["same_kernel_object"] and not r["states"]
     _check(r["errors"], ("y", *GRADS), FP32_TOL)
-    if "path_h0" in r:  # a dispatch that takes initial_state= (the state-carrying scans): via the kernel too
-        assert r["path_h0"] == "mamba_ssm"
-        _check(r["errors"], [k for k in r["errors"] if k.endswith("_h0")], FP32_TOL)
+    assert r["path_h0"] == "mamba_ssm"  # initial_state= / return_final_state= go through the kernel too
+    _check(r["errors"], [k for k in r["errors"] if k.endswith("_h0")], FP32_TOL)
 
 
 # -- the cases (child side: python tests/test_triton_ssd.py CASE, with TRITON_INTERPRET=1) --------------
@@ -164,16 +140,6 @@ def _grad_errors(ker: dict, ref: dict, names: dict) -> dict:
 
 
 GRAD_OF = {"dx": "x", "ddt": "dt", "dA": "A", "dB": "B", "dC": "C", "dD": "D"}
-
-
-def _takes_initial_state(fn) -> bool:
-    import inspect
-
-    return "initial_state" in inspect.signature(fn).parameters
-
-
-# The scans return (y, states) on this branch and ScanOut(y, states, final_state, path) once the
-# state-carrying scans are merged: index them ([0] y, [1] states, [2] final_state, [-1] path), never unpack.
 
 
 def naive_ssd(x, dt, A, B, C, D, h0):
@@ -223,19 +189,14 @@ def case_kernel(kernel, dtype="float32", h0=False, shape=(2, 50, 4, 8, 16, 2), c
             y0, _ = naive_ssd(*(ref[k] for k in ("x", "dt", "A", "B", "C", "D")), torch.zeros_like(ref["h0"]))
             y1 = ssd_torch(*(ref[k] for k in ("x", "dt", "A", "B", "C", "D")), chunk_size=chunk)[0]
         errors["loop_vs_ssd_torch"] = _rel(y0, y1)
-        # TODO(ssd_torch(initial_state=...)): ssd_torch on this branch has no initial_state argument, so
-        # initial states are checked against naive_ssd only. The state-carrying scans (main, merge of
-        # scan-states) add ssd_torch(initial_state=..., return_final_state=True); where it exists, the
-        # kernel is also compared with it below (y, final state, all gradients). Once this branch is
-        # merged, drop the `if` and make that comparison unconditional.
-        if _takes_initial_state(ssd_torch):
-            ref2 = {k: v.detach().clone().requires_grad_() for k, v in ref.items()}
-            out = ssd_torch(*(ref2[k] for k in ("x", "dt", "A", "B", "C", "D")), chunk_size=chunk,
-                            initial_state=ref2["h0"], return_final_state=True)
-            (out[0] * gy).sum().add((out[2] * gh).sum()).backward()
-            errors |= {"y_vs_ssd_torch": _rel(y, out[0]), "final_state_vs_ssd_torch": _rel(final, out[2])}
-            errors |= {f"{n}_vs_ssd_torch": _rel(ker[k].grad, ref2[k].grad)
-                       for n, k in (GRAD_OF | {"dinitial_states": "h0"}).items()}
+        # and against ssd_torch with the same initial state (y, final state, all gradients)
+        ref2 = {k: v.detach().clone().requires_grad_() for k, v in ref.items()}
+        out = ssd_torch(*(ref2[k] for k in ("x", "dt", "A", "B", "C", "D")), chunk_size=chunk,
+                        initial_state=ref2["h0"], return_final_state=True)
+        (out[0] * gy).sum().add((out[2] * gh).sum()).backward()
+        errors |= {"y_vs_ssd_torch": _rel(y, out[0]), "final_state_vs_ssd_torch": _rel(final, out[2])}
+        errors |= {f"{n}_vs_ssd_torch": _rel(ker[k].grad, ref2[k].grad)
+                   for n, k in (GRAD_OF | {"dinitial_states": "h0"}).items()}
     else:
         y = out
         y_ref = ssd_torch(ref["x"], ref["dt"], ref["A"], ref["B"], ref["C"], ref["D"], chunk_size=chunk)[0]
@@ -291,18 +252,18 @@ def case_dispatch(kernel):
     (y_ref * gy).sum().backward()
     errors = {"y": _rel(y, y_ref)} | _grad_errors(ker, ref, GRAD_OF)
     result = {"path": path, "same_kernel_object": same, "states": states is not None}
-    if _takes_initial_state(scan.ssd):  # the state-carrying dispatch passes initial_states= to the kernel
-        t = _inputs(1, 37, 2, 8, 16, 1, seed=9, h0=True)
-        ker, ref = _leaves(t, {k: torch.float32 for k in t})
-        out = scan.ssd(ker["x"], ker["dt"], ker["A"], ker["B"], ker["C"], ker["D"], chunk_size=chunk,
-                       initial_state=ker["h0"], return_final_state=True)
-        y_ref, final_ref = naive_ssd(ref["x"], ref["dt"], ref["A"], ref["B"], ref["C"], ref["D"], ref["h0"])
-        gh = torch.randn(final_ref.shape, generator=g, dtype=torch.float64)
-        (out[0].double() * gy).sum().add((out[2].double() * gh).sum()).backward()
-        (y_ref * gy).sum().add((final_ref * gh).sum()).backward()
-        errors |= {"y_h0": _rel(out[0], y_ref), "final_state_h0": _rel(out[2], final_ref)}
-        errors |= {f"{n}_h0": _rel(ker[k].grad, ref[k].grad) for n, k in (GRAD_OF | {"dinitial_states": "h0"}).items()}
-        result["path_h0"] = out[-1]
+    # the state-carrying dispatch passes initial_states= to the kernel
+    t = _inputs(1, 37, 2, 8, 16, 1, seed=9, h0=True)
+    ker, ref = _leaves(t, {k: torch.float32 for k in t})
+    out = scan.ssd(ker["x"], ker["dt"], ker["A"], ker["B"], ker["C"], ker["D"], chunk_size=chunk,
+                   initial_state=ker["h0"], return_final_state=True)
+    y_ref, final_ref = naive_ssd(ref["x"], ref["dt"], ref["A"], ref["B"], ref["C"], ref["D"], ref["h0"])
+    gh = torch.randn(final_ref.shape, generator=g, dtype=torch.float64)
+    (out[0].double() * gy).sum().add((out[2].double() * gh).sum()).backward()
+    (y_ref * gy).sum().add((final_ref * gh).sum()).backward()
+    errors |= {"y_h0": _rel(out[0], y_ref), "final_state_h0": _rel(out[2], final_ref)}
+    errors |= {f"{n}_h0": _rel(ker[k].grad, ref[k].grad) for n, k in (GRAD_OF | {"dinitial_states": "h0"}).items()}
+    result["path_h0"] = out[-1]
     return result | {"errors": errors}
 
 
@@ -315,20 +276,5 @@ CASES = {
 }
 
 
-def _child(case: str) -> dict:
-    import torch
-
-    torch.set_num_threads(1)  # two pytest workers on two cores
-    try:
-        triton_cpu.setup()
-        kernel = triton_cpu.chunk_scan_combined()
-    except ImportError as e:
-        return {"skip": f"mamba-ssm's Triton SSD kernel is not importable ({e}): {triton_cpu.INSTALL_HINT}"}
-    result = CASES[case](kernel)
-    result["stand_in_uses"] = list(triton_cpu.STAND_IN_USES)
-    assert all(math.isfinite(v) for v in result["errors"].values()), result
-    return result
-
-
 if __name__ == "__main__":
-    print("RESULT " + json.dumps(_child(sys.argv[1])))
+    triton_cpu.child_main(CASES, triton_cpu.chunk_scan_combined)

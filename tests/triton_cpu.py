@@ -28,8 +28,12 @@ from __future__ import annotations
 
 import contextlib
 import importlib.machinery
+import json
+import math
 import os
+import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -156,3 +160,56 @@ def chunk_scan_combined():
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 
     return mamba_chunk_scan_combined
+
+
+def selective_state_update():
+    """mamba_ssm.ops.triton.selective_state_update.selective_state_update, the real Triton decoding-step
+    kernel (after setup())."""
+    from mamba_ssm.ops.triton.selective_state_update import selective_state_update as kernel
+
+    return kernel
+
+
+# -- one case per child process -------------------------------------------------------------------------
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_case(script: str, case: str) -> dict:
+    """Parent side: run `python SCRIPT CASE` in a child with TRITON_INTERPRET=1 and return its RESULT (a
+    dict with "errors" and whatever else the case reports). Skips where the kernels are not installed or
+    the child says so; fails when the child fails or read anything from the import stand-ins."""
+    import pytest
+
+    reason = missing_reason()
+    if reason:
+        pytest.skip(reason)
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, script, case], cwd=ROOT, env=child_env(ROOT), capture_output=True,
+                          text=True, timeout=600)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, f"case {case} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    result = json.loads(lines[-1][len("RESULT "):])
+    if "skip" in result:
+        pytest.skip(result["skip"])
+    assert result["stand_in_uses"] == [], "the CUDA-extension import stand-ins were used"
+    print(f"{case} ({time.perf_counter() - start:.1f} s): " + ", ".join(
+        f"{k} {v:.2e}" for k, v in result["errors"].items()))
+    return result
+
+
+def child_main(cases: dict, kernel_loader) -> None:
+    """Child side (`python SCRIPT CASE`): set up the interpreter, load the kernel with `kernel_loader`,
+    run cases[CASE](kernel) and print its result as one RESULT line of JSON."""
+    import torch
+
+    torch.set_num_threads(1)  # two pytest workers on two cores
+    try:
+        setup()
+        kernel = kernel_loader()
+    except ImportError as e:
+        result = {"skip": f"the mamba-ssm Triton kernel is not importable ({e}): {INSTALL_HINT}"}
+    else:
+        result = cases[sys.argv[1]](kernel)
+        result["stand_in_uses"] = list(STAND_IN_USES)
+        assert all(math.isfinite(v) for v in result["errors"].values()), result
+    print("RESULT " + json.dumps(result))
