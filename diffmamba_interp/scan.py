@@ -41,7 +41,7 @@ Tensor = torch.Tensor
 
 __all__ = [
     "ScanOut", "causal_conv1d", "causal_conv1d_final_state", "causal_conv1d_step", "compute_dtype",
-    "gpu_kernels", "scan_path", "segprod", "selective_scan", "set_scan_path", "selective_scan_torch", "selective_state_step", "ssd",
+    "gpu_kernels", "scan_path", "segdecay", "selective_scan", "set_scan_path", "selective_scan_torch", "selective_state_step", "ssd",
     "ssd_state_step", "ssd_torch",
 ]
 
@@ -307,7 +307,8 @@ def selective_state_step(state, u, dt, A, B, C, D) -> tuple[Tensor, Tensor]:
     dtype = u.dtype
     f = compute_dtype(dtype)
     state, u, dt, A, B, C, D = (t.to(f) for t in (state, u, dt, A, B, C, D))
-    new = torch.exp(dt.unsqueeze(-1) * A) * state + (dt * u).unsqueeze(-1) * B.unsqueeze(1)  # [b, E, N]
+    new = torch.exp(dt.unsqueeze(-1) * A) * state  # [b, E, N]   one new tensor, the input term added in place
+    new.addcmul_((dt * u).unsqueeze(-1), B.unsqueeze(1))
     y = (new @ C.unsqueeze(-1)).squeeze(-1) + D * u  # [b, E]   C · h
     return y.to(dtype), new
 
@@ -333,30 +334,32 @@ def _call_step_kernel(state, x, dt, A, B, C, D, dt_bias) -> Tensor:
 
 # -- Mamba-2: chunked SSD ----------------------------------------------------------------------
 @functools.lru_cache(maxsize=64)
-def _tri_masks(T: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """Float masks [T, T]: (s ≥ l, s < l, s ≤ l). Multiplying by a float mask is far faster than triu / where.
+def _tri_masks(T: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Float masks [T, T]: (s < l, s ≤ l). Multiplying by a float mask is far faster than triu / where.
     Cached, so made outside inference mode: an inference tensor cannot be saved for a later backward."""
     with torch.inference_mode(False):
         ones = torch.ones(T, T, dtype=dtype, device=device)
-        return ones.tril(), ones.triu(1), ones.triu()
+        return ones.triu(1), ones.triu()
 
 
-def segprod(e: Tensor, masked: bool = True) -> Tensor:
-    """The decay over every span of a chunk, e [..., T] -> [..., T(s), T(l)] (source-major):
-    out[s, l] = Π_{s<k≤l} e_k for s ≤ l (1 on the diagonal), 0 for s > l (1 there when not masked,
-    for callers that fold the mask into a factor they multiply by anyway).
+def segdecay(a: Tensor, masked: bool = True) -> Tensor:
+    """The decay over every span of a chunk from the per-step log decays a_k = Δ_k A ≤ 0,
+    a [..., T] -> [..., T(s), T(l)] (source-major): out[s, l] = exp(Σ_{s<k≤l} a_k) = Π_{s<k≤l} e_k
+    for s ≤ l (1 on the diagonal), 0 for s > l (1 there when not masked, for callers that fold the mask
+    into a factor they multiply by anyway).
 
-    e_k = exp(Δ_k A) ∈ [0, 1] are the per-step decays, so out[s, l] = exp(Σ_{s<k≤l} Δ_k A), the
-    exp(segsum) of mamba-ssm's ssd_minimal. Like its segsum (a cumulative sum down a masked copy,
-    masked to −inf before exp), the product runs down a masked copy, so each entry multiplies exactly
-    the factors of its own span: a short span after a long strong decay keeps full precision (exp of
-    a difference of two prefix sums does not), nothing overflows, and no T × T exponential is taken
-    (a product is also exact where exp(segsum) underflows to 0). Source-major because torch's
-    cumprod is ~3× faster along the contiguous dimension.
+    mamba-ssm's stable segsum (ssd_minimal's): a cumulative sum down a masked copy, so each entry sums
+    exactly the terms of its own span. A short span after a long strong decay keeps full precision
+    (exp of a difference of two prefix sums does not), and nothing overflows (every sum is ≤ 0); a span
+    whose decay underflows gets a tiny normal number instead (below).
+    Source-major because torch's cumsum is fastest along the contiguous dimension (and about 4× its
+    cumprod there: the sum, then one exp, beats a running product).
     """
-    diag_and_below, above, keep = _tri_masks(e.shape[-1], e.dtype, e.device)
-    w = torch.addcmul(diag_and_below, e.unsqueeze(-2), above)  # [..., s, l] = e_l for l > s, else 1
-    out = torch.cumprod(w, dim=-1)
+    above, keep = _tri_masks(a.shape[-1], a.dtype, a.device)
+    out = (a.unsqueeze(-2) * above).cumsum_(dim=-1)  # [..., s, l]: Σ over s < k ≤ l (0 for l ≤ s); one T×T tensor
+    # a span that decays below e·(the smallest normal number) gets that instead of a subnormal or 0: exp
+    # with subnormal results is ~3x slower, and a decay of 3e-38 (6e-308 in float64) is 0 to any sum it enters
+    out = out.clamp_min_(math.log(torch.finfo(a.dtype).tiny) + 1).exp_()
     return out * keep if masked else out
 
 
@@ -388,7 +391,7 @@ def ssd_torch(x, dt, A, B, C, D, *, chunk_size, initial_state=None, return_final
 
     Chunks of T = chunk_size positions (the last one shorter), one after the other, carrying the
     state S [b, G, J, P, N] (a Python loop over the L / T chunks, never over positions). Per chunk,
-    with e_k = exp(Δ_k A) and Dec = segprod(e) [s, l] the decay over each span:
+    with e_k = exp(Δ_k A) and Dec = segdecay(Δ A) [s, l] the decay over each span:
       1. within the chunk: y_l = Σ_{s≤l} (C_l·B_s) Dec[s, l] Δ_s x_s          (a [T, T] per head)
       2. from the start state: y_l += (Π_{k≤l} e_k) C_l · S
       3. the state at the chunk end: S ← (Π_k e_k) S + Σ_s Dec[s, end] Δ_s x_s ⊗ B_s
@@ -402,18 +405,18 @@ def ssd_torch(x, dt, A, B, C, D, *, chunk_size, initial_state=None, return_final
     G, N = B.shape[2], B.shape[3]
     J = H // G
     X = (x * dt.unsqueeze(-1)).transpose(1, 2).contiguous().view(b, G, J, L, P)  # Δ_s x_s, head-major
-    e = torch.exp(dt * A).transpose(1, 2).contiguous().view(b, G, J, L)  # per-step decays
+    a = (dt * A).transpose(1, 2).contiguous().view(b, G, J, L)  # per-step log decays Δ_k A
     Bg, Cg = B.transpose(1, 2), C.transpose(1, 2)  # [b, G, L, N]
     S = x.new_zeros(b, G, J, P, N) if initial_state is None else initial_state.to(f).reshape(b, G, J, P, N)
-    states = _ssd_states(e, X, Bg, S) if return_states else None
+    states = _ssd_states(a, X, Bg, S) if return_states else None
     ys = [x.new_empty(b, 0, G, J, P)]
     for t0 in range(0, L, chunk_size):
         t1 = min(t0 + chunk_size, L)
-        ek, Xk, Bk, Ck = e[..., t0:t1], X[..., t0:t1, :], Bg[:, :, t0:t1], Cg[:, :, t0:t1]
-        Dec = segprod(ek, masked=False)  # [b, g, j, s, l]   (s > l: masked in CB)
-        from_start = Dec[..., 0, :] * ek[..., :1]  # [b, g, j, l]   Π_{k≤l} e_k
+        ak, Xk, Bk, Ck = a[..., t0:t1], X[..., t0:t1, :], Bg[:, :, t0:t1], Cg[:, :, t0:t1]
+        Dec = segdecay(ak, masked=False)  # [b, g, j, s, l]   (s > l: masked in CB)
+        from_start = Dec[..., 0, :] * torch.exp(ak[..., :1])  # [b, g, j, l]   Π_{k≤l} e_k
         to_end = Dec[..., :, -1]  # [b, g, j, s]   Π_{s<k} e_k
-        CB = torch.einsum("bgsn,bgln->bgsl", Bk, Ck) * _tri_masks(t1 - t0, f, x.device)[2]  # [b, g, s, l]   B_s·C_l, s ≤ l
+        CB = torch.einsum("bgsn,bgln->bgsl", Bk, Ck) * _tri_masks(t1 - t0, f, x.device)[1]  # [b, g, s, l]   B_s·C_l, s ≤ l
         y = torch.einsum("bgjsl,bgjsp->bgjlp", Dec * CB.unsqueeze(2), Xk)  # 1. within the chunk
         y = torch.addcmul(y, torch.einsum("bgln,bgjpn->bgjlp", Ck, S), from_start.unsqueeze(-1))  # 2. from the start state
         ys.append(y.permute(0, 3, 1, 2, 4))  # [b, l, g, j, p]
@@ -423,8 +426,8 @@ def ssd_torch(x, dt, A, B, C, D, *, chunk_size, initial_state=None, return_final
     return ScanOut(y.to(dtype), states, final, "torch")
 
 
-def _ssd_states(e: Tensor, X: Tensor, Bg: Tensor, S: Tensor, piece: int = 64) -> Tensor:
-    """h_t for every position: e [b, G, J, L] decays, X [b, G, J, L, P] (Δ x), Bg [b, G, L, N],
+def _ssd_states(a: Tensor, X: Tensor, Bg: Tensor, S: Tensor, piece: int = 64) -> Tensor:
+    """h_t for every position: a [b, G, J, L] log decays (Δ A), X [b, G, J, L, P] (Δ x), Bg [b, G, L, N],
     S [b, G, J, P, N] the initial state -> [b, L, H, P, N]. Pieces of 64 positions one after the
     other (each piece's last state starts the next), so that besides the result only one piece's
     worth of states is held: peak memory ≈ the states tensor + L / 64 of it.
@@ -433,14 +436,14 @@ def _ssd_states(e: Tensor, X: Tensor, Bg: Tensor, S: Tensor, piece: int = 64) ->
     out = X.new_empty(b, L, G, J, P, Bg.shape[-1])
     for t0 in range(0, L, piece):
         t1 = min(t0 + piece, L)
-        h = _piece_states(e[..., t0:t1], X[..., t0:t1, :], Bg[:, :, t0:t1], S)  # [b, g, l, j, p, n]
+        h = _piece_states(a[..., t0:t1], X[..., t0:t1, :], Bg[:, :, t0:t1], S)  # [b, g, l, j, p, n]
         out[:, t0:t1].copy_(h.transpose(1, 2))
         S = h[:, :, -1].clone()  # (a view would keep the piece alive)
     return out.flatten(2, 3)
 
 
-def _piece_states(e: Tensor, X: Tensor, Bk: Tensor, S: Tensor, q: int = 16) -> Tensor:
-    """h_l for every position of a piece: e [b, G, J, l], X [b, G, J, l, P], Bk [b, G, l, N] and the
+def _piece_states(a: Tensor, X: Tensor, Bk: Tensor, S: Tensor, q: int = 16) -> Tensor:
+    """h_l for every position of a piece: a [b, G, J, l] log decays, X [b, G, J, l, P], Bk [b, G, l, N] and the
     state before it S [b, G, J, P, N] -> [b, G, l, J, P, N].
 
     Sub-blocks of q positions (m of them): inside each, Σ_s Dec[s, i] Δx_s ⊗ B_s from a zero start,
@@ -452,19 +455,19 @@ def _piece_states(e: Tensor, X: Tensor, Bk: Tensor, S: Tensor, q: int = 16) -> T
     N = Bk.shape[-1]
     q = min(q, l)
     m = -(-l // q)
-    if m * q > l:  # padded positions: decay 1, input 0
-        e = F.pad(e, (0, m * q - l), value=1.0)
+    if m * q > l:  # padded positions: decay 1 (log 0), input 0
+        a = F.pad(a, (0, m * q - l))
         X, Bk = F.pad(X, (0, 0, 0, m * q - l)), F.pad(Bk, (0, 0, 0, m * q - l))
-    eq = e.view(b, G, J, m, q)
-    Dec = segprod(eq)  # [b, g, j, m, s, i]
+    aq = a.view(b, G, J, m, q)
+    Dec = segdecay(aq)  # [b, g, j, m, s, i]
     DX = Dec.permute(0, 1, 3, 5, 2, 4).unsqueeze(5) * X.view(b, G, J, m, q, P).permute(0, 1, 3, 2, 5, 4).unsqueeze(3)
     local = DX.reshape(b, G, m, q * J * P, q) @ Bk.view(b, G, m, q, N)  # [b, g, m, (i j p), n]   zero start
     local = local.view(b, G, m, q, J, P, N)
     del DX
-    from_start = Dec[..., 0, :] * eq[..., :1]  # [b, g, j, m, i]   sub-block start -> i
-    totals = from_start[..., -1]  # [b, g, j, m]
-    ends = torch.einsum("bgjkm,bgkjpn->bgmjpn", segprod(totals), local[:, :, :, -1].clone())  # [b, g, m, j, p, n]
-    ends = ends + torch.cumprod(totals, dim=-1).transpose(-1, -2)[..., None, None] * S.unsqueeze(2)
+    from_start = Dec[..., 0, :] * torch.exp(aq[..., :1])  # [b, g, j, m, i]   sub-block start -> i
+    totals = aq.sum(-1)  # [b, g, j, m]   log decay over each sub-block
+    ends = torch.einsum("bgjkm,bgkjpn->bgmjpn", segdecay(totals), local[:, :, :, -1].clone())  # [b, g, m, j, p, n]
+    ends = ends + torch.cumsum(totals, dim=-1).exp().transpose(-1, -2)[..., None, None] * S.unsqueeze(2)
     starts = torch.cat([S.unsqueeze(2), ends[:, :, :-1]], dim=2)  # [b, g, m, j, p, n]   before each sub-block
     local.addcmul_(from_start.permute(0, 1, 3, 4, 2)[..., None, None], starts.unsqueeze(3))  # + carried-in state
     return local.view(b, G, m * q, J, P, N)[:, :, :l]
@@ -492,6 +495,7 @@ def ssd_state_step(state, x, dt, A, B, C, D) -> tuple[Tensor, Tensor]:
     state = state.view(b, G, H // G, P, N)
     decay = torch.exp(dt * A).view(b, G, H // G, 1, 1)
     dx = (dt.unsqueeze(-1) * x).view(b, G, H // G, P, 1)
-    new = decay * state + dx * B.view(b, G, 1, 1, N)  # [b, g, j, p, n]
+    new = decay * state  # [b, g, j, p, n]   one new tensor (a state is large: H·P·N per row), added to in place
+    new.addcmul_(dx, B.view(b, G, 1, 1, N))
     y = torch.einsum("bgjpn,bgn->bgjp", new, C).reshape(b, H, P) + D.view(H, 1) * x
     return y.to(dtype), new.reshape(b, H, P, N)

@@ -16,7 +16,7 @@ from diffmamba_interp.scan import (
     causal_conv1d,
     causal_conv1d_final_state,
     causal_conv1d_step,
-    segprod,
+    segdecay,
     selective_scan,
     selective_scan_torch,
     selective_state_step,
@@ -183,19 +183,24 @@ def test_ssd_strong_decay_is_exact_in_float32(T):
     assert rel < 1e-5, rel
 
 
-def test_segprod_is_the_product_over_each_span():
-    e = torch.rand(3, 9, dtype=torch.float64)
-    out = segprod(e)
+def test_segdecay_is_the_product_of_the_decays_over_each_span():
+    a = -3 * torch.rand(3, 9, dtype=torch.float64)  # log decays Δ A
+    e = a.exp()
+    out = segdecay(a)
     for s in range(9):
         for l in range(9):  # noqa: E741
             want = torch.prod(e[:, s + 1:l + 1], dim=-1) if s <= l else torch.zeros(3, dtype=torch.float64)
             assert torch.allclose(out[:, s, l], want, rtol=1e-14, atol=0)
-    unmasked = segprod(e, masked=False)
+    unmasked = segdecay(a, masked=False)
     assert torch.equal(unmasked.triu(), out) and (unmasked.tril(-1) == torch.ones(9, 9).tril(-1)).all()
-    # a zero decay (underflow) cuts the product exactly; nothing becomes inf or NaN
-    e[:, 4] = 0.0
-    out = segprod(e)
-    assert torch.isfinite(out).all() and (out[:, :4, 4:] == 0).all() and (out[:, 4, 4:] > 0).all()
+    # a decay that underflows cuts the spans across it (to a tiny normal number, e times the smallest, never
+    # a subnormal, which is slow); nothing becomes inf or NaN
+    for dtype in (torch.float64, torch.float32):
+        a[:, 4] = -1e4
+        out = segdecay(a.to(dtype))
+        tiny = torch.finfo(dtype).tiny
+        assert torch.isfinite(out).all() and ((out[:, :4, 4:] >= tiny) & (out[:, :4, 4:] <= 3 * tiny)).all()
+        assert (out[:, 4, 4:] > 1e-10).all() and ((out == 0) | (out >= tiny)).all()
 
 
 def test_ssd_step_iterated_equals_the_scan():
