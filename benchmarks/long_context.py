@@ -56,7 +56,7 @@ torch.set_num_threads(int(sys.argv[2]))
 kind, new, L = sys.argv[1], 32, 256
 if kind == "mamba130m":
     hf = transformers.MambaForCausalLM(transformers.MambaConfig(vocab_size=50280, hidden_size=768, state_size=16, num_hidden_layers=24))
-else:
+else:  # "diffmamba370m": decoding is against transformers, which has no Diff-Mamba, so a Mamba-2 of that shape
     hf = transformers.Mamba2ForCausalLM(transformers.Mamba2Config(vocab_size=50280, hidden_size=1024, state_size=128,
         num_hidden_layers=48, head_dim=64, num_heads=32, expand=2, n_groups=1, chunk_size=256))
 hf.eval()

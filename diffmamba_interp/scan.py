@@ -363,12 +363,20 @@ def segdecay(a: Tensor, masked: bool = True) -> Tensor:
     return out * keep if masked else out
 
 
+# The PyTorch SSD's longest chunk, whatever the model's chunk_size (which the GPU kernel takes as is):
+# the result is the same to rounding, and the within-chunk [T, T] work per head grows with T, so on
+# CPU short chunks are faster (the 370M-shaped Mamba-2 forward on 2 threads: 256 -> 64 about 10%;
+# benchmarks/ssd.py on 1 thread: 2x; BENCHMARKS.md).
+TORCH_SSD_CHUNK = 64
+
+
 def ssd(x, dt, A, B, C, D, *, chunk_size, initial_state=None, return_final_state=False, return_states=False) -> ScanOut:
     """SSD: h_t = exp(Δ_t A_h) h_{t−1} + Δ_t x_t ⊗ B_t,  y_t = h_t C_t + D_h x_t  (SPEC §1).
 
     x [b, L, H, P]; dt [b, L, H]; A [H]; B, C [b, L, G, N]; D [H]; initial_state [b, H, P, N].
     Returns ScanOut(y [b, L, H, P], states [b, L, H, P, N] or None, final_state [b, H, P, N] or None,
-    path). Per-position states go to PyTorch; the CUDA kernel takes the initial and final states.
+    path). Per-position states go to PyTorch; the CUDA kernel takes the initial and final states. The
+    kernel runs chunks of `chunk_size`, the PyTorch path chunks of at most TORCH_SSD_CHUNK.
     """
     if not return_states and _use_kernels("mamba_chunk_scan_combined", x):
         dt, B, C = (t.to(x.dtype) for t in (dt, B, C))  # one dtype for the kernel (autocast, hooks)
@@ -381,7 +389,7 @@ def ssd(x, dt, A, B, C, D, *, chunk_size, initial_state=None, return_final_state
         final = final.to(compute_dtype(x.dtype)) if return_final_state else None
         return ScanOut(y.to(x.dtype), None, final, "mamba_ssm")
     return ssd_torch(
-        x, dt, A, B, C, D, chunk_size=chunk_size, initial_state=initial_state,
+        x, dt, A, B, C, D, chunk_size=min(chunk_size, TORCH_SSD_CHUNK), initial_state=initial_state,
         return_final_state=return_final_state, return_states=return_states,
     )
 
