@@ -43,10 +43,13 @@ test: install-test chromium triton-ssd
 # model card for its commands, steps, wall time and learning curve). Stage 1: MODEL_STEPS with state
 # size MODEL_D_STATE (48: the pilots in the README show the state size is what these models lack, and
 # at 48 the two architectures are 4.5% apart in parameters), qa1 alone for the first 30%. Stage 2:
-# MODEL_STAGE2_STEPS from stage 1's weights with 90% of the rows from qa2-qa5. Six runs of one thread
+# MODEL_STAGE2_STEPS from stage 1's weights with 90% of the rows from qa2-qa5. Stage 3:
+# MODEL_STAGE3_STEPS at a lower lr with each answer followed by a scored "." (--answer-end), so greedy
+# generation stops after the answer (upstream's scoring reads the first sentence). Six runs of one thread
 # each, two at a time, the slower Diff-Mamba-2 runs first; seed 0 is the default pair (models/<arch>-babi).
 MODEL_STEPS ?= 4800
 MODEL_STAGE2_STEPS ?= 1600
+MODEL_STAGE3_STEPS ?= 400
 MODEL_D_STATE ?= 48
 MODEL_RUN = --threads 1 --eval-every 400 --out $$out --force -q
 models: install
@@ -56,7 +59,10 @@ models: install
 	      $(MODEL_RUN) && \
 	    $(BIN)/diffmamba-interp train --arch $$0 --seed $$1 --init $$out --steps $(MODEL_STAGE2_STEPS) \
 	      --d-state $(MODEL_D_STATE) --lr 3e-3 --curriculum 0 --task-curriculum 0 --first-task-share 0.1 \
-	      $(MODEL_RUN)'
+	      $(MODEL_RUN) && \
+	    $(BIN)/diffmamba-interp train --arch $$0 --seed $$1 --init $$out --steps $(MODEL_STAGE3_STEPS) \
+	      --d-state $(MODEL_D_STATE) --lr 1e-3 --curriculum 0 --task-curriculum 0 --first-task-share 0.1 \
+	      --answer-end $(MODEL_RUN)'
 
 benchmarks: install
 	$(BIN)/python benchmarks/forward.py

@@ -676,6 +676,8 @@ def train(
     every_person: bool = typer.Option(False, "--every-person", help="qa1: also ask, at each question, where every "
                                       "person moved so far is (an experiment against the last-mentioned-place "
                                       "shortcut; not in the shipped recipe: see the README)."),
+    answer_end: bool = typer.Option(False, "--answer-end", help='Follow each answer by "." and score it too, so '
+                                    "greedy generation stops after the answer (the shipped recipe's last stage)."),
     d_conv: int = typer.Option(4, "--d-conv", help="Causal conv width (the GPU kernels take 2-4)."),
     lens_steps: int = typer.Option(250, "--lens-steps", help="Tuned-lens training steps on the shipped books (0: none)."),
     init: Optional[Path] = typer.Option(None, "--init", help="Continue training from this checkpoint's weights."),
@@ -702,7 +704,7 @@ def train(
                       batch_size=batch_size,
                       lr=lr, init=str(init) if init else None, loss=loss, lengths=length_list, filler_share=filler_share,
                       curriculum=curriculum, story_share=story_share, task_curriculum=task_curriculum,
-                      first_task_share=first_task_share, every_person=every_person)
+                      first_task_share=first_task_share, every_person=every_person, answer_end=answer_end)
     cfg.check()
     check_output_dir(out_dir, force=force)  # never overwrite a model without --force
     if threads:

@@ -39,6 +39,7 @@ from .model import HookedMamba, ModelShapes, load_model
 
 
 LOSSES = ("answer", "lm")
+ANSWER_END = "."  # the end token after each answer with `answer_end` (one token of the subword tokenizer)
 LONG_EVAL = 1024  # filler length (tokens) of qa1 in the final evaluation, the curve and the "qa1 @ 1k" target
 
 
@@ -74,6 +75,7 @@ class TrainConfig:
     story_share: float = 0.7  # share of the 0k batches that are whole stories with every question answered
     vocab_size: int = 3072  # the subword tokenizer's size (`data.subword`)
     every_person: bool = False  # qa1: also ask where each person moved so far is (`data.every_person`)
+    answer_end: bool = False  # each answer is followed by "." and the "." is scored too (where an answer ends)
 
     def check(self) -> None:
         """Raise a one-line DiffMambaError for the first option out of range (before any training)."""
@@ -97,8 +99,9 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
                 raise DiffMambaError(f"{_option(name)} must be a number from 0 to 1, got {value!r}")
-        if not isinstance(self.every_person, bool):
-            raise DiffMambaError(f"--every-person must be true or false, got {self.every_person!r}")
+        for name in ("every_person", "answer_end"):
+            if not isinstance(getattr(self, name), bool):
+                raise DiffMambaError(f"{_option(name)} must be true or false, got {getattr(self, name)!r}")
         if self.loss not in LOSSES:
             raise DiffMambaError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if not self.lengths or not all(isinstance(n, int) and not isinstance(n, bool) and 0 < n <= self.max_len
@@ -193,6 +196,10 @@ class PromptStream:
       the earlier blocks: five times the supervision of a prompt for half the tokens;
     * BABILong prompts with book filler, one question each, after the curriculum.
 
+    With `answer_end` every answer is followed by an end token "." that is a target too (at the
+    answer's position), so the model learns where an answer ends: greedy generation then stops after
+    the answer, as upstream's scoring (the first sentence of the output) expects.
+
     Each row draws a task (`task_weights`: the first task alone for the first `task_curriculum` of the
     steps, then `first_task_share` of the rows for it), then a question (story) of it; `POOL` × `batch_size` items are
     drawn at a time per kind and sorted by size, and cut into batches of at most `batch_size` rows and
@@ -226,6 +233,9 @@ class PromptStream:
         self.rng = random.Random(f"train:{cfg.seed}" + (f":stage{stage}" if stage else ""))
         self.queues: dict[tuple, list[list]] = {}  # (length, task weights) -> batches to come
         self.token_counts: dict[str, int] = {}  # book sentences are counted once
+        self.end = tokenizer(ANSWER_END, add_special_tokens=False)["input_ids"] if cfg.answer_end else []  # [id] or []
+        if len(self.end) > 1:
+            raise DiffMambaError(f"--answer-end needs {ANSWER_END!r} to be one token; this tokenizer makes {len(self.end)}")
 
     def length(self, step: int) -> int:
         """The kind of batch at `step`: a BABILong length (0: no filler) or `STORY`."""
@@ -288,8 +298,15 @@ class PromptStream:
             answer = self.tokenizer(" " + s.answer, add_special_tokens=False)["input_ids"]
             answers.append((len(ids) - 1, answer[0]))
             ids += answer
+            ids, answers = self.ended(ids, answers)
             seen = len(s.facts)
         return ids, answers
+
+    def ended(self, ids: list[int], answers: list[tuple[int, int]]) -> tuple[list[int], list[tuple[int, int]]]:
+        """ids ending with an answer token -> with the end token after it and scored (`answer_end`), or as they are."""
+        if not self.end:
+            return ids, answers
+        return ids + self.end, answers + [(len(ids) - 1, self.end[0])]
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         from .data import babilong
@@ -307,7 +324,7 @@ class PromptStream:
             prompts = [p for task, indices in by_task.items()
                        for p in babilong(task, length, split="train", seed=seed, indices=indices, samples=self.samples[task],
                                          tokenizer=self.tokenizer if length else None, token_counts=self.token_counts)]
-            rows = [(p, [(len(p) - 1, a)]) for p, a in
+            rows = [self.ended(p + [a], [(len(p) - 1, a)]) if self.end else (p, [(len(p) - 1, a)]) for p, a in
                     encode_examples(self.tokenizer, [(p.prompt, p.answer) for p in prompts], cfg.max_len)]
         L = max(len(r[0]) for r in rows)
         ids = torch.full((len(rows), L), self.tokenizer.pad_token_id, dtype=torch.long)
@@ -473,8 +490,9 @@ def stage_recipe(stage: dict, explain: bool = True) -> str:
     stories = f"{_share(stage.get('story_share'))} of the 0k batches are whole stories" + (
         " (each question in its own BABILong block, every answer scored; `train.PromptStream`)" if explain else "")
     rows = f"{_share(stage.get('first_task_share'))} of the rows are {first} and the other tasks share the rest equally"
+    end = [f'each answer followed by "{ANSWER_END}", which is scored too (`--answer-end`)'] if stage.get("answer_end") else []
     return "; ".join([_then(stage.get("curriculum"), "at 0k", filler), stories,
-                      _then(stage.get("task_curriculum"), f"read {first} only", rows)])
+                      _then(stage.get("task_curriculum"), f"read {first} only", rows), *end])
 
 
 def stage_line(k: int, stage: dict) -> str:

@@ -102,6 +102,31 @@ def test_story_batches_answer_every_question_of_a_story(tok):
             assert tok.decode(row[: pos + 1]).endswith("Answer:") and tok.decode([int(row[pos + 1])]).strip() == answer
 
 
+@pytest.mark.parametrize("story", [False, True])
+def test_answer_end_follows_every_answer_with_a_scored_end_token(tok, story):
+    """--answer-end: the same rows as without it, each answer then "." in the ids, and the "." a target
+    at the answer's position; nothing else changes (the draw, the other targets)."""
+    kw = dict(curriculum=1.0, story_share=float(story), tasks=("qa1",))
+    plain_ids, plain_targets, _ = PromptStream(cfg(**kw), tok).batch(0)
+    ids, targets, _ = PromptStream(cfg(**kw, answer_end=True), tok).batch(0)
+    end = tok(".", add_special_tokens=False)["input_ids"]
+    assert len(end) == 1 and ids.shape[0] == plain_ids.shape[0]
+    for r in range(ids.shape[0]):
+        plain_at = (plain_targets[r] != -100).nonzero().flatten().tolist()
+        at = (targets[r] != -100).nonzero().flatten().tolist()
+        assert len(at) == 2 * len(plain_at)
+        answers, ends = at[0::2], at[1::2]
+        assert [e - a for a, e in zip(answers, ends)] == [1] * len(answers)  # "." scored right after each answer
+        assert (targets[r, ends] == end[0]).all() and (ids[r, [e + 1 for e in ends]] == end[0]).all()
+        assert targets[r, answers].tolist() == plain_targets[r, plain_at].tolist()
+        # without the end tokens the row starts as the plain one: a story row is it, a prompt row is it + the answer
+        kept = torch.ones(ids.shape[1], dtype=torch.bool)
+        kept[[e + 1 for e in ends]] = False
+        row, plain = ids[r, kept], plain_ids[r][plain_ids[r] != tok.pad_token_id]
+        assert torch.equal(row[: len(plain)], plain)
+        assert story or (len(row[row != tok.pad_token_id]) == len(plain) + 1 and row[len(plain)] == targets[r, answers[0]])
+
+
 def test_stream_sorts_batches_by_size_within_a_token_budget_and_draws_tasks_uniformly(tok):
     stream = PromptStream(cfg(curriculum=1.0, steps=100), tok)
     shapes, tasks = [], []
