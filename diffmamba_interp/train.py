@@ -532,7 +532,7 @@ def model_card(result: TrainResult, command: str) -> str:
     return f"""# {cfg.arch}-babi (seed {cfg.seed})
 
 A small {cfg.arch} language model trained by `diffmamba-interp train` on the bAbI tasks
-{", ".join(cfg.tasks)} in BABILong form{recipe};{" qa1 also asks, at each of its questions, where every person moved so far is (`data/every_person.py`: the last-mentioned place stops paying);" if cfg.every_person else ""} shipped with diffmamba-interp so every command has a real default. Loss: {cfg.loss}{f" (answer + {cfg.lm_weight} x next-token)" if cfg.loss == "lm" else " (answer token only)"}.
+{", ".join(cfg.tasks)} in BABILong form{recipe};{" qa1 also asks, at each of its questions, where every person moved so far is (`data/every_person.py`: the last-mentioned place stops paying);" if cfg.every_person else ""} shipped with diffmamba-interp so every command has a real default. Loss: {cfg.loss}{f" (answer + {cfg.lm_weight} x next-token)" if cfg.loss == "lm" else " (answer token only)"}{f'; with `--answer-end` also the "{ANSWER_END}" after each answer' if any(st.get("answer_end") for st in stages) else ""}.
 Byte-level BPE tokenizer of {cfg.vocab_size} entries trained on bAbI and the books (`data/subword.py`).
 bAbI data: CC BY 3.0 (Facebook AI Research; see `diffmamba_interp/data/babi/LICENSE.txt`); books:
 Project Gutenberg, public domain in the USA (`diffmamba_interp/data/filler/`).

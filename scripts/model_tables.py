@@ -4,8 +4,8 @@ Usage: python scripts/model_tables.py
 
 First table: each shipped model (`jobs.shipped_seed_checkpoints`: every seed of each architecture)
 with its seed, state size, parameters, training minutes, test accuracy per task at 0k, their mean
-and qa1 with filler (`train.target_values`), read from its training.json. Second table: qa1 argmax
-accuracy by context length per model, read from the "Accuracy by context length" section of its
+and qa1 with filler (`train.target_values`), read from its training.json. Second table: qa1 accuracy
+by context length per model, by argmax and by greedy generation, read from the "Accuracy by context length" section of its
 card (`scripts/eval_to_cards.py`). tests/test_model_tables.py checks that README.md holds both
 tables as printed here.
 """
@@ -42,8 +42,9 @@ def training_table() -> str:
     return "\n".join(lines)
 
 
-def card_lengths(path: Path, task: str = "qa1") -> dict[int, float]:
-    """{length in tokens: argmax accuracy} of `task` from the card's accuracy-by-length table."""
+def card_lengths(path: Path, task: str = "qa1") -> dict[int, tuple[float, float | None]]:
+    """{length in tokens: (argmax, generation accuracy or None where not scored)} of `task` from the card's
+    accuracy-by-length table."""
     text = (path / "README.md").read_text()
     _, found, section = text.partition(EVAL_HEADING)
     if not found:
@@ -52,7 +53,7 @@ def card_lengths(path: Path, task: str = "qa1") -> dict[int, float]:
     for line in section.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) == 5 and cells[0] == task:
-            acc[int(cells[1])] = float(cells[3].split()[0])
+            acc[int(cells[1])] = tuple(None if c == "—" else float(c.split()[0]) for c in cells[3:5])
     return acc
 
 
@@ -61,7 +62,7 @@ def length_table() -> str:
     lengths = sorted(set().union(*accs.values()))
     lines = ["| model | " + " | ".join(f"{x // 1024}k" for x in lengths) + " |", "|---|" + "---|" * len(lengths)]
     for name, acc in accs.items():
-        lines.append(f"| `{name}` | " + " | ".join(f"{acc[x]:.2f}" for x in lengths) + " |")
+        lines.append(f"| `{name}` | " + " | ".join(" / ".join("—" if v is None else f"{v:.2f}" for v in acc[x]) for x in lengths) + " |")
     return "\n".join(lines)
 
 

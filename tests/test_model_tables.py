@@ -34,7 +34,7 @@ def test_card_lengths_parses_the_eval_section(tmp_path):
     card.write_text("# m\n\n" + model_tables.EVAL_HEADING + "\n\ntext\n\n| task | length | n | argmax | generation |\n"
                     "|---|---|---|---|---|\n| qa1 | 0 | 100 | 0.45 [0.36, 0.55] | 0.02 [0.01, 0.07] |\n"
                     "| qa2 | 0 | 100 | 0.31 [0.2, 0.4] | — |\n| qa1 | 4096 | 100 | 0.49 [0.39, 0.59] | — |\n")
-    assert model_tables.card_lengths(card.parent) == {0: 0.45, 4096: 0.49}
+    assert model_tables.card_lengths(card.parent) == {0: (0.45, 0.02), 4096: (0.49, None)}
     card.write_text("# m\n")
     with pytest.raises(SystemExit, match="no '## Accuracy by context length' section"):
         model_tables.card_lengths(card.parent)

@@ -118,7 +118,7 @@ def test_attribution_is_exact_on_a_linear_piece(tiny_model):
 
 @pytest.mark.slow
 def test_attribution_is_close_to_exact_on_the_shipped_model():
-    model = load_model("models/mamba2-babi")  # the default shipped model (qa1 0.982 on the test split)
+    model = load_model("models/mamba2-babi")  # the default shipped model (qa1 0.975 on the test split)
     clean = format_prompt(["Mary went to the kitchen.", "John moved to the garden."], "Where is Mary?")
     corrupt = format_prompt(["Mary went to the garden.", "John moved to the kitchen."], "Where is Mary?")
     for what in ("resid", "mixer"):
@@ -126,9 +126,9 @@ def test_attribution_is_close_to_exact_on_the_shipped_model():
         a = patch(model, clean, corrupt, answer="kitchen", wrong="garden", what=what, method="attribution",
                   progress=False)
         assert e.clean_metric != pytest.approx(e.corrupt_metric, abs=0.5)  # the swap moves the metric
-        # a first-order estimate of a nonlinear model: 0.87 (resid) and 0.83 (mixer) on this model (logit
-        # difference clean 8.53, corrupt -9.54). Other shipped models: Mamba-2 seed 1 0.74 / 0.80,
-        # seed 2 0.70 / 0.40, Diff-Mamba-2 seed 0 0.80 / 0.80, Diff-Mamba-2 seed 2 (qa1 0.73) 0.43 / 0.79
+        # a first-order estimate of a nonlinear model: 0.87 (resid) and 0.85 (mixer) on this model (logit
+        # difference clean 7.98, corrupt -8.31). Other shipped models: Mamba-2 seed 1 0.76 / 0.81,
+        # seed 2 0.74 / 0.61, Diff-Mamba-2 seed 0 0.79 / 0.80, Diff-Mamba-2 seed 2 (qa1 0.72) 0.34 / 0.79
         assert np.corrcoef(e.frame["value"], a.frame["value"])[0, 1] > 0.6, what
 
 
