@@ -514,12 +514,18 @@ def model_card(result: TrainResult, command: str) -> str:
     on_cpu = f"on CPU ({threads} thread{'s' if threads != 1 else ''})"
     if len(stages) == 1:
         recipe, runs, wall = f": {stage_recipe(stages[0])}", f"- command: `{command}`\n", f"{_minutes(result.wall_s)} {on_cpu}"
+        optimizer = (f"steps: {cfg.steps}{f' (continuing from {cfg.init})' if cfg.init else ''}; lr: {cfg.lr} "
+                     f"(warm-up {cfg.warmup}, cosine)")
     else:
         walls = [s.get("wall_s") for s in stages]
         total = sum(walls) if all(map(_number, walls)) else None
         recipe = f", in {len(stages)} stages (each one's recipe below)"
         runs = "".join(stage_line(k, s) for k, s in enumerate(stages, 1))
         wall = f"{_minutes(total)} in all: " + ", ".join(f"stage {k} {_minutes(w)}" for k, w in enumerate(walls, 1)) + f" {on_cpu}"
+        steps = [st.get("steps") for st in stages]
+        optimizer = (f"steps: {sum(steps) if all(map(_number, steps)) else '?'} in all "
+                     f"({' + '.join(str(n if _number(n) else '?') for n in steps)}); lr: each stage's above "
+                     f"(warm-up {cfg.warmup}, cosine, restarted at each stage)")
     curve = ""
     if result.curve:
         keys = [k for k in result.curve[0] if "@" in k]
@@ -537,7 +543,7 @@ Byte-level BPE tokenizer of {cfg.vocab_size} entries trained on bAbI and the boo
 bAbI data: CC BY 3.0 (Facebook AI Research; see `diffmamba_interp/data/babi/LICENSE.txt`); books:
 Project Gutenberg, public domain in the USA (`diffmamba_interp/data/filler/`).
 
-{runs}- seed: {cfg.seed}; steps: {cfg.steps}{f" (continuing from {cfg.init})" if cfg.init else ""}; batch size: {cfg.batch_size}; lr: {cfg.lr} (warm-up {cfg.warmup}, cosine), AdamW (0.9, 0.95), weight decay {cfg.weight_decay}, clipping 1.0
+{runs}- seed: {cfg.seed}; {optimizer}; batch size: {cfg.batch_size}; AdamW (0.9, 0.95), weight decay {cfg.weight_decay}, clipping 1.0
 - training questions: {result.n_examples} (bAbI en-10k train where shipped, en for qa3)
 - parameters: {result.n_params:,}; d_model {cfg.d_model}, {cfg.n_layers} layers, d_state {cfg.d_state}, head_dim {cfg.head_dim}, d_conv {cfg.d_conv}{", differential layers: " + cfg.diff_layers if cfg.arch.startswith("diff") else ""}
 - wall time: {wall}

@@ -42,7 +42,8 @@ def test_every_checkpoint_has_tokenizer_lens_and_card(models):
         assert any(float(p.abs().sum()) > 0 for p in lens.translators.parameters())  # trained, not identity
         card = (path / "README.md").read_text()
         training = json.loads((path / "training.json").read_text())
-        assert f"steps: {training['steps']}" in card and f"seed: {training['seed']}" in card
+        steps = training["steps"] + sum(stage["steps"] for stage in training["earlier"])
+        assert f"steps: {steps}" in card and f"seed: {training['seed']}" in card
         for row in training["accuracy"]:
             length = "0k" if row["length"] == 0 else f"{row['length']} tokens"
             assert f"| {row['task']} | {length} | {row['n']} | {row['accuracy']:.3f} |" in card

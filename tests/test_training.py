@@ -238,7 +238,7 @@ def test_card_gives_each_stage_its_recipe_command_and_wall_time():
     assert "from the first step, 10% of the rows are qa1" in two and two.endswith("command `train --init models/m --steps 1600`")
     assert "the first 0% of the steps" not in card and "in 2 stages" in card
     assert "- wall time: 37.0 min in all: stage 1 25.9 min, stage 2 11.1 min on CPU" in card
-    assert "seed: 0; steps: 1600 (continuing from models/m)" in card  # the last stage's optimizer, as before
+    assert "seed: 0; steps: 6400 in all (4800 + 1600); lr: each stage's above (warm-up 100, cosine, restarted" in card
 
     missing = {k: v for k, v in stage1.items() if k not in ("lr", "wall_s", "task_curriculum", "command")}
     card = model_card(TrainResult(stage2, 100, 10, 663.3, 0.5, acc, [missing]), "train --init models/m")
