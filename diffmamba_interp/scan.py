@@ -163,12 +163,12 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, initial_state:
     (zeros when None). out[t, c] = bias[c] + Σ_j weight[c, 0, j] · x[t − (K − 1) + j, c].
     """
     L, K = x.shape[1], weight.shape[-1]
-    if initial_state is None and _use_kernels("causal_conv1d_fn", x, 2 <= K <= 4, f"the conv kernel takes widths 2-4, not {K}"):
+    width = (2 <= K <= 4, f"the conv kernel takes widths 2-4, not {K}")  # what both conv kernels support
+    if initial_state is None and _use_kernels("causal_conv1d_fn", x, *width):
         out = torch.compiler.disable(gpu_kernels().causal_conv1d_fn)(x.transpose(1, 2).contiguous(), weight.squeeze(1), bias, activation=None)
         return out.transpose(1, 2), "causal_conv1d"
     if initial_state is not None and L == 1:  # decoding: one token from the state
-        if not _needs_grad(x, weight, bias, initial_state) and _use_kernels(
-                "causal_conv1d_update", x, 2 <= K <= 4, f"the conv kernel takes widths 2-4, not {K}"):
+        if not _needs_grad(x, weight, bias, initial_state) and _use_kernels("causal_conv1d_update", x, *width):
             window = initial_state.to(x.dtype).clone()  # the kernel shifts it in place; the caller's state is kept
             out = torch.compiler.disable(gpu_kernels().causal_conv1d_update)(x[:, 0], window, weight.squeeze(1), bias)
             return out.unsqueeze(1), "causal_conv1d"

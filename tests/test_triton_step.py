@@ -59,10 +59,7 @@ def test_generate_on_the_kernel_equals_generate_on_pytorch():
 
 
 # -- the cases (child side: python tests/test_triton_step.py CASE, with TRITON_INTERPRET=1) --------------
-def _rel(a, ref) -> float:
-    a, ref = a.detach().double(), ref.detach().double()
-    assert a.shape == ref.shape, (a.shape, ref.shape)
-    return ((a - ref).abs().max() / ref.abs().max()).item()
+_rel = triton_cpu.rel_error
 
 
 def _take_only_the_step_kernel(kernel):

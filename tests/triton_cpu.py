@@ -170,6 +170,13 @@ def selective_state_update():
     return kernel
 
 
+def rel_error(a, ref) -> float:
+    """max |a − ref| / max |ref| (the measure both Triton test files report), in float64."""
+    a, ref = a.detach().double(), ref.detach().double()
+    assert a.shape == ref.shape, (a.shape, ref.shape)
+    return ((a - ref).abs().max() / ref.abs().max()).item()
+
+
 # -- one case per child process -------------------------------------------------------------------------
 ROOT = Path(__file__).resolve().parent.parent
 
