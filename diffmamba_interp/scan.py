@@ -40,7 +40,7 @@ import torch.nn.functional as F
 Tensor = torch.Tensor
 
 __all__ = [
-    "ScanOut", "causal_conv1d", "causal_conv1d_final_state", "causal_conv1d_step", "compute_dtype",
+    "ConvOut", "ScanOut", "causal_conv1d", "causal_conv1d_final_state", "causal_conv1d_step", "compute_dtype",
     "gpu_kernels", "scan_path", "segdecay", "selective_scan", "set_scan_path", "selective_scan_torch", "selective_state_step", "ssd",
     "ssd_state_step", "ssd_torch",
 ]
@@ -53,6 +53,14 @@ class ScanOut(NamedTuple):
     states: Tensor | None  # h_t for every t (only when return_states)
     final_state: Tensor | None  # h_{L−1} (only when return_final_state)
     path: str  # "mamba_ssm", "numba" or "torch"
+
+
+class ConvOut(NamedTuple):
+    """What `causal_conv1d` returns (read it by attribute)."""
+
+    out: Tensor  # [b, L, C], before the activation
+    final_state: Tensor | None  # the last K − 1 inputs [b, C, K − 1] (only when return_final_state)
+    path: str  # "causal_conv1d" or "torch"
 
 
 # name in `gpu_kernels()` -> (module to import, attribute, the compiled extension it needs, or None)
@@ -156,30 +164,34 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # -- causal depthwise conv ---------------------------------------------------------------------
-def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, initial_state: Tensor | None = None) -> tuple[Tensor, str]:
-    """Depthwise causal conv over time, before the activation. Returns (out [b, L, C], path).
+def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, initial_state: Tensor | None = None,
+                  return_final_state: bool = False) -> ConvOut:
+    """Depthwise causal conv over time, before the activation. Returns ConvOut(out [b, L, C],
+    final_state [b, C, K − 1] or None, path).
 
     x [b, L, C]; weight [C, 1, K]; bias [C]; initial_state [b, C, K − 1]: the K − 1 inputs before x
-    (zeros when None). out[t, c] = bias[c] + Σ_j weight[c, 0, j] · x[t − (K − 1) + j, c].
+    (zeros when None). out[t, c] = bias[c] + Σ_j weight[c, 0, j] · x[t − (K − 1) + j, c]; final_state
+    (with return_final_state): the last K − 1 inputs of initial_state followed by x.
     """
     L, K = x.shape[1], weight.shape[-1]
     width = (2 <= K <= 4, f"the conv kernel takes widths 2-4, not {K}")  # what both conv kernels support
-    if initial_state is None and _use_kernels("causal_conv1d_fn", x, *width):
-        out = torch.compiler.disable(gpu_kernels().causal_conv1d_fn)(x.transpose(1, 2).contiguous(), weight.squeeze(1), bias, activation=None)
-        return out.transpose(1, 2), "causal_conv1d"
-    if initial_state is not None and L == 1:  # decoding: one token from the state
+    if initial_state is not None and L == 1:  # decoding: one token from the state, whose shifted window is the new state
         if not _needs_grad(x, weight, bias, initial_state) and _use_kernels("causal_conv1d_update", x, *width):
             window = initial_state.to(x.dtype).clone()  # the kernel shifts it in place; the caller's state is kept
             out = torch.compiler.disable(gpu_kernels().causal_conv1d_update)(x[:, 0], window, weight.squeeze(1), bias)
-            return out.unsqueeze(1), "causal_conv1d"
-        out, _ = causal_conv1d_step(initial_state, x[:, 0], weight, bias)  # a K-tap dot product, not a conv call
-        return out.unsqueeze(1), "torch"
+            return ConvOut(out.unsqueeze(1), window if return_final_state else None, "causal_conv1d")
+        out, window = causal_conv1d_step(initial_state, x[:, 0], weight, bias)  # a K-tap dot product, not a conv call
+        return ConvOut(out.unsqueeze(1), window if return_final_state else None, "torch")
+    final = causal_conv1d_final_state(x, K, initial_state) if return_final_state else None
+    if initial_state is None and _use_kernels("causal_conv1d_fn", x, *width):
+        out = torch.compiler.disable(gpu_kernels().causal_conv1d_fn)(x.transpose(1, 2).contiguous(), weight.squeeze(1), bias, activation=None)
+        return ConvOut(out.transpose(1, 2), final, "causal_conv1d")
     xt = x.transpose(1, 2)  # [b, C, L]
     if initial_state is None:
         out = F.conv1d(xt, weight, bias, padding=K - 1, groups=x.shape[-1])[..., :L]
     else:
         out = F.conv1d(torch.cat([initial_state.to(x.dtype), xt], dim=-1), weight, bias, groups=x.shape[-1])
-    return out.transpose(1, 2), "torch"
+    return ConvOut(out.transpose(1, 2), final, "torch")
 
 
 def causal_conv1d_final_state(x: Tensor, kernel_size: int, initial_state: Tensor | None = None) -> Tensor:

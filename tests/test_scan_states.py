@@ -390,19 +390,23 @@ def naive_conv(x, w, bias, prefix):
 @pytest.mark.parametrize("K", [1, 2, 4])
 def test_conv_with_prefix_pieces_and_steps(K):
     x, w, bias, prefix = conv_inputs(K=K)
-    out, path = causal_conv1d(x, w, bias, initial_state=prefix)
-    assert path == "torch"
+    out, final, path = causal_conv1d(x, w, bias, initial_state=prefix)
+    assert path == "torch" and final is None
     close(out, naive_conv(x, w, bias, prefix), 1e-12)
     # no prefix = a zero prefix
     close(causal_conv1d(x, w, bias)[0], naive_conv(x, w, bias, torch.zeros_like(prefix)), 1e-12)
     # pieces: the final conv state of one piece is the prefix of the next
+    # (the final state the conv returns, including a one-token piece's decoding step, is the prefix of the next)
     state, outs = prefix, []
     for lo, hi in ((0, 1), (1, 3), (3, 7), (7, 11)):  # pieces shorter and longer than K - 1
         piece = x[:, lo:hi]
-        outs.append(causal_conv1d(piece, w, bias, initial_state=state)[0])
+        conv = causal_conv1d(piece, w, bias, initial_state=state, return_final_state=True)
+        assert causal_conv1d(piece, w, bias, initial_state=state).final_state is None  # only when asked
+        outs.append(conv.out)
         state = causal_conv1d_final_state(piece, K, initial_state=state)
-        assert state.shape == (2, 5, K - 1)
+        assert state.shape == (2, 5, K - 1) and torch.equal(conv.final_state, state)
     close(torch.cat(outs, 1), out, 1e-12)
+    assert torch.equal(causal_conv1d(x, w, bias, return_final_state=True).final_state, causal_conv1d_final_state(x, K))
     # steps
     state, steps = prefix, []
     for t in range(x.shape[1]):

@@ -20,7 +20,7 @@ from torch import nn
 from transformer_lens.hook_points import HookPoint
 
 from .. import implicit, implicit_output
-from ..scan import causal_conv1d, causal_conv1d_final_state, selective_scan, selective_state_step
+from ..scan import causal_conv1d, selective_scan, selective_state_step
 from ..state import Recurrence
 from .base import Mixer, MixerDims, ScanUnit, init_dt_bias
 
@@ -105,10 +105,9 @@ class ConvFront(nn.Module):
         -> (u, z) [batch, pos, E] and the conv state after h (None unless `want_state`)."""
         x, z = self.hook_in_proj(self.in_proj(h)).chunk(2, dim=-1)
         x, z = self.hook_x(x), self.hook_z(z)
-        v, _ = causal_conv1d(x, self.conv1d.weight, self.conv1d.bias, initial_state=conv_state)
-        u = self.hook_ssm_in(F.silu(self.hook_conv(v)))
-        final = causal_conv1d_final_state(x, self.conv1d.kernel_size[0], conv_state) if want_state else None
-        return u, z, final
+        conv = causal_conv1d(x, self.conv1d.weight, self.conv1d.bias, initial_state=conv_state, return_final_state=want_state)
+        u = self.hook_ssm_in(F.silu(self.hook_conv(conv.out)))
+        return u, z, conv.final_state
 
     def back(self, y: Tensor, z: Tensor) -> Tensor:
         """y [batch, pos, E], z [batch, pos, E] -> [batch, pos, d]."""

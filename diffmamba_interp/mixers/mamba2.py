@@ -17,7 +17,7 @@ import dataclasses
 
 from .. import implicit, implicit_output
 from ..norms import GatedRMSNorm
-from ..scan import causal_conv1d, causal_conv1d_final_state, ssd, ssd_state_step
+from ..scan import causal_conv1d, ssd, ssd_state_step
 from ..state import Recurrence
 from .base import Mixer, MixerDims, ScanUnit, init_dt_bias
 
@@ -147,8 +147,8 @@ def ssd_unit(unit, h: Tensor, rec: Recurrence | None = None) -> tuple[Tensor, Te
     conv_state, state = (rec.conv_in(key), rec.ssm_in(key)) if rec else (None, None)
     z, xBC, dt = unit.hook_in_proj(unit.in_proj(h)).split([E, unit.conv_dim, H], dim=-1)
     z, xBC = unit.hook_z(z), unit.hook_xBC(xBC)
-    v, _ = causal_conv1d(xBC, unit.conv1d.weight, unit.conv1d.bias, initial_state=conv_state)
-    x, B, C = F.silu(unit.hook_conv(v)).split([E, G * N, G * N], dim=-1)
+    conv = causal_conv1d(xBC, unit.conv1d.weight, unit.conv1d.bias, initial_state=conv_state, return_final_state=collect)
+    x, B, C = F.silu(unit.hook_conv(conv.out)).split([E, G * N, G * N], dim=-1)
     x = unit.hook_ssm_in(x.reshape(b, L, H, P))
     B = unit.hook_B(B.reshape(b, L, G, N))
     C = unit.hook_C(C.reshape(b, L, G, N))
@@ -163,7 +163,7 @@ def ssd_unit(unit, h: Tensor, rec: Recurrence | None = None) -> tuple[Tensor, Te
                   return_final_state=collect, return_states=want)
         y, states, final, unit.last_path = res.y, res.states, res.final_state, res.path
     if collect:
-        rec.put(key, causal_conv1d_final_state(xBC, unit.conv1d.kernel_size[0], conv_state), final)
+        rec.put(key, conv.final_state, final)
     if want:
         states = unit.hook_ssm_state(states)
         Ch = C.to(states.dtype).repeat_interleave(H // G, dim=2)  # [batch, pos, H, N]
