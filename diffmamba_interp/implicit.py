@@ -207,7 +207,7 @@ def fold_block(alphaD: Tensor, sig: Tensor, w: Tensor, cbias: Tensor, rows: Tens
     b, h, p, L = sig.shape
     T, K = alphaD.shape[-2], w.shape[-1]
     col = sig.unsqueeze(-1) * w[None, :, :, None, :]  # [b, h, p, L, K]  σ(v_s)·w_j
-    out = alphaD * col[..., K - 1].unsqueeze(-2)  # [b, h, p, T, L]  tap k = 0
+    out = torch.mul(alphaD, col[..., K - 1].unsqueeze(-2), out=alphaD.new_empty(b, h, p, T, L))  # tap k = 0 (contiguous)
     for k in range(1, min(K, L)):  # over conv taps, not positions
         out[..., : L - k].addcmul_(alphaD[..., k:], col[..., k:, K - 1 - k].unsqueeze(-2))
     out.mul_(rows.unsqueeze(-1))
@@ -322,7 +322,7 @@ def s6_block_map(dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, conv_ou
     f = dt.dtype
     m, opts = _window(L, opts, dt.device)
     step = chunk or default_chunk(b, m.upper.numel())
-    sig = torch.sigmoid(conv_out).transpose(1, 2)  # σ(v) [b, E, L]
+    sig = torch.sigmoid(conv_out).transpose(1, 2).contiguous()  # σ(v) [b, E, L]
     rows = rows[:, m.t0 : m.t1].transpose(1, 2)  # [b, E, T]
     wconv, cbias = conv_params(conv1d, E, f)
     with_D, with_bias = opts.with_D("block"), opts.include_bias

@@ -186,12 +186,14 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, initial_state:
     if initial_state is None and _use_kernels("causal_conv1d_fn", x, *width):
         out = torch.compiler.disable(gpu_kernels().causal_conv1d_fn)(x.transpose(1, 2).contiguous(), weight.squeeze(1), bias, activation=None)
         return ConvOut(out.transpose(1, 2), final, "causal_conv1d")
-    xt = x.transpose(1, 2)  # [b, C, L]
-    if initial_state is None:
-        out = F.conv1d(xt, weight, bias, padding=K - 1, groups=x.shape[-1])[..., :L]
-    else:
-        out = F.conv1d(torch.cat([initial_state.to(x.dtype), xt], dim=-1), weight, bias, groups=x.shape[-1])
-    return ConvOut(out.transpose(1, 2), final, "torch")
+    # K shifted multiply-adds in the [b, L, C] layout, not a conv1d call: no transposes, a contiguous
+    # result, and 2-3x faster than the depthwise conv1d on CPU (whose input would be [b, C, L])
+    seq = F.pad(x, (0, 0, K - 1, 0)) if initial_state is None else torch.cat([initial_state.to(x.dtype).transpose(1, 2), x], 1)
+    taps = weight[:, 0].t()  # [K, C]
+    out = seq[:, :L] * taps[0] if bias is None else torch.addcmul(bias, seq[:, :L], taps[0])
+    for j in range(1, K):
+        out.addcmul_(seq[:, j:j + L], taps[j])
+    return ConvOut(out, final, "torch")
 
 
 def causal_conv1d_final_state(x: Tensor, kernel_size: int, initial_state: Tensor | None = None) -> Tensor:
