@@ -47,5 +47,5 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, do_sample: boo
             token = logits.argmax(-1)
         out.append(token[:, None])
         if i + 1 < max_new_tokens:
-            logits, state = model.step(token, state)
+            logits, state = model.step(token, state, in_place=True)  # generate owns its state
     return torch.cat(out, dim=1)

@@ -84,14 +84,16 @@ class HookedMamba(TokenMethods, HookedRootModule):
 
     # -- forward ---------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, return_type: str | None = "logits", state: ModelState | None = None,
-                return_state: bool = False):
+                return_state: bool = False, in_place: bool = False):
         """input_ids [batch, pos] -> logits [batch, pos, vocab] (return_type "logits"), the mean
         next-token cross-entropy ("loss"), both as a tuple ("both"), or None.
 
         Recurrent mode: `state` (a `ModelState` from `return_state=True` or `init_state`) is the state
         before input_ids, so a sequence run in pieces with the state carried equals one run;
         `return_state=True` returns (output, the state after the last position). The given state is
-        never modified.
+        never modified, unless `in_place=True` with one token per sequence: then the decoding step
+        overwrites its SSM tensors and they become the returned state's (for a caller that owns the
+        state and discards it, as `generate` does: no state-sized allocation per scan unit per token).
         """
         if isinstance(input_ids, str) or (isinstance(input_ids, (list, tuple)) and input_ids
                                           and all(isinstance(t, str) for t in input_ids)):
@@ -99,7 +101,7 @@ class HookedMamba(TokenMethods, HookedRootModule):
         self.check_input_ids(input_ids)
         if state is not None:
             self.check_state(state, input_ids.shape[0])
-        rec = Recurrence(state, return_state) if (state is not None or return_state) else None
+        rec = Recurrence(state, return_state, in_place) if (state is not None or return_state) else None
         resid = self.hook_embed(self.embed(input_ids.to(self.embed.weight.device)))  # [batch, pos, d]
         for block in self.blocks:
             resid = block(resid, rec)
@@ -168,9 +170,10 @@ class HookedMamba(TokenMethods, HookedRootModule):
                     raise DiffMambaError(f"state[{name!r}].{what} is on {tensor.device} but the model is on {self.device}; "
                                          f"use state.to({str(self.device)!r})")
 
-    def step(self, token_ids: torch.Tensor, state: ModelState, return_type: str | None = "logits"):
+    def step(self, token_ids: torch.Tensor, state: ModelState, return_type: str | None = "logits", in_place: bool = False):
         """One token per sequence from `state`: token_ids [batch] (or [batch, 1]) -> (logits [batch, vocab],
-        the new state). O(1) in the length of what the state has seen; hooks fire with pos = 1."""
+        the new state). O(1) in the length of what the state has seen; hooks fire with pos = 1. `state`
+        is kept, unless `in_place=True`: then it is overwritten and becomes the new state (`forward`)."""
         if isinstance(token_ids, torch.Tensor) and token_ids.ndim == 1:
             token_ids = token_ids[:, None]
         if not isinstance(token_ids, torch.Tensor) or token_ids.ndim != 2 or token_ids.shape[1] != 1:
@@ -178,7 +181,7 @@ class HookedMamba(TokenMethods, HookedRootModule):
                                  f"{tuple(token_ids.shape) if isinstance(token_ids, torch.Tensor) else type(token_ids).__name__}")
         if state is None:
             raise DiffMambaError("step needs a state: prefill with model(ids, return_state=True) or use model.init_state(batch)")
-        out, new = self(token_ids, return_type=return_type, state=state, return_state=True)
+        out, new = self(token_ids, return_type=return_type, state=state, return_state=True, in_place=in_place)
         return (out[:, -1] if return_type == "logits" else out), new
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,

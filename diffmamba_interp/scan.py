@@ -308,20 +308,23 @@ def selective_scan_torch(
     return ScanOut(y.to(dtype), states if return_states else None, start if return_final_state else None, "torch")
 
 
-def selective_state_step(state, u, dt, A, B, C, D) -> tuple[Tensor, Tensor]:
+def selective_state_step(state, u, dt, A, B, C, D, in_place: bool = False) -> tuple[Tensor, Tensor]:
     """One token of S6: (y [b, E], new_state [b, E, N]); O(1) in the sequence length.
 
     state [b, E, N] (h_{t−1}); u, dt [b, E]; A [E, N]; B, C [b, N]; D [E]. On CUDA mamba-ssm's
-    `selective_state_update` (Triton) runs it; the given state is never modified.
+    `selective_state_update` (Triton) runs it. The given state is never modified, unless `in_place`:
+    then it becomes the new state (for a caller that owns it, as `generate` does: no state-sized
+    allocation per token).
     """
     if _step_kernel(u, state, dt, A, B, C, D):
-        new = state.clone()  # the kernel updates the state in place
+        new = state if in_place else state.clone()  # the kernel updates the state in place
         y = _call_step_kernel(new, u, dt, A, B, C, D, dt_bias=A.new_zeros(A.shape[0], dtype=torch.float32))  # [b, E]
         return y, new
     dtype = u.dtype
     f = compute_dtype(dtype)
     state, u, dt, A, B, C, D = (t.to(f) for t in (state, u, dt, A, B, C, D))
-    new = torch.exp(dt.unsqueeze(-1) * A) * state  # [b, E, N]   one new tensor, the input term added in place
+    decay = torch.exp(dt.unsqueeze(-1) * A)
+    new = state.mul_(decay) if in_place else decay * state  # [b, E, N]   the input term added in place
     new.addcmul_((dt * u).unsqueeze(-1), B.unsqueeze(1))
     y = (new @ C.unsqueeze(-1)).squeeze(-1) + D * u  # [b, E]   C · h
     return y.to(dtype), new
@@ -495,17 +498,18 @@ def _piece_states(a: Tensor, X: Tensor, Bk: Tensor, S: Tensor, q: int = 16) -> T
     return local.view(b, G, m * q, J, P, N)[:, :, :l]
 
 
-def ssd_state_step(state, x, dt, A, B, C, D) -> tuple[Tensor, Tensor]:
+def ssd_state_step(state, x, dt, A, B, C, D, in_place: bool = False) -> tuple[Tensor, Tensor]:
     """One token of SSD: (y [b, H, P], new_state [b, H, P, N]); O(1) in the sequence length.
 
     state [b, H, P, N] (h_{t−1}); x [b, H, P]; dt [b, H]; A [H]; B, C [b, G, N]; D [H]. On CUDA
     mamba-ssm's `selective_state_update` runs it in its multi-head form (A, Δ and D tied across the P
-    channels of a head, stride-0 views as in mamba-ssm's `Mamba2.step`); the given state is never modified.
+    channels of a head, stride-0 views as in mamba-ssm's `Mamba2.step`). The given state is never
+    modified, unless `in_place` (as `selective_state_step`).
     """
     if _step_kernel(x, state, dt, A, B, C, D):
         b, H, P = x.shape
         N = state.shape[-1]
-        new = state.clone()
+        new = state if in_place else state.clone()
         y = _call_step_kernel(new, x, _tied(dt.to(x.dtype), b, H, P), _tied(A.float(), H, P, N), B, C,
                               _tied(D.float(), H, P), dt_bias=_tied(A.new_zeros(H, dtype=torch.float32), H, P))
         return y, new
@@ -517,7 +521,8 @@ def ssd_state_step(state, x, dt, A, B, C, D) -> tuple[Tensor, Tensor]:
     state = state.view(b, G, H // G, P, N)
     decay = torch.exp(dt * A).view(b, G, H // G, 1, 1)
     dx = (dt.unsqueeze(-1) * x).view(b, G, H // G, P, 1)
-    new = decay * state  # [b, g, j, p, n]   one new tensor (a state is large: H·P·N per row), added to in place
+    # a state is large (H·P·N per row): one new tensor, or none in place, and the input term added in place
+    new = state.mul_(decay) if in_place else decay * state  # [b, g, j, p, n]
     new.addcmul_(dx, B.view(b, G, 1, 1, N))
     y = torch.einsum("bgjpn,bgn->bgjp", new, C).reshape(b, H, P) + D.view(H, 1) * x
     return y.to(dtype), new.reshape(b, H, P, N)

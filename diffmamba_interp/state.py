@@ -89,13 +89,14 @@ class ModelState(Mapping[str, MixerState]):
 
 
 class Recurrence:
-    """What one forward reads (`state_in`, or zeros) and writes (`state_out`, when `collect`)."""
+    """What one forward reads (`state_in`, or zeros) and writes (`state_out`, when `collect`); with
+    `in_place`, a one-token step may overwrite state_in's SSM tensors (`HookedMamba.forward`)."""
 
-    def __init__(self, state_in: ModelState | None, collect: bool):
+    def __init__(self, state_in: ModelState | None, collect: bool, in_place: bool = False):
         self.state_in = state_in
         self.collect = collect
+        self.in_place = in_place
         self.out: dict[str, MixerState] = {}
-        self._conv_out: dict[str, Tensor] = {}
 
     def conv_in(self, key: str) -> Tensor | None:
         return None if self.state_in is None else self.state_in[key].conv

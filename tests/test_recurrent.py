@@ -61,6 +61,30 @@ def test_steps_equal_the_forward_and_state_shapes(tiny_model, kw):
         assert a is not b and (a - b).abs().max() > 1e-6
 
 
+@pytest.mark.parametrize("kw", ARCHS, ids=IDS)
+def test_in_place_steps_equal_steps_and_overwrite_only_when_asked(tiny_model, kw):
+    """step(in_place=True) (what generate uses) gives the same logits and states as a plain step; a
+    plain step leaves the given state as it was, an in-place one writes the new SSM states into it."""
+    model = tiny_model(**kw, dtype=torch.float64)
+    ids = ids_()
+    with torch.no_grad():
+        _, state = model(ids[:, :6], return_state=True)
+        own = state.clone()
+        for t in range(6, ids.shape[1]):
+            before = state.clone()
+            step, new = model.step(ids[:, t], state)
+            for k in state:  # the plain step kept its input
+                assert torch.equal(state[k].ssm, before[k].ssm) and torch.equal(state[k].conv, before[k].conv)
+            given = {k: own[k].ssm for k in own}
+            step_ip, own = model.step(ids[:, t], own, in_place=True)
+            torch.testing.assert_close(step_ip, step, rtol=1e-12, atol=1e-12)
+            for k in new:
+                assert own[k].ssm.data_ptr() == given[k].data_ptr()  # written into the given tensor
+                torch.testing.assert_close(own[k].ssm, new[k].ssm, rtol=1e-12, atol=1e-12)
+                torch.testing.assert_close(own[k].conv, new[k].conv, rtol=0, atol=0)
+            state = new
+
+
 def test_state_clone_to_and_select(tiny_model):
     model = tiny_model("diffs6")
     _, state = model(ids_(), return_state=True)

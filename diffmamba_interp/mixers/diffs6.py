@@ -80,9 +80,9 @@ class S6Branch(S6Core):
         self.hook_ssm_state = HookPoint()  # [batch, pos, E, N]  h_t (only when hooked)
         self.hook_ssm_out = HookPoint()  # [batch, pos, E]  C_k·h + D_k⊙u
 
-    def forward(self, u: Tensor, state: Tensor | None = None, want_final: bool = False):
+    def forward(self, u: Tensor, state: Tensor | None = None, want_final: bool = False, in_place: bool = False):
         """u [batch, pos, E] -> (y_k [batch, pos, E], the state after the last position when `want_final`)."""
-        return self.ssm(u, state, want_final)
+        return self.ssm(u, state, want_final, in_place)
 
 
 def _dt_proj(R: int, E: int) -> nn.Linear:
@@ -139,8 +139,9 @@ class DiffS6Mixer(ConvFront, Differential, Mixer):
         collect = rec is not None and rec.collect
         u, z, conv = self.front(h, rec.conv_in(k1) if rec else None, collect)
         lam = self.hook_lambda(self.lam())
-        y1, h1 = self.ssm_1(u, rec.ssm_in(k1) if rec else None, collect)
-        y2, h2 = self.ssm_2(u, rec.ssm_in(k2) if rec else None, collect)
+        in_place = bool(rec and rec.in_place)
+        y1, h1 = self.ssm_1(u, rec.ssm_in(k1) if rec else None, collect, in_place)
+        y2, h2 = self.ssm_2(u, rec.ssm_in(k2) if rec else None, collect, in_place)
         if collect:
             rec.put(k1, conv, h1)
             rec.put(k2, conv, h2)

@@ -52,16 +52,17 @@ class S6Core(ScanUnit):
         """Per batch row: conv state (E, K − 1) and SSM state (E, N)."""
         return (self.scan_width, self.d_conv - 1), (self.scan_width, self.d_state)
 
-    def ssm(self, u: Tensor, state: Tensor | None = None, want_final: bool = False) -> tuple[Tensor, Tensor | None]:
+    def ssm(self, u: Tensor, state: Tensor | None = None, want_final: bool = False,
+            in_place: bool = False) -> tuple[Tensor, Tensor | None]:
         """u [batch, pos, E], state h_{−1} [batch, E, N] (zeros when None) -> (y [batch, pos, E],
         the state after the last position when `want_final`). One position from a state takes the
-        O(1) step."""
+        O(1) step, which overwrites `state` when `in_place` (`Recurrence.in_place`)."""
         dt_low, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = self.hook_dt(F.softplus(self.dt_proj(dt_low)))  # [batch, pos, E]
         B, C = self.hook_B(B), self.hook_C(C)  # [batch, pos, N]
         want = self.wants_states()
         if state is not None and u.shape[1] == 1 and not want:  # decoding: h_t from h_{t−1}
-            y, final = selective_state_step(state, u[:, 0], dt[:, 0], self.A(), B[:, 0], C[:, 0], self.D)
+            y, final = selective_state_step(state, u[:, 0], dt[:, 0], self.A(), B[:, 0], C[:, 0], self.D, in_place=in_place)
             y, self.last_path = y[:, None], "step"
         else:
             res = selective_scan(u, dt, self.A(), B, C, self.D, initial_state=state, return_final_state=want_final,
@@ -158,7 +159,7 @@ class Mamba1Mixer(ConvFront, S6Core, Mixer):
         """h [batch, pos, d] -> [batch, pos, d]; `rec` carries the state in and out (`HookedMamba`)."""
         key, collect = self.state_key, rec is not None and rec.collect
         u, z, conv = self.front(h, rec.conv_in(key) if rec else None, collect)
-        y, final = self.ssm(u, rec.ssm_in(key) if rec else None, collect)
+        y, final = self.ssm(u, rec.ssm_in(key) if rec else None, collect, in_place=bool(rec and rec.in_place))
         if collect:
             rec.put(key, conv, final)
         return self.back(y, z)

@@ -156,7 +156,7 @@ def ssd_unit(unit, h: Tensor, rec: Recurrence | None = None) -> tuple[Tensor, Te
     dt = unit.hook_dt(F.softplus(dt + unit.dt_bias).clamp(lo, hi))  # [batch, pos, H]
     want = unit.wants_states()
     if state is not None and L == 1 and not want:  # decoding: h_t from h_{t−1}
-        y, final = ssd_state_step(state, x[:, 0], dt[:, 0], unit.A(), B[:, 0], C[:, 0], unit.D)
+        y, final = ssd_state_step(state, x[:, 0], dt[:, 0], unit.A(), B[:, 0], C[:, 0], unit.D, in_place=rec.in_place)
         y, unit.last_path = y[:, None], "step"
     else:
         res = ssd(x, dt, unit.A(), B, C, unit.D, chunk_size=unit.chunk_size, initial_state=state,
