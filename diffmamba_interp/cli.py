@@ -662,6 +662,8 @@ def train(
     arch: Arch = typer.Option("mamba2", "--arch"),
     out_dir: Path = typer.Option(..., "--out", help="Output checkpoint directory (new or empty, or --force)."),
     steps: int = typer.Option(2000, "--steps"), seed: int = SEED,
+    tasks: str = typer.Option("qa1,qa2,qa3,qa4,qa5", "--tasks", help="Comma-separated bAbI tasks to train on (of "
+                              "qa1-qa5); the first is the one --task-curriculum and --first-task-share name."),
     d_model: int = typer.Option(64, "--d-model"), n_layers: int = typer.Option(4, "--n-layers"),
     d_state: int = typer.Option(16, "--d-state", help="SSM state size N per head."),
     batch_size: int = typer.Option(32, "--batch-size"), lr: float = typer.Option(3e-3, "--lr"),
@@ -700,7 +702,7 @@ def train(
     for name, value in (("--eval-every", eval_every), ("--threads", threads)):
         if value < 0:
             raise DiffMambaError(f"{name} must be >= 0, got {value}")
-    cfg = TrainConfig(arch=arch.value, steps=steps, seed=seed, d_model=d_model, n_layers=n_layers, d_state=d_state, d_conv=d_conv,
+    cfg = TrainConfig(arch=arch.value, steps=steps, seed=seed, tasks=tuple(t.strip() for t in tasks.split(",")), d_model=d_model, n_layers=n_layers, d_state=d_state, d_conv=d_conv,
                       batch_size=batch_size,
                       lr=lr, init=str(init) if init else None, loss=loss, lengths=length_list, filler_share=filler_share,
                       curriculum=curriculum, story_share=story_share, task_curriculum=task_curriculum,

@@ -109,7 +109,7 @@ class TrainConfig:
             raise DiffMambaError(f"--lengths must be token lengths from 1 to --max-len {self.max_len}, got {self.lengths!r}")
         tasks = (self.tasks,) if isinstance(self.tasks, str) else self.tasks
         if not tasks or not all(t in TASKS for t in tasks):
-            raise DiffMambaError(f"tasks must be a non-empty selection of {', '.join(TASKS)}, got {self.tasks!r}")
+            raise DiffMambaError(f"--tasks must be a non-empty selection of {', '.join(TASKS)}, got {self.tasks!r}")
 
     def model_config(self, vocab_size: int) -> MambaConfig:
         self.check()
@@ -484,12 +484,14 @@ def stage_recipe(stage: dict, explain: bool = True) -> str:
     """One training stage's data recipe in a card's words: the 0k curriculum and the filler, the whole
     stories (what they are, with `explain`), the task curriculum. `stage`: its config as a dict
     (`asdict(TrainConfig)`, or a training.json as in `TrainResult.earlier`); a missing key reads '?'."""
-    first = (stage.get("tasks") or ["?"])[0]
+    tasks = stage.get("tasks") or ["?"]
+    first = tasks[0]
     lengths = ", ".join(map(str, stage.get("lengths") or ["?"]))
     filler = f"{_share(stage.get('filler_share'))} of the batches with public-domain book filler up to {lengths} tokens"
     stories = f"{_share(stage.get('story_share'))} of the 0k batches are whole stories" + (
         " (each question in its own BABILong block, every answer scored; `train.PromptStream`)" if explain else "")
-    rows = f"{_share(stage.get('first_task_share'))} of the rows are {first} and the other tasks share the rest equally"
+    rows = (f"{_share(stage.get('first_task_share'))} of the rows are {first} and the other tasks share the rest equally"
+            if len(tasks) > 1 else f"every row is {first}")
     end = [f'each answer followed by "{ANSWER_END}", which is scored too (`--answer-end`)'] if stage.get("answer_end") else []
     return "; ".join([_then(stage.get("curriculum"), "at 0k", filler), stories,
                       _then(stage.get("task_curriculum"), f"read {first} only", rows), *end])

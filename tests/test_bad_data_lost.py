@@ -94,6 +94,7 @@ def test_empty_or_new_out_needs_no_force(tmp_path):
     (["--seed", "-5"], "--seed must be"),
     (["--d-model", "12"], "head_dim"),  # sizes the architecture cannot build
     (["--init", "/no/such/ckpt"], "/no/such/ckpt: no such directory"),
+    (["--tasks", "qa1,qa9"], "--tasks must be a non-empty selection of qa1, qa2, qa3, qa4, qa5"),
 ])
 def test_every_option_is_checked_before_training(tmp_path, args, needle):
     out = tmp_path / "m"

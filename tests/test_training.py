@@ -1,6 +1,7 @@
 """The shipped models' recipe: the subword tokenizer, the BABILong training stream and the losses."""
 
 import re
+from dataclasses import asdict
 
 import pandas as pd
 import pytest
@@ -11,7 +12,7 @@ from diffmamba_interp import HookedMamba
 from diffmamba_interp.data import babi, babilong
 from diffmamba_interp.data.subword import TAGS, VOCAB_SIZE, babi_words, build_subword_tokenizer
 from diffmamba_interp.errors import DiffMambaError
-from diffmamba_interp.train import PromptStream, TrainConfig, answer_logits, training_loss
+from diffmamba_interp.train import PromptStream, TrainConfig, answer_logits, stage_recipe, training_loss
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +154,14 @@ def test_task_curriculum_then_first_task_share(tok):
     assert share["qa1"] == pytest.approx(0.4, abs=0.1) and share["qa4"] == pytest.approx(0.3, abs=0.1)
 
 
+def test_one_task_stream_and_its_card_words(tok):
+    c = cfg(tasks=("qa5",), first_task_share=0.0, steps=100, curriculum=1.0)  # `--tasks qa5`: the share is moot
+    stream = PromptStream(c, tok)
+    assert stream.task_weights(0) == stream.task_weights(99) == [1.0]
+    assert {task for s in range(3) for task, _ in stream.draw(0, s)} == {"qa5"}
+    assert "every row is qa5" in stage_recipe(asdict(c)) and "other tasks" not in stage_recipe(asdict(c))
+
+
 def test_a_continued_stage_reads_new_batches_and_stage_0_is_unchanged(tok):
     c = cfg(curriculum=0.0, steps=4)  # filler from the first step: the filler draw is seeded too
     first = [PromptStream(c, tok).batch(s)[0] for s in range(2)]
@@ -167,7 +176,8 @@ def test_bad_training_options_are_refused():
                      (dict(curriculum=-0.1), "--curriculum"), (dict(lengths=(0,)), "--lengths"),
                      (dict(lengths=(10**6,)), "--lengths"), (dict(story_share=1.5), "--story-share"),
                      (dict(task_curriculum=2), "--task-curriculum"), (dict(first_task_share=-1), "--first-task-share"),
-                     (dict(d_conv=0), "--d-conv"), (dict(every_person=1), "--every-person")):
+                     (dict(d_conv=0), "--d-conv"), (dict(every_person=1), "--every-person"),
+                     (dict(tasks=("qa9",)), "--tasks"), (dict(tasks=()), "--tasks")):
         with pytest.raises(DiffMambaError, match=word):
             cfg(**kw).check()
 
@@ -220,7 +230,6 @@ def test_card_targets_line_says_which_targets_a_run_reached():
 
 
 def test_card_gives_each_stage_its_recipe_command_and_wall_time():
-    from dataclasses import asdict
 
     from diffmamba_interp.train import TrainResult, model_card
 
