@@ -702,8 +702,8 @@ def train(
     for name, value in (("--eval-every", eval_every), ("--threads", threads)):
         if value < 0:
             raise DiffMambaError(f"{name} must be >= 0, got {value}")
-    cfg = TrainConfig(arch=arch.value, steps=steps, seed=seed, tasks=tuple(t.strip() for t in tasks.split(",")), d_model=d_model, n_layers=n_layers, d_state=d_state, d_conv=d_conv,
-                      batch_size=batch_size,
+    cfg = TrainConfig(arch=arch.value, steps=steps, seed=seed, tasks=tuple(t.strip() for t in tasks.split(",")),
+                      d_model=d_model, n_layers=n_layers, d_state=d_state, d_conv=d_conv, batch_size=batch_size,
                       lr=lr, init=str(init) if init else None, loss=loss, lengths=length_list, filler_share=filler_share,
                       curriculum=curriculum, story_share=story_share, task_curriculum=task_curriculum,
                       first_task_share=first_task_share, every_person=every_person, answer_end=answer_end)
